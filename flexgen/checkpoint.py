@@ -1,0 +1,359 @@
+"""Where weights come from, and the weight store they are converted into.
+
+Sources: a local Hugging Face checkpoint directory (config.json + safetensors, sharded
+or not, or pytorch_model*.bin), a Hugging Face cache entry by id (offline), or `dummy`
+weights (deterministic random, generated one layer at a time).
+
+The weight store is one file per streamed layer in the offload directory, each tensor
+at a 64-byte aligned offset, written once in the compute dtype (and 4-bit packed when
+weights are compressed), one tensor in memory at a time. A manifest written last holds
+the layout, the source's fingerprint and a CRC per tensor; the next run with the same
+fingerprint re-uses the store. The disk tier reads any byte range of these files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from flexgen.errors import FlexGenError
+from flexgen.models.opt import LayerSpec, ModelArgs, WeightEntry, layer_specs
+from flexgen.tiers import align_up, as_bytes
+
+STORE_VERSION = 1
+TENSOR_ALIGN = 64
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ---------------------------------------------------------------------------------------
+# Layout of one layer's bytes.
+
+@dataclass(frozen=True)
+class StoredArray:
+    field: str                 # weight dataclass field
+    part: str                  # "" for a plain tensor; "data" / "scale" / "mn" of a packed one
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    offset: int
+    nbytes: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.nbytes
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    spec: LayerSpec
+    arrays: tuple[StoredArray, ...]
+    nbytes: int                # end of the last array, 64-byte aligned
+    compressed: bool
+
+    @property
+    def file_bytes(self) -> int:
+        return align_up(self.nbytes)
+
+
+def _compressible(entry: WeightEntry) -> bool:
+    # Norms, biases and other 1-D tensors stay uncompressed (tiny, and sensitive).
+    return len(entry.shape) >= 2
+
+
+def make_layout(spec: LayerSpec, dtype: torch.dtype, compress: bool) -> LayerLayout:
+    arrays, off = [], 0
+    for e in spec.entries:
+        if compress and _compressible(e):
+            from flexgen.quant import WEIGHT_QUANT, packed_shapes
+            parts = [(part, tuple(shape), dt) for part, (shape, dt) in packed_shapes(e.shape, WEIGHT_QUANT).items()]
+        else:
+            parts = [("", e.shape, dtype)]
+        for part, shape, dt in parts:
+            n = int(torch.Size(shape).numel()) * torch.empty((), dtype=dt).element_size()
+            arrays.append(StoredArray(e.field, part, tuple(shape), dt, off, n))
+            off = align_up(off + n, TENSOR_ALIGN)
+    return LayerLayout(spec, tuple(arrays), off, compress)
+
+
+def model_layouts(args: ModelArgs, dtype: torch.dtype, compress: bool) -> list[LayerLayout]:
+    return [make_layout(s, dtype, compress) for s in layer_specs(args)]
+
+
+def encode_entry(entry: WeightEntry, tensor: torch.Tensor, layout: LayerLayout) -> dict[str, torch.Tensor]:
+    """The arrays (by part) that represent `tensor` in the store."""
+    arrays = [a for a in layout.arrays if a.field == entry.field]
+    if arrays[0].part == "":
+        return {"": tensor.to(arrays[0].dtype).contiguous()}
+    from flexgen.quant import WEIGHT_QUANT, quantize
+    p = quantize(tensor.float(), WEIGHT_QUANT)
+    return {"data": p.data, "scale": p.scale, "mn": p.mn}
+
+
+# ---------------------------------------------------------------------------------------
+# Sources.
+
+class CheckpointSource:
+    """A local Hugging Face OPT checkpoint directory."""
+
+    def __init__(self, path: Path, name: Optional[str] = None):
+        self.path = Path(path)
+        self.name = name or self.path.name
+        cfg = self.path / "config.json"
+        if not cfg.is_file():
+            raise FlexGenError(f"{self.path}: no config.json (not a Hugging Face checkpoint directory)")
+        self.args = ModelArgs.from_config_file(cfg, name=self.name)
+        self.files = self._weight_files()
+        self._index: dict[str, tuple[Path, str]] = {}
+        self._open: dict[Path, object] = {}
+        for f in self.files:
+            for key in self._keys(f):
+                self._index.setdefault(_normalize(key), (f, key))
+        missing = [e.name for s in layer_specs(self.args) for e in s.entries if e.name not in self._index]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise FlexGenError(f"{self.path}: checkpoint lacks {missing[0]}{more}; is this an OPT checkpoint?")
+
+    def _weight_files(self) -> list[Path]:
+        for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            index = self.path / index_name
+            if index.is_file():
+                try:
+                    weight_map = json.loads(index.read_text())["weight_map"]
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise FlexGenError(f"{index}: malformed index ({e})") from None
+                files = sorted({self.path / f for f in weight_map.values()})
+                for f in files:
+                    if not f.is_file():
+                        raise FlexGenError(f"{self.path}: shard {f.name} named in {index_name} is missing")
+                return files
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (self.path / name).is_file():
+                return [self.path / name]
+        raise FlexGenError(f"{self.path}: no model.safetensors or pytorch_model.bin weights found")
+
+    def _handle(self, f: Path):
+        if f not in self._open:
+            try:
+                if f.suffix == ".safetensors":
+                    from safetensors import safe_open
+                    self._open[f] = safe_open(str(f), framework="pt", device="cpu")
+                else:
+                    try:
+                        self._open[f] = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                    except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
+                        self._open[f] = torch.load(f, map_location="cpu", weights_only=True)
+            except FlexGenError:
+                raise
+            except Exception as e:  # safetensors/torch raise several types for damaged files
+                raise FlexGenError(f"cannot read {f}: {e} (truncated or corrupt file?)") from None
+        return self._open[f]
+
+    def _keys(self, f: Path) -> list[str]:
+        h = self._handle(f)
+        return list(h.keys())
+
+    def get(self, name: str) -> torch.Tensor:
+        f, key = self._index[name]
+        h = self._handle(f)
+        try:
+            return h.get_tensor(key) if f.suffix == ".safetensors" else h[key]
+        except Exception as e:
+            raise FlexGenError(f"cannot read tensor {key} from {f}: {e} (truncated or corrupt file?)") from None
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256((self.path / "config.json").read_bytes())
+        for f in self.files:
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        return h.hexdigest()
+
+    def close(self):
+        self._open.clear()
+
+
+def _normalize(key: str) -> str:
+    # The one place names are mapped: OPTForCausalLM saves "model.decoder.*", OPTModel "decoder.*".
+    key = key.removeprefix("model.")
+    if key == "lm_head.weight":
+        return "lm_head.weight"  # tied to decoder.embed_tokens.weight; we use that one
+    return key
+
+
+class DummySource:
+    """Deterministic random weights, generated per tensor from (seed, name)."""
+
+    def __init__(self, args: ModelArgs, seed: int = 0):
+        self.args, self.seed, self.name = args, seed, args.name
+
+    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
+        if len(shape) == 1:
+            # Norm weights 1, everything else 1-D 0: keeps activations in a sane range.
+            return torch.ones(shape) if "layer_norm.weight" in name else torch.zeros(shape)
+        return torch.randn(shape, generator=g) * 0.02
+
+
+def resolve_source(model: str, dummy: bool, seed: int = 0):
+    """NAME (a named size), a checkpoint directory, or a Hugging Face id in the local cache."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if dummy:  # random weights in the shape of a local checkpoint's config
+            cfg = path / "config.json"
+            if not cfg.is_file():
+                raise FlexGenError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
+            return DummySource(ModelArgs.from_config_file(cfg, path.name), seed)
+        return CheckpointSource(path)
+    if dummy:
+        return DummySource(ModelArgs.from_name(model), seed)
+    if path.exists() or model.startswith((".", "/", "~")):
+        raise FlexGenError(f"{model}: not a checkpoint directory")
+    cached = _hf_cache_lookup(model)
+    if cached is not None:
+        return CheckpointSource(cached, name=model.split("/")[-1])
+    raise FlexGenError(f"model {model!r}: not a local checkpoint directory and not in the Hugging Face "
+                       "cache (no download is attempted); pass a directory, or --dummy for random weights")
+
+
+def _hf_cache_lookup(model: str) -> Optional[Path]:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        return None
+    ids = [model] if "/" in model else [f"facebook/{model}", model]
+    for repo_id in ids:
+        try:
+            return Path(snapshot_download(repo_id, local_files_only=True))
+        except Exception:  # not cached, or an invalid id
+            continue
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# The weight store.
+
+class WeightStore:
+    """Per-layer weight files in the offload directory, read by byte range."""
+
+    def __init__(self, directory: Path, layouts: list[LayerLayout]):
+        self.dir = Path(directory)
+        self.layouts = layouts
+
+    def layer_path(self, idx: int) -> Path:
+        return self.dir / f"layer_{idx:04d}.bin"
+
+    @staticmethod
+    def key(source, dtype: torch.dtype, compress: bool) -> str:
+        h = hashlib.sha256(f"{STORE_VERSION}:{source.fingerprint()}:{dtype_name(dtype)}:{compress}".encode())
+        return f"{source.name}-{dtype_name(dtype)}{'-4bit' if compress else ''}-{h.hexdigest()[:12]}"
+
+    @classmethod
+    def open_or_build(cls, source: CheckpointSource, dtype: torch.dtype, compress: bool, root: Path,
+                      progress: bool = True) -> "WeightStore":
+        layouts = model_layouts(source.args, dtype, compress)
+        directory = Path(root) / "weights" / cls.key(source, dtype, compress)
+        store = cls(directory, layouts)
+        if store._valid():
+            return store
+        store._build(source, progress)
+        return store
+
+    def _valid(self) -> bool:
+        manifest = self.dir / "manifest.json"
+        if not manifest.is_file():
+            return False
+        try:
+            m = json.loads(manifest.read_text())
+        except json.JSONDecodeError:
+            return False
+        if m.get("version") != STORE_VERSION or len(m.get("layers", [])) != len(self.layouts):
+            return False
+        return all(self.layer_path(i).is_file() and self.layer_path(i).stat().st_size == lay.file_bytes
+                   for i, lay in enumerate(self.layouts))
+
+    def _build(self, source: CheckpointSource, progress: bool) -> None:
+        from tqdm import tqdm
+
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+        try:
+            self.dir.mkdir(parents=True)
+        except OSError as e:
+            raise FlexGenError(f"cannot create weight store {self.dir}: {e.strerror}") from None
+        manifest = {"version": STORE_VERSION, "source": str(getattr(source, "path", source.name)), "layers": []}
+        total = sum(lay.nbytes for lay in self.layouts)
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"writing weight store {self.dir.name}",
+                   disable=not progress, leave=False)
+        try:
+            for idx, lay in enumerate(self.layouts):
+                entries = []
+                with open(self.layer_path(idx), "wb") as f:
+                    f.truncate(lay.file_bytes)
+                    for e in lay.spec.entries:
+                        t = source.get(e.name)
+                        if tuple(t.shape) != e.shape:
+                            raise FlexGenError(f"{e.name}: checkpoint shape {tuple(t.shape)} does not match "
+                                               f"config.json ({e.shape})")
+                        for part, arr in encode_entry(e, t, lay).items():
+                            sa = next(a for a in lay.arrays if a.field == e.field and a.part == part)
+                            f.seek(sa.offset)
+                            buf = as_bytes(arr.contiguous())
+                            f.write(buf)
+                            entries.append({"field": e.field, "part": part, "offset": sa.offset,
+                                            "nbytes": sa.nbytes, "crc32": zlib.crc32(buf)})
+                            bar.update(sa.nbytes)
+                        del t
+                manifest["layers"].append({"kind": lay.spec.kind, "block": lay.spec.block, "arrays": entries})
+            tmp = self.dir / "manifest.json.tmp"
+            tmp.write_text(json.dumps(manifest, indent=1))
+            os.replace(tmp, self.dir / "manifest.json")  # written last: marks the store complete
+        except OSError as e:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise FlexGenError(f"writing weight store {self.dir} failed: {e.strerror}") from None
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+        finally:
+            bar.close()
+
+    def verify(self) -> list[str]:
+        """Names of arrays whose CRC no longer matches the manifest."""
+        m = json.loads((self.dir / "manifest.json").read_text())
+        bad = []
+        for idx, layer in enumerate(m["layers"]):
+            data = self.layer_path(idx).read_bytes()
+            for a in layer["arrays"]:
+                if zlib.crc32(data[a["offset"]:a["offset"] + a["nbytes"]]) != a["crc32"]:
+                    bad.append(f"layer {idx} {a['field']}{'.' + a['part'] if a['part'] else ''}")
+        return bad
+
+
+def dummy_layer_bytes(source: DummySource, layout: LayerLayout) -> torch.Tensor:
+    """One layer of dummy weights, encoded as the store would hold it (flat uint8)."""
+    flat = torch.zeros(layout.nbytes, dtype=torch.uint8)
+    for e in layout.spec.entries:
+        t = source.get(e.name, e.shape)
+        for part, arr in encode_entry(e, t, layout).items():
+            sa = next(a for a in layout.arrays if a.field == e.field and a.part == part)
+            flat[sa.offset:sa.end].copy_(arr.reshape(-1).view(torch.uint8))
+    return flat
+
+
+def remove_stores(root: Path) -> int:
+    """Delete every weight store under an offload directory; returns bytes freed."""
+    d = Path(root) / "weights"
+    if not d.is_dir():
+        return 0
+    freed = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+    shutil.rmtree(d)
+    return freed

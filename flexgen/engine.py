@@ -1,0 +1,255 @@
+"""The batch-generation API: `load_model(...)` and `FlexGenModel.generate(...)`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import weakref
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+from flexgen.activations import HiddenSlot
+from flexgen.checkpoint import CheckpointSource, DummySource, WeightStore, model_layouts, resolve_source
+from flexgen.errors import FlexGenError
+from flexgen.kvcache import KVCache
+from flexgen.models.opt import ModelArgs
+from flexgen.placement import Placement, plan
+from flexgen.policy import Policy
+from flexgen.sampling import SamplingParams, StopCriteria
+from flexgen.scheduler import Block, Scheduler
+from flexgen.tiers import ComputeDevice, IOPool, MemoryTracker, default_dtype, process_peak_rss
+from flexgen.weights import PlacedWeights
+
+
+def default_offload_dir() -> Path:
+    """$FLEXGEN_OFFLOAD_DIR, else ~/.cache/flexgen (the weight store lives under weights/)."""
+    env = os.environ.get("FLEXGEN_OFFLOAD_DIR")
+    if env:
+        return Path(env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "flexgen"
+
+
+@dataclass
+class GenerationStats:
+    """Figures of the last `generate` call. Times in seconds, memory in bytes."""
+    prefill_time: float = 0.0
+    decode_time: float = 0.0
+    prompt_tokens: int = 0        # prompt tokens processed (padding included)
+    generated_tokens: int = 0     # sequences x new tokens (block padding excluded)
+    timings: dict = field(default_factory=lambda: defaultdict(float))
+    peak_memory: dict = field(default_factory=dict)     # tier -> bytes held by the engine
+    held_memory: dict = field(default_factory=dict)     # tier -> bytes at the start (weights)
+    process_peak_rss: int = 0
+    cuda_peak_allocated: Optional[int] = None
+    direct_io: Optional[bool] = None
+
+    @property
+    def total_time(self) -> float:
+        return self.prefill_time + self.decode_time
+
+    @property
+    def throughput(self) -> float:
+        """Generated tokens / (prefill + decode time), the paper's figure."""
+        return self.generated_tokens / self.total_time if self.total_time else 0.0
+
+
+class FlexGenModel:
+    """An OPT model placed across gpu / cpu / disk by a Policy. Create with `load_model`."""
+
+    def __init__(self, args: ModelArgs, policy: Policy, device: ComputeDevice, dtype: torch.dtype,
+                 offload_dir: Path, source, progress: bool = True):
+        self.args, self.policy, self.device, self.dtype = args, policy, device, dtype
+        self.offload_dir = offload_dir
+        self.tracker = MemoryTracker()
+        self.stats = GenerationStats()
+        self.io = IOPool(num_threads=2)
+        try:
+            offload_dir.mkdir(parents=True, exist_ok=True)
+            self.run_dir = Path(tempfile.mkdtemp(prefix=f"run-{os.getpid()}-", dir=offload_dir))
+        except OSError as e:
+            raise FlexGenError(f"offload directory {offload_dir} is not writable: {e.strerror}") from None
+        # Run files (dummy disk weights, KV cache, activations) go with the run, also on
+        # Ctrl-C or an error; the finalizer covers a model that is never closed.
+        self._finalizer = weakref.finalize(self, shutil.rmtree, self.run_dir, True)
+        try:
+            layouts = model_layouts(args, dtype, policy.compress_weight)
+            self.placement: Placement = plan([lay.nbytes for lay in layouts], policy)
+            store = None
+            if isinstance(source, CheckpointSource):
+                store = WeightStore.open_or_build(source, dtype, policy.compress_weight, offload_dir, progress)
+                source.close()
+            from tqdm import tqdm
+            with tqdm(total=len(layouts), desc="placing weights", unit="layer", disable=not progress,
+                      leave=False) as bar:
+                self.weights = PlacedWeights(
+                    layouts, self.placement.weights, device, dtype, self.tracker, store=store,
+                    dummy=source if isinstance(source, DummySource) else None, run_dir=self.run_dir,
+                    pin=policy.pin_weight, progress=bar)
+            self.store_dir = store.dir if store is not None else None
+        except BaseException:
+            self.close()
+            raise
+        self.scheduler = Scheduler(args, self.weights, policy, device, self.io, hook=self._hook)
+
+    # -- generation -------------------------------------------------------------------
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                 max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = 0,
+                 eos_token_id: Union[int, Sequence[int], None] = None,
+                 stop: Optional[Sequence[Sequence[int]]] = None,
+                 pad_token_id: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None) -> torch.LongTensor:
+        """Like Hugging Face `generate` for decoder-only models.
+
+        input_ids: (n, P) left-padded prompts, any n (split into blocks of
+        gpu_batch_size x num_gpu_batches; the last block is padded and trimmed).
+        eos_token_id: None = the model's EOS; [] = never stop early. stop: token-id
+        sequences that end a row. Returns (n, P + new) token ids; rows that ended early
+        are filled with pad_token_id, and generation stops when every row has ended.
+        """
+        input_ids = torch.as_tensor(input_ids)
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise FlexGenError(f"input_ids must be (batch, prompt_len) with prompt_len >= 1, got {tuple(input_ids.shape)}")
+        n, P = input_ids.shape
+        if max_new_tokens < 1:
+            raise FlexGenError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if P + max_new_tokens > self.args.max_position_embeddings:
+            raise FlexGenError(f"prompt ({P}) + new tokens ({max_new_tokens}) exceed the model's "
+                               f"{self.args.max_position_embeddings} positions")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = torch.as_tensor(attention_mask)
+        if attention_mask.shape != input_ids.shape:
+            raise FlexGenError("attention_mask must have the shape of input_ids")
+        if int(input_ids.max()) >= self.args.vocab_size or int(input_ids.min()) < 0:
+            raise FlexGenError(f"token ids must be within [0, {self.args.vocab_size})")
+        params = SamplingParams(do_sample, temperature, top_p, top_k)
+        eos = [self.args.eos_token_id] if eos_token_id is None else (
+            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+        pad = self.args.pad_token_id if pad_token_id is None else pad_token_id
+
+        B = self.policy.block_size
+        dev = self.device.device
+        self.stats = GenerationStats()
+        self.tracker.reset_peaks()
+        self.stats.held_memory = {t.value: v for t, v in self.tracker.current.items()}
+        if self.device.is_cuda:
+            torch.cuda.reset_peak_memory_stats(dev)
+        outputs = []
+        for start in range(0, n, B):
+            ids = input_ids[start:start + B].to(dev)
+            mask = attention_mask[start:start + B].to(dev).bool()
+            real = ids.shape[0]
+            if real < B:  # pad the last block with copies of its first row; trimmed below
+                ids = torch.cat([ids, ids[:1].expand(B - real, -1)])
+                mask = torch.cat([mask, mask[:1].expand(B - real, -1)])
+            full_mask = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=dev)
+            full_mask[:, :P] = mask
+            block = Block(ids, full_mask, P, max_new_tokens)
+            stopper = StopCriteria(B, eos, stop or [], pad, dev)
+            stopper.done[real:] = True   # padding rows never hold generation back
+            self._run_block(block, params, stopper, generator)
+            outputs.append(block.output[:real])
+            self.stats.generated_tokens += real * block.steps_done
+            self.stats.prompt_tokens += real * P
+        width = max(o.shape[1] for o in outputs)
+        new = torch.full((n, width), pad, dtype=torch.long)
+        row = 0
+        for o in outputs:
+            new[row:row + o.shape[0], :o.shape[1]] = o.cpu()
+            row += o.shape[0]
+        self._collect_memory()
+        return torch.cat([input_ids.long(), new], dim=1)
+
+    def _run_block(self, block: Block, params, stopper, generator):
+        p = self.policy
+        max_len = block.prompt_len + block.max_new_tokens
+        cache = hidden = None
+        try:
+            cache = KVCache(self.args.num_hidden_layers, p.num_gpu_batches, self.placement.cache, max_len,
+                            self.args.hidden_size, self.dtype, self.device, self.tracker, self.run_dir,
+                            compress=p.compress_cache, cpu_cache_compute=p.cpu_cache_compute)
+            row_bytes = block.prompt_len * self.args.hidden_size * torch.empty((), dtype=self.dtype).element_size()
+            hidden = [HiddenSlot(self.placement.act, row_bytes, self.device, self.tracker,
+                                 self.run_dir / f"hidden_{k}.bin") for k in range(p.num_gpu_batches)]
+            self.scheduler.run(block, cache, hidden, params, stopper, generator)
+            self.stats.direct_io = _merge_direct(self.weights.direct_io, cache.direct_io)
+        finally:
+            if hidden:
+                for h in hidden:
+                    h.close()
+            if cache is not None:
+                cache.close()
+
+    def _hook(self, name: str, seconds: float) -> None:
+        self.stats.timings[name] += seconds
+        if name == "prefill":
+            self.stats.prefill_time += seconds
+        elif name == "decode":
+            self.stats.decode_time += seconds
+
+    def _collect_memory(self):
+        self.stats.peak_memory = self.tracker.report()
+        self.stats.process_peak_rss = process_peak_rss()
+        if self.device.is_cuda:
+            self.stats.cuda_peak_allocated = torch.cuda.max_memory_allocated(self.device.device)
+
+    # -- lifetime ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release memory and remove this run's offload files (the weight store stays)."""
+        if getattr(self, "weights", None) is not None:
+            self.weights.close()
+            self.weights = None
+        if getattr(self, "io", None) is not None:
+            self.io.shutdown()
+            self.io = None
+        if getattr(self, "_finalizer", None) is not None:
+            self._finalizer()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _merge_direct(*flags):
+    known = [f for f in flags if f is not None]
+    return all(known) if known else None
+
+
+def load_model(model: str, policy: Optional[Policy] = None, *, device=None, dtype=None, offload_dir=None,
+               dummy: bool = False, seed: int = 0, progress: bool = False) -> FlexGenModel:
+    """Place an OPT model for generation.
+
+    model: a named size (opt-1.3b, with dummy=True), a Hugging Face checkpoint directory,
+    or a Hugging Face id already in the local cache. device: "cuda" or "cpu" (default:
+    cuda when available). dtype: default fp16 on CUDA, bf16 on a CPU that supports it,
+    else fp32. offload_dir: where the weight store and run files go (default
+    $FLEXGEN_OFFLOAD_DIR or ~/.cache/flexgen).
+    """
+    policy = policy or Policy()
+    dev = ComputeDevice(device)
+    if isinstance(dtype, str):
+        try:
+            dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                     "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+        except KeyError:
+            raise FlexGenError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
+    dtype = dtype or default_dtype(dev.device)
+    if dtype == torch.float16 and not dev.is_cuda:
+        raise FlexGenError("float16 compute on the CPU is about 1000x slower than bfloat16; use bfloat16 or float32")
+    source = resolve_source(model, dummy, seed)
+    offload = Path(offload_dir).expanduser() if offload_dir else default_offload_dir()
+    return FlexGenModel(source.args, policy, dev, dtype, offload, source, progress=progress)
+
+
+__all__ = ["FlexGenModel", "GenerationStats", "load_model", "default_offload_dir"]

@@ -1,0 +1,274 @@
+"""The KV cache: an explicit object, created by the engine for one block and passed to layers.
+
+For every attention layer and gpu batch there is a `KVSlot`. Its rows (sequences) are
+split across tiers by placement.RowSplit; each part keeps K and V time-major, (T, rows,
+h), so reading the first t positions and appending one position are contiguous on every
+tier, disk included. With `compress_cache` each part holds 4-bit packed arrays with the
+same leading (T, rows) dims, so appending a token quantizes only that token.
+
+A decode step goes: `begin` (I/O thread) assembles working K/V with room for the new
+token, on the compute device, or on the host for rows whose cache is not on the gpu
+tier when `cpu_cache_compute` is on; the layer calls `update` (compute thread), which
+writes the new k/v and returns what each row group attends over; `end` (I/O thread)
+writes the new positions back to their tiers. Every slot has its own working buffers,
+so any number of gpu batches can be in flight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from flexgen.models.opt import AttendGroup
+from flexgen.placement import RowSplit
+from flexgen.tiers import ALIGN, ComputeDevice, DiskFile, MemoryTracker, Tier, align_up
+
+
+class PlainArray:
+    """A time-major (T, rows, *trailing) array on one tier."""
+
+    def __init__(self, tier: Tier, shape: tuple, dtype: torch.dtype, device: ComputeDevice,
+                 disk: Optional[tuple[DiskFile, int]] = None):
+        self.tier, self.shape, self.dtype, self.device = tier, tuple(shape), dtype, device
+        self.row_bytes = int(torch.Size(shape[1:]).numel()) * torch.empty((), dtype=dtype).element_size()
+        self.nbytes = self.row_bytes * shape[0]
+        self.data = None
+        if tier is Tier.GPU:
+            self.data = device.empty(shape, dtype)
+        elif tier is Tier.CPU:
+            self.data = device.host_empty(shape, dtype)
+        else:
+            self.file, self.base = disk
+
+    def view(self, t1: int) -> torch.Tensor:
+        return self.data[:t1]
+
+    def read(self, t0: int, t1: int, out: torch.Tensor) -> None:
+        """Copy positions [t0, t1) into `out` (any device, may be strided)."""
+        if t1 <= t0:
+            return
+        if self.data is not None:
+            out.copy_(self.data[t0:t1], non_blocking=True)
+            return
+        host = torch.empty((t1 - t0, *self.shape[1:]), dtype=self.dtype, pin_memory=self.device.is_cuda)
+        self.file.read(self.base + t0 * self.row_bytes, host)
+        out.copy_(host, non_blocking=True)
+
+    def write(self, t0: int, x: torch.Tensor) -> None:
+        """Store x (s, rows, ...) at positions [t0, t0+s)."""
+        if self.data is not None:
+            self.data[t0:t0 + x.shape[0]].copy_(x, non_blocking=True)
+            return
+        self.file.write(self.base + t0 * self.row_bytes, x.to("cpu").contiguous())
+
+
+def kv_array_specs(shape: tuple, dtype: torch.dtype, compress: bool) -> dict[str, tuple[tuple, torch.dtype]]:
+    """The plain arrays (name -> (shape, dtype)) that hold one K or V of `shape`."""
+    if compress:
+        from flexgen.quant import CACHE_QUANT, packed_shapes
+        return {k: (tuple(v[0]), v[1]) for k, v in packed_shapes(shape, CACHE_QUANT).items()}
+    return {"": (tuple(shape), dtype)}
+
+
+def _nbytes(shape, dtype) -> int:
+    return int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+
+
+class KVArray:
+    """K or V of one part: plain, or 4-bit packed as three plain arrays (data, scale, mn)."""
+
+    def __init__(self, tier: Tier, max_len: int, rows: int, hidden: int, dtype: torch.dtype,
+                 device: ComputeDevice, compress: bool, disk_alloc=None):
+        self.dtype, self.compress, self.hidden = dtype, compress, hidden
+        self.shape = (max_len, rows, hidden)
+        self.parts = {}
+        for name, (shape, dt) in kv_array_specs(self.shape, dtype, compress).items():
+            disk = disk_alloc(_nbytes(shape, dt)) if tier is Tier.DISK else None
+            self.parts[name] = PlainArray(tier, tuple(shape), dt, device, disk)
+        self.nbytes = sum(p.nbytes for p in self.parts.values())
+
+    def view(self, t1: int) -> Optional[torch.Tensor]:
+        """A live view of positions [0, t1) when no conversion is needed."""
+        return None if self.compress else self.parts[""].view(t1)
+
+    def read(self, t1: int, out: torch.Tensor) -> None:
+        """Positions [0, t1) into out (t1, rows, h), dequantized."""
+        if not self.compress:
+            self.parts[""].read(0, t1, out)
+            return
+        from flexgen.quant import CACHE_QUANT, Packed, dequantize
+        arrays = {}
+        for name, p in self.parts.items():
+            buf = torch.empty((t1, *p.shape[1:]), dtype=p.dtype, device=out.device)
+            p.read(0, t1, buf)
+            arrays[name] = buf
+        packed = Packed(data=arrays["data"], scale=arrays["scale"], mn=arrays["mn"],
+                        shape=(t1, *self.shape[1:]), cfg=CACHE_QUANT)
+        out.copy_(dequantize(packed, out.dtype))
+
+    def write(self, t0: int, x: torch.Tensor) -> None:
+        if not self.compress:
+            self.parts[""].write(t0, x)
+            return
+        from flexgen.quant import CACHE_QUANT, quantize
+        p = quantize(x, CACHE_QUANT)  # only the new positions: the cache is never re-quantized
+        for name, arr in (("data", p.data), ("scale", p.scale), ("mn", p.mn)):
+            self.parts[name].write(t0, arr)
+
+
+@dataclass
+class _Part:
+    tier: Tier
+    start: int
+    stop: int
+    k: KVArray
+    v: KVArray
+
+
+@dataclass
+class _Group:
+    rows: slice
+    device: torch.device
+    parts: list
+    k: torch.Tensor = None          # (t + s, n, h) working buffer or a live view
+    v: torch.Tensor = None
+    live: bool = False              # k/v are views of the part's own storage
+
+
+@dataclass
+class KVWork:
+    """One (layer, gpu batch) in flight; the model's `KVAccess`."""
+    slot: "KVSlot"
+    t: int                            # positions already cached
+    groups: list = field(default_factory=list)
+    new_k: torch.Tensor = None        # this step's k/v, time-major (s, b, h), kept for `end`
+    new_v: torch.Tensor = None
+    tracked: list = field(default_factory=list)   # (tier, bytes) of working buffers
+
+    def update(self, k: torch.Tensor, v: torch.Tensor):
+        kt, vt = k.transpose(0, 1), v.transpose(0, 1)   # (s, b, h)
+        s = kt.shape[0]
+        if self.t == 0:
+            # Prefill: attend over this step's own keys; they are stored by `end`.
+            self.new_k, self.new_v = kt, vt
+            return [AttendGroup(slice(None), kt, vt)]
+        out = []
+        for g in self.groups:
+            g.k[self.t:self.t + s].copy_(kt[:, g.rows])
+            g.v[self.t:self.t + s].copy_(vt[:, g.rows])
+            out.append(AttendGroup(g.rows, g.k, g.v))
+        self.new_k, self.new_v = kt, vt
+        return out
+
+
+class KVSlot:
+    def __init__(self, parts: list[_Part], device: ComputeDevice, dtype: torch.dtype, hidden: int,
+                 cpu_cache_compute: bool, tracker: MemoryTracker):
+        self.parts, self.device, self.dtype, self.hidden = parts, device, dtype, hidden
+        self.cpu_cache_compute, self.tracker = cpu_cache_compute, tracker
+        self.last_store = None   # future of the last `end`; the next `begin` waits for it
+
+    def begin(self, t: int, s: int) -> KVWork:
+        """Prepare attention over positions [0, t + s) (I/O thread)."""
+        work = KVWork(self, t)
+        if t == 0:
+            return work
+        host = torch.device("cpu")
+        dev_parts = [p for p in self.parts if p.tier is Tier.GPU or not self.cpu_cache_compute]
+        host_parts = [p for p in self.parts if p not in dev_parts]
+        for parts, device, live_tier in ((dev_parts, self.device.device, Tier.GPU), (host_parts, host, Tier.CPU)):
+            if not parts:
+                continue
+            g0, g1 = parts[0].start, parts[-1].stop
+            g = _Group(slice(g0, g1), device, parts)
+            if len(parts) == 1 and parts[0].tier is live_tier and parts[0].k.view(1) is not None:
+                g.k, g.v, g.live = parts[0].k.view(t + s), parts[0].v.view(t + s), True
+            else:
+                g.k = torch.empty((t + s, g1 - g0, self.hidden), dtype=self.dtype, device=device)
+                g.v = torch.empty_like(g.k)
+                with self.device.io_stream():
+                    for p in parts:
+                        p.k.read(t, g.k[:t, p.start - g0:p.stop - g0])
+                        p.v.read(t, g.v[:t, p.start - g0:p.stop - g0])
+                tier = Tier.GPU if parts is dev_parts else Tier.CPU
+                nbytes = 2 * g.k.numel() * g.k.element_size()
+                self.tracker.add(tier, nbytes)
+                work.tracked.append((tier, nbytes))
+            work.groups.append(g)
+        return work
+
+    def end(self, work: KVWork, after=None) -> None:
+        """Write this step's new positions to every part not updated in place (I/O thread)."""
+        t, s = work.t, work.new_k.shape[0]
+        live = {id(p) for g in work.groups if g.live for p in g.parts}
+        with self.device.io_stream(after):
+            for p in self.parts:
+                if id(p) in live:
+                    continue
+                p.k.write(t, work.new_k[:, p.start:p.stop])
+                p.v.write(t, work.new_v[:, p.start:p.stop])
+        for tier, nbytes in work.tracked:
+            self.tracker.sub(tier, nbytes)
+        work.tracked.clear()
+
+
+class KVCache:
+    """The KV cache of one block: `slot(layer, batch)` for every attention layer and gpu batch."""
+
+    def __init__(self, num_layers: int, num_batches: int, rows: RowSplit, max_len: int, hidden: int,
+                 dtype: torch.dtype, device: ComputeDevice, tracker: MemoryTracker, run_dir: Path,
+                 compress: bool = False, cpu_cache_compute: bool = False):
+        self.tracker = tracker
+        self.files: list[DiskFile] = []
+        self.slots: dict[tuple[int, int], KVSlot] = {}
+        self.held = {t: 0 for t in Tier}
+        disk_rows = rows.disk
+        per_array = sum(align_up(_nbytes(sh, dt)) for sh, dt in
+                        kv_array_specs((max_len, disk_rows, hidden), dtype, compress).values())
+        for layer in range(num_layers):
+            arena = None
+            if disk_rows:
+                arena = _Arena(DiskFile(run_dir / f"kv_layer_{layer:04d}.bin", 2 * num_batches * per_array))
+                self.files.append(arena.file)
+            for b in range(num_batches):
+                parts = []
+                for tier, start, stop in rows.ranges():
+                    alloc = arena.alloc if tier is Tier.DISK else None
+                    k = KVArray(tier, max_len, stop - start, hidden, dtype, device, compress, alloc)
+                    v = KVArray(tier, max_len, stop - start, hidden, dtype, device, compress, alloc)
+                    parts.append(_Part(tier, start, stop, k, v))
+                    self.held[tier] += k.nbytes + v.nbytes
+                self.slots[(layer, b)] = KVSlot(parts, device, dtype, hidden, cpu_cache_compute, tracker)
+        for tier, n in self.held.items():
+            tracker.add(tier, n)
+
+    def slot(self, layer: int, batch: int) -> KVSlot:
+        return self.slots[(layer, batch)]
+
+    @property
+    def direct_io(self) -> Optional[bool]:
+        return all(f.direct for f in self.files) if self.files else None
+
+    def close(self) -> None:
+        for f in self.files:
+            f.unlink()
+        self.files.clear()
+        for tier, n in self.held.items():
+            self.tracker.sub(tier, n)
+        self.held = {t: 0 for t in Tier}
+        self.slots.clear()
+
+
+class _Arena:
+    """Hands out aligned regions of one disk file per layer (few files, few descriptors)."""
+
+    def __init__(self, file: DiskFile):
+        self.file, self.used = file, 0
+
+    def alloc(self, nbytes: int) -> tuple[DiskFile, int]:
+        base, self.used = self.used, align_up(self.used + nbytes)
+        assert self.used <= align_up(self.file.nbytes), "KV arena overflow"
+        return self.file, base

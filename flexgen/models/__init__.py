@@ -1,0 +1,1 @@
+"""Model families. Each module holds ModelArgs, named sizes, weight layout and pure layers."""

@@ -1,0 +1,367 @@
+"""OPT (and OPT-IML / Galactica-style configs): model arguments, weight layout, pure layers.
+
+The scheduler streams the model as a list of *layers*: the input embedding, then an
+attention layer and an MLP layer for each decoder block, then the output embedding.
+Each layer has a named weight dataclass and a pure compute function; tensor names are
+the Hugging Face parameter names (under `decoder.`), so checkpoints map one to one.
+
+Activations are (batch, seq, hidden). The KV cache is time-major, (seq, batch, hidden),
+because that makes a prefix read and a one-token append contiguous on every tier.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from flexgen.errors import FlexGenError
+
+# Named sizes from the OPT paper / Hugging Face configs. A checkpoint's config.json wins.
+OPT_SIZES: dict[str, dict] = {
+    "opt-125m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072),
+    "opt-350m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096,
+                     word_embed_proj_dim=512, do_layer_norm_before=False),
+    "opt-1.3b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192),
+    "opt-2.7b": dict(hidden_size=2560, num_hidden_layers=32, num_attention_heads=32, ffn_dim=10240),
+    "opt-6.7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, ffn_dim=16384),
+    "opt-13b": dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, ffn_dim=20480),
+    "opt-30b": dict(hidden_size=7168, num_hidden_layers=48, num_attention_heads=56, ffn_dim=28672),
+    "opt-66b": dict(hidden_size=9216, num_hidden_layers=64, num_attention_heads=72, ffn_dim=36864),
+    "opt-175b": dict(hidden_size=12288, num_hidden_layers=96, num_attention_heads=96, ffn_dim=49152),
+}
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    name: str
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    ffn_dim: int
+    vocab_size: int = 50272
+    max_position_embeddings: int = 2048
+    word_embed_proj_dim: int = 0  # 0: same as hidden_size
+    do_layer_norm_before: bool = True
+    remove_final_layer_norm: bool = False
+    enable_bias: bool = True
+    layer_norm_elementwise_affine: bool = True
+    activation_function: str = "relu"
+    pad_token_id: int = 1
+    bos_token_id: int = 2
+    eos_token_id: int = 2
+
+    def __post_init__(self):
+        if self.word_embed_proj_dim == 0:
+            object.__setattr__(self, "word_embed_proj_dim", self.hidden_size)
+        if self.hidden_size % self.num_attention_heads:
+            raise FlexGenError(f"{self.name}: hidden_size {self.hidden_size} is not divisible by "
+                               f"num_attention_heads {self.num_attention_heads}")
+        if self.activation_function not in _ACTIVATIONS:
+            raise FlexGenError(f"{self.name}: unsupported activation {self.activation_function!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def has_projection(self) -> bool:
+        return self.word_embed_proj_dim != self.hidden_size
+
+    @property
+    def has_final_layer_norm(self) -> bool:
+        return self.do_layer_norm_before and not self.remove_final_layer_norm
+
+    @classmethod
+    def from_name(cls, name: str) -> "ModelArgs":
+        key = name.lower().split("/")[-1]
+        if key not in OPT_SIZES:
+            raise FlexGenError(f"unknown model {name!r}; named sizes: {', '.join(OPT_SIZES)} "
+                               "(or give a checkpoint directory)")
+        return cls(name=key, **OPT_SIZES[key])
+
+    @classmethod
+    def from_config(cls, config: dict, name: str = "opt") -> "ModelArgs":
+        """From a Hugging Face OPT config.json dict."""
+        if config.get("model_type") != "opt":
+            raise FlexGenError(f"{name}: model_type is {config.get('model_type')!r}; only OPT is supported")
+        eos = config.get("eos_token_id", 2)
+        if isinstance(eos, list):
+            eos = eos[0]
+        try:
+            return cls(
+                name=name,
+                hidden_size=config["hidden_size"],
+                num_hidden_layers=config["num_hidden_layers"],
+                num_attention_heads=config["num_attention_heads"],
+                ffn_dim=config["ffn_dim"],
+                vocab_size=config.get("vocab_size", 50272),
+                max_position_embeddings=config.get("max_position_embeddings", 2048),
+                word_embed_proj_dim=config.get("word_embed_proj_dim") or 0,
+                do_layer_norm_before=config.get("do_layer_norm_before", True),
+                remove_final_layer_norm=config.get("_remove_final_layer_norm", False),
+                enable_bias=config.get("enable_bias", True),
+                layer_norm_elementwise_affine=config.get("layer_norm_elementwise_affine", True),
+                activation_function=config.get("activation_function", "relu"),
+                pad_token_id=config.get("pad_token_id") if config.get("pad_token_id") is not None else 1,
+                bos_token_id=config.get("bos_token_id") if config.get("bos_token_id") is not None else 2,
+                eos_token_id=eos if eos is not None else 2,
+            )
+        except KeyError as e:
+            raise FlexGenError(f"{name}: config.json lacks {e.args[0]!r}") from None
+
+    @classmethod
+    def from_config_file(cls, path: Path, name: str) -> "ModelArgs":
+        try:
+            return cls.from_config(json.loads(Path(path).read_text()), name=name)
+        except json.JSONDecodeError as e:
+            raise FlexGenError(f"{path}: not valid JSON ({e})") from None
+
+    def to_hf_config(self) -> dict:
+        """A Hugging Face config dict (for building reference models in tests)."""
+        return dict(model_type="opt", hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
+                    num_attention_heads=self.num_attention_heads, ffn_dim=self.ffn_dim,
+                    vocab_size=self.vocab_size, max_position_embeddings=self.max_position_embeddings,
+                    word_embed_proj_dim=self.word_embed_proj_dim, do_layer_norm_before=self.do_layer_norm_before,
+                    _remove_final_layer_norm=self.remove_final_layer_norm, enable_bias=self.enable_bias,
+                    layer_norm_elementwise_affine=self.layer_norm_elementwise_affine,
+                    activation_function=self.activation_function, pad_token_id=self.pad_token_id,
+                    bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id)
+
+    def num_parameters(self) -> int:
+        return sum(e.numel for spec in layer_specs(self) for e in spec.entries
+                   if not (spec.kind == "output" and e.field == "lm_head"))
+
+
+# ---------------------------------------------------------------------------------------
+# Weight layout: every layer's tensors with their HF names and shapes.
+
+@dataclass(frozen=True)
+class WeightEntry:
+    field: str            # attribute of the layer's weight dataclass
+    name: str             # Hugging Face parameter name, without the "model." prefix
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    kind: str                  # "input" | "attention" | "mlp" | "output"
+    block: int                 # decoder block index, -1 for the embeddings
+    entries: tuple[WeightEntry, ...]
+
+    @property
+    def numel(self) -> int:
+        return sum(e.numel for e in self.entries)
+
+
+def layer_specs(args: ModelArgs) -> list[LayerSpec]:
+    """The streamed layers in execution order, with their weights."""
+    h, f, v, p = args.hidden_size, args.ffn_dim, args.vocab_size, args.word_embed_proj_dim
+    E = WeightEntry
+
+    def linear(field, name, out_dim, in_dim):
+        out = [E(f"{field}_weight", f"{name}.weight", (out_dim, in_dim))]
+        if args.enable_bias:
+            out.append(E(f"{field}_bias", f"{name}.bias", (out_dim,)))
+        return out
+
+    def norm(field, name, dim):
+        if not args.layer_norm_elementwise_affine:
+            return []
+        return [E(f"{field}_weight", f"{name}.weight", (dim,)), E(f"{field}_bias", f"{name}.bias", (dim,))]
+
+    specs = []
+    inp = [E("embed_tokens", "decoder.embed_tokens.weight", (v, p)),
+           E("embed_positions", "decoder.embed_positions.weight", (args.max_position_embeddings + 2, h))]
+    if args.has_projection:
+        inp.append(E("project_in", "decoder.project_in.weight", (h, p)))
+    specs.append(LayerSpec("input", -1, tuple(inp)))
+    for i in range(args.num_hidden_layers):
+        pre = f"decoder.layers.{i}"
+        attn = (linear("q_proj", f"{pre}.self_attn.q_proj", h, h) + linear("k_proj", f"{pre}.self_attn.k_proj", h, h)
+                + linear("v_proj", f"{pre}.self_attn.v_proj", h, h)
+                + linear("out_proj", f"{pre}.self_attn.out_proj", h, h)
+                + norm("self_attn_layer_norm", f"{pre}.self_attn_layer_norm", h))
+        mlp = (linear("fc1", f"{pre}.fc1", f, h) + linear("fc2", f"{pre}.fc2", h, f)
+               + norm("final_layer_norm", f"{pre}.final_layer_norm", h))
+        specs.append(LayerSpec("attention", i, tuple(attn)))
+        specs.append(LayerSpec("mlp", i, tuple(mlp)))
+    out = []
+    if args.has_final_layer_norm:
+        out += norm("final_layer_norm", "decoder.final_layer_norm", h)
+    if args.has_projection:
+        out.append(E("project_out", "decoder.project_out.weight", (p, h)))
+    # The LM head is tied to the input embedding; this layer keeps its own copy so each
+    # layer streams independently.
+    out.append(E("lm_head", "decoder.embed_tokens.weight", (v, p)))
+    specs.append(LayerSpec("output", -1, tuple(out)))
+    return specs
+
+
+# ---------------------------------------------------------------------------------------
+# Named weights of each layer kind. Optional fields are absent when the config disables them.
+
+@dataclass
+class InputEmbedWeights:
+    embed_tokens: torch.Tensor
+    embed_positions: torch.Tensor
+    project_in: Optional[torch.Tensor] = None
+
+
+@dataclass
+class AttentionWeights:
+    q_proj_weight: torch.Tensor
+    k_proj_weight: torch.Tensor
+    v_proj_weight: torch.Tensor
+    out_proj_weight: torch.Tensor
+    q_proj_bias: Optional[torch.Tensor] = None
+    k_proj_bias: Optional[torch.Tensor] = None
+    v_proj_bias: Optional[torch.Tensor] = None
+    out_proj_bias: Optional[torch.Tensor] = None
+    self_attn_layer_norm_weight: Optional[torch.Tensor] = None
+    self_attn_layer_norm_bias: Optional[torch.Tensor] = None
+
+
+@dataclass
+class MLPWeights:
+    fc1_weight: torch.Tensor
+    fc2_weight: torch.Tensor
+    fc1_bias: Optional[torch.Tensor] = None
+    fc2_bias: Optional[torch.Tensor] = None
+    final_layer_norm_weight: Optional[torch.Tensor] = None
+    final_layer_norm_bias: Optional[torch.Tensor] = None
+
+
+@dataclass
+class OutputEmbedWeights:
+    lm_head: torch.Tensor
+    final_layer_norm_weight: Optional[torch.Tensor] = None
+    final_layer_norm_bias: Optional[torch.Tensor] = None
+    project_out: Optional[torch.Tensor] = None
+
+
+WEIGHT_CLASSES = {"input": InputEmbedWeights, "attention": AttentionWeights,
+                  "mlp": MLPWeights, "output": OutputEmbedWeights}
+
+
+def build_weights(spec: LayerSpec, tensors: dict[str, torch.Tensor]):
+    """The layer's weight dataclass from tensors keyed by field name."""
+    cls = WEIGHT_CLASSES[spec.kind]
+    known = {f.name for f in dataclasses.fields(cls)}
+    extra = set(tensors) - known
+    if extra:
+        raise KeyError(f"unexpected weights for a {spec.kind} layer: {sorted(extra)}")
+    return cls(**tensors)
+
+
+# ---------------------------------------------------------------------------------------
+# Pure layer functions.
+
+_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+
+
+def _layer_norm(x, weight, bias):
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps=1e-5)
+
+
+def input_embed(w: InputEmbedWeights, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """input_ids, position_ids: (b, s) -> hidden (b, s, h). Positions are 0-based; OPT adds 2."""
+    x = F.embedding(input_ids, w.embed_tokens)
+    if w.project_in is not None:
+        x = F.linear(x, w.project_in)
+    return x + F.embedding(position_ids + 2, w.embed_positions)
+
+
+@dataclass
+class AttendGroup:
+    """Rows of a gpu batch and the keys/values they attend over, on one device.
+
+    keys/values are time-major (t, r, h). `rows` indexes the batch.
+    """
+    rows: slice
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+class KVAccess(Protocol):
+    """What an attention layer needs from the KV cache (see flexgen/kvcache.py)."""
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> Sequence[AttendGroup]:
+        """Store this step's k, v (b, s, h); return what each row group attends over."""
+        ...
+
+
+def _attend(q, keys, values, mask, num_heads):
+    """q (r, s, h); keys/values time-major (t, r, h); mask bool (r, s, t), True = visible."""
+    r, s, h = q.shape
+    t = keys.shape[0]
+    d = h // num_heads
+    qh = q.view(r, s, num_heads, d).transpose(1, 2)              # (r, nh, s, d)
+    kh = keys.view(t, r, num_heads, d).permute(1, 2, 3, 0)       # (r, nh, d, t), a view
+    vh = values.view(t, r, num_heads, d).permute(1, 2, 0, 3)     # (r, nh, t, d), a view
+    scores = torch.matmul(qh, kh).float()                        # (r, nh, s, t)
+    # finfo.min rather than -inf: a fully masked (padding) row must stay finite.
+    scores = scores.masked_fill(~mask[:, None], torch.finfo(torch.float32).min)
+    probs = torch.softmax(scores, dim=-1).to(values.dtype)
+    out = torch.matmul(probs, vh)                                # (r, nh, s, d)
+    return out.transpose(1, 2).reshape(r, s, h)
+
+
+def self_attention(w: AttentionWeights, x: torch.Tensor, mask: torch.Tensor, kv: KVAccess,
+                   args: ModelArgs) -> torch.Tensor:
+    """x (b, s, h); mask bool (b, s, t) over all positions attended to. Returns (b, s, h).
+
+    Prefill (s = prompt length) and decode (s = 1) share this code; `kv` decides where
+    keys and values live and which device attends for which rows (cpu_cache_compute).
+    """
+    residual = x
+    if args.do_layer_norm_before:
+        x = _layer_norm(x, w.self_attn_layer_norm_weight, w.self_attn_layer_norm_bias)
+    q = F.linear(x, w.q_proj_weight, w.q_proj_bias) * (args.head_dim ** -0.5)
+    k = F.linear(x, w.k_proj_weight, w.k_proj_bias)
+    v = F.linear(x, w.v_proj_weight, w.v_proj_bias)
+    groups = kv.update(k, v)
+    if len(groups) == 1 and groups[0].keys.device == q.device:
+        attn = _attend(q, groups[0].keys, groups[0].values, mask, args.num_attention_heads)
+    else:
+        attn = torch.empty_like(q)
+        for g in groups:
+            dev = g.keys.device
+            out = _attend(q[g.rows].to(dev), g.keys, g.values, mask[g.rows].to(dev), args.num_attention_heads)
+            attn[g.rows] = out.to(q.device)
+    x = residual + F.linear(attn, w.out_proj_weight, w.out_proj_bias)
+    if not args.do_layer_norm_before:
+        x = _layer_norm(x, w.self_attn_layer_norm_weight, w.self_attn_layer_norm_bias)
+    return x
+
+
+def mlp(w: MLPWeights, x: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+    residual = x
+    if args.do_layer_norm_before:
+        x = _layer_norm(x, w.final_layer_norm_weight, w.final_layer_norm_bias)
+    x = _ACTIVATIONS[args.activation_function](F.linear(x, w.fc1_weight, w.fc1_bias))
+    x = residual + F.linear(x, w.fc2_weight, w.fc2_bias)
+    if not args.do_layer_norm_before:
+        x = _layer_norm(x, w.final_layer_norm_weight, w.final_layer_norm_bias)
+    return x
+
+
+def output_embed(w: OutputEmbedWeights, x: torch.Tensor) -> torch.Tensor:
+    """Hidden of the last position (b, h) -> logits (b, vocab) in float32."""
+    if w.final_layer_norm_weight is not None:
+        x = _layer_norm(x, w.final_layer_norm_weight, w.final_layer_norm_bias)
+    if w.project_out is not None:
+        x = F.linear(x, w.project_out)
+    return F.linear(x, w.lm_head).float()

@@ -1,0 +1,231 @@
+"""The zig-zag block schedule.
+
+For token step i, layer j, gpu batch k, the named steps are: load weight (once per layer
+and block), load cache, load hidden, compute, store cache, store hidden. Sequential
+execution runs each step and waits for it. Overlapped execution runs the same steps in
+another order: at the start of layer j the weights of the next layer are requested;
+before computing (j, k) the cache and hidden of the next (j, k) are requested; stores of
+(j, k) run while the next step computes. Loads and stores run on the I/O pool; every
+dependency is an explicit future (a load of a slot waits for the last store to it), and
+on CUDA a mark on the compute stream guards buffers the compute may still read.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from flexgen.activations import HiddenSlot
+from flexgen.kvcache import KVCache
+from flexgen.models import opt
+from flexgen.policy import Policy
+from flexgen.sampling import SamplingParams, StopCriteria, sample
+from flexgen.tiers import ComputeDevice, IOPool, done_future
+from flexgen.weights import PlacedWeights
+
+TimingHook = Callable[[str, float], None]
+
+
+@dataclass
+class Block:
+    """One block's inputs: gbs x ngb rows of left-padded prompts."""
+    input_ids: torch.Tensor        # (B, P) on the compute device
+    attention_mask: torch.Tensor   # (B, P + G) bool; the generated part is filled in as we go
+    prompt_len: int
+    max_new_tokens: int
+    output: torch.Tensor = None    # (B, G) generated tokens
+    steps_done: int = 0
+
+
+@dataclass
+class _StepInputs:
+    ids: torch.Tensor          # (gbs, s)
+    positions: torch.Tensor    # (gbs, s)
+    mask: torch.Tensor         # (gbs, s, t + s) bool
+
+
+@dataclass
+class _Pending:
+    weights: dict = field(default_factory=dict)   # layer -> Future[LoadedLayer]
+    cache: dict = field(default_factory=dict)     # (layer, batch) -> Future[KVWork]
+    hidden: dict = field(default_factory=dict)    # (layer, batch) -> Future[Tensor]
+
+
+class Scheduler:
+    def __init__(self, args: opt.ModelArgs, weights: PlacedWeights, policy: Policy, device: ComputeDevice,
+                 io: IOPool, hook: Optional[TimingHook] = None):
+        self.args, self.weights, self.policy, self.device, self.io = args, weights, policy, device, io
+        self.hook = hook or (lambda name, seconds: None)
+        self.specs = [lay.spec for lay in weights.layouts]
+        self.num_layers = len(self.specs)
+        self.attn_index = {j: s.block for j, s in enumerate(self.specs) if s.kind == "attention"}
+
+    # -- public -----------------------------------------------------------------------
+
+    def run(self, block: Block, cache: KVCache, hidden: list[HiddenSlot], params: SamplingParams,
+            stopper: StopCriteria, generator: Optional[torch.Generator]) -> Block:
+        gbs, ngb = self.policy.gpu_batch_size, self.policy.num_gpu_batches
+        block.output = torch.full((gbs * ngb, block.max_new_tokens), self.args.pad_token_id, dtype=torch.long,
+                                  device=self.device.device)
+        self._block, self._cache, self._hidden = block, cache, hidden
+        self._params, self._stopper, self._generator = params, stopper, generator
+        pending = _Pending()
+        overlap = self.policy.overlap
+        positions = [(j, k) for j in range(self.num_layers) for k in range(ngb)]
+        try:
+            for i in range(block.max_new_tokens):
+                t0 = time.perf_counter()
+                inputs = [self._step_inputs(i, k) for k in range(ngb)]
+                layer_weights = None
+                if overlap and i == 0:
+                    self._issue_weight(pending, 0)
+                    self._issue_loads(pending, i, 0, 0)
+                for n, (j, k) in enumerate(positions):
+                    nxt = positions[n + 1] if n + 1 < len(positions) else None
+                    if overlap:
+                        if k == 0:
+                            self._issue_weight(pending, (j + 1) % self.num_layers)
+                        # The next step's hidden input is this step's output only when ngb == 1.
+                        if nxt is not None and not (nxt[1] == k):
+                            self._issue_loads(pending, i, *nxt)
+                    else:
+                        if k == 0:
+                            self._issue_weight(pending, j)
+                        self._issue_loads(pending, i, j, k)
+                    if k == 0:
+                        layer_weights = self._wait_weights(pending, j, i)
+                    kv = self._wait(pending.cache.pop((j, k), None), i)
+                    x = self._wait(pending.hidden.pop((j, k), None), i)
+                    c0 = time.perf_counter()
+                    x = self._compute(i, j, k, layer_weights, inputs[k], x, kv)
+                    self.hook("prefill.compute" if i == 0 else "decode.compute", time.perf_counter() - c0)
+                    stores = self._issue_stores(j, k, x, kv)
+                    if not overlap:
+                        for f in stores:
+                            f.result()
+                    elif nxt is not None and nxt[1] == k:
+                        self._issue_loads(pending, i, *nxt)
+                block.steps_done = i + 1
+                if i + 1 < block.max_new_tokens and not stopper.all_done and overlap:
+                    self._issue_loads(pending, i + 1, 0, 0)
+                self.device.synchronize()
+                self.hook("prefill" if i == 0 else "decode", time.perf_counter() - t0)
+                if stopper.all_done:
+                    break
+        finally:
+            self._drain(pending)
+            for slot in hidden:
+                if slot.last_store is not None:
+                    slot.last_store.result()
+            for s in cache.slots.values():
+                if s.last_store is not None:
+                    s.last_store.result()
+        block.output = block.output[:, :block.steps_done]
+        return block
+
+    # -- inputs -----------------------------------------------------------------------
+
+    def _step_inputs(self, i: int, k: int) -> _StepInputs:
+        b = self._block
+        gbs = self.policy.gpu_batch_size
+        rows = slice(k * gbs, (k + 1) * gbs)
+        P = b.prompt_len
+        mask = b.attention_mask[rows]
+        if i == 0:
+            m = mask[:, :P]
+            positions = (m.long().cumsum(1) * m - 1)   # as HF: padding gets -1
+            causal = torch.ones(P, P, dtype=torch.bool, device=m.device).tril()
+            return _StepInputs(b.input_ids[rows], positions, causal[None] & m[:, None, :])
+        t = P + i - 1
+        m = mask[:, :t + 1]
+        positions = m.long().sum(1, keepdim=True) - 1
+        return _StepInputs(b.output[rows, i - 1:i], positions, m[:, None, :])
+
+    # -- issuing loads and stores ---------------------------------------------------------
+
+    def _issue_weight(self, pending: _Pending, j: int) -> None:
+        if j not in pending.weights:
+            after = self.device.mark()
+            pending.weights[j] = self.io.submit(self.weights.load, j, j % 2, after)
+
+    def _issue_loads(self, pending: _Pending, i: int, j: int, k: int) -> None:
+        if self.specs[j].kind == "attention" and (j, k) not in pending.cache:
+            slot = self._cache.slot(self.attn_index[j], k)
+            t, s = (0, self._block.prompt_len) if i == 0 else (self._block.prompt_len + i - 1, 1)
+            prev = slot.last_store
+            pending.cache[(j, k)] = self.io.submit(_after(prev, slot.begin), t, s)
+        if j > 0 and (j, k) not in pending.hidden:
+            slot = self._hidden[k]
+            pending.hidden[(j, k)] = self.io.submit(_after(slot.last_store, slot.load))
+
+    def _issue_stores(self, j: int, k: int, x, kv) -> list:
+        futures = []
+        after = self.device.mark()
+        if kv is not None:
+            slot = self._cache.slot(self.attn_index[j], k)
+            slot.last_store = self.io.submit(slot.end, kv, after)
+            futures.append(slot.last_store)
+        if j < self.num_layers - 1:
+            slot = self._hidden[k]
+            slot.last_store = self.io.submit(slot.store, x, after)
+            futures.append(slot.last_store)
+        return futures
+
+    def _wait(self, fut, i: int):
+        if fut is None:
+            return None
+        w0 = time.perf_counter()
+        out = fut.result()
+        self.hook("prefill.wait" if i == 0 else "decode.wait", time.perf_counter() - w0)
+        return out
+
+    def _wait_weights(self, pending: _Pending, j: int, i: int):
+        loaded = self._wait(pending.weights.pop(j), i)
+        return self.weights.weights(loaded)
+
+    def _drain(self, pending: _Pending) -> None:
+        for group in (pending.weights, pending.cache, pending.hidden):
+            for fut in group.values():
+                try:
+                    fut.result()
+                except Exception:
+                    pass
+            group.clear()
+
+    # -- compute ----------------------------------------------------------------------
+
+    def _compute(self, i, j, k, w, inp: _StepInputs, x, kv):
+        kind = self.specs[j].kind
+        if kind == "input":
+            return opt.input_embed(w, inp.ids, inp.positions)
+        if kind == "attention":
+            return opt.self_attention(w, x, inp.mask, kv, self.args)
+        if kind == "mlp":
+            return opt.mlp(w, x, self.args)
+        logits = opt.output_embed(w, x[:, -1])
+        gbs = self.policy.gpu_batch_size
+        rows = slice(k * gbs, (k + 1) * gbs)
+        tokens = self._stopper.apply(rows, sample(logits, self._params, self._generator))
+        b = self._block
+        b.output[rows, i] = tokens
+        b.attention_mask[rows, b.prompt_len + i] = True
+        if k == self.policy.num_gpu_batches - 1 and self._stopper.stop:
+            self._stopper.check_stop_sequences(b.output[:, :i + 1])
+        return None
+
+
+def _after(prev, fn):
+    """fn, run once the future `prev` (the slot's last store) has finished."""
+    if prev is None:
+        return fn
+
+    def run(*args):
+        prev.result()
+        return fn(*args)
+    return run
+
+
+__all__ = ["Block", "Scheduler", "done_future"]

@@ -1,0 +1,294 @@
+"""Memory tiers and the pieces that move bytes between them.
+
+- `Tier`: gpu (memory of the compute device), cpu (host memory), disk (files).
+- `ComputeDevice`: the compute device plus the CUDA-only pieces (side streams, events,
+  pinned memory) behind one small interface; on a CPU device they are no-ops, so every
+  other code path is the same on both.
+- `DiskFile`: a preallocated file read with O_DIRECT where the file system allows it.
+- `IOPool`: a few threads that run loads and stores while the compute thread computes.
+- `MemoryTracker`: bytes held per tier, with peaks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from flexgen.errors import FlexGenError
+
+ALIGN = 4096  # O_DIRECT offset/size/buffer alignment that every common file system accepts
+
+
+class Tier(enum.Enum):
+    GPU = "gpu"
+    CPU = "cpu"
+    DISK = "disk"
+
+
+TIERS = (Tier.GPU, Tier.CPU, Tier.DISK)
+
+
+def align_up(n: int, a: int = ALIGN) -> int:
+    return (n + a - 1) // a * a
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on CUDA; bf16 on a CPU with native bf16 matmul, else fp32 (never fp16 on CPU)."""
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def aligned_empty(nbytes: int, pin: bool = False) -> torch.Tensor:
+    """A host uint8 buffer whose data pointer and length are ALIGN-aligned (for O_DIRECT)."""
+    n = align_up(max(nbytes, 1))
+    raw = torch.empty(n + ALIGN, dtype=torch.uint8, pin_memory=pin)
+    start = (-raw.data_ptr()) % ALIGN
+    return raw[start:start + n]
+
+
+class ComputeDevice:
+    """The device that computes, and how I/O threads hand data to it.
+
+    On CUDA each I/O thread copies on its own stream and synchronises that stream before
+    its future resolves, so the compute thread may use the data as soon as it has the
+    result. Buffers that the compute stream may still be reading are guarded by a
+    `mark()` recorded on the compute stream and waited on by the I/O stream.
+    """
+
+    def __init__(self, device: str | torch.device | None = None):
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise FlexGenError("--device cuda was requested but no CUDA device is available")
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+        elif self.device.type != "cpu":
+            raise FlexGenError(f"unsupported device {device!r}; use cpu or cuda")
+        self._local = threading.local()
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def host_empty(self, shape, dtype, pin: bool = True) -> torch.Tensor:
+        """Host memory; pinned when the compute device is CUDA (for async copies)."""
+        return torch.empty(shape, dtype=dtype, pin_memory=pin and self.is_cuda)
+
+    def empty(self, shape, dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
+    def mark(self):
+        """A point on the compute stream (None on CPU, where compute is synchronous)."""
+        if not self.is_cuda:
+            return None
+        ev = torch.cuda.Event()
+        ev.record()
+        return ev
+
+    @contextlib.contextmanager
+    def io_stream(self, after=None):
+        """Run copies on this thread's side stream, after `after` (a mark); wait at exit."""
+        if not self.is_cuda:
+            yield
+            return
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = self._local.stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(stream):
+            if after is not None:
+                stream.wait_event(after)
+            yield
+        stream.synchronize()
+
+    def synchronize(self):
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+
+
+def as_bytes(t: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous host tensor (no copy)."""
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy())
+
+
+class DiskFile:
+    """A fixed-size file of the disk tier.
+
+    Reads use O_DIRECT when the file system allows it, so timings measure the disk and
+    not the page cache; `direct` says which mode is in force. Writes are buffered (they
+    may be small and unaligned, e.g. one token of KV cache); Linux keeps O_DIRECT reads
+    coherent with them by flushing the range first.
+    """
+
+    def __init__(self, path: Path, nbytes: int, create: bool = True, direct: bool = True):
+        self.path = Path(path)
+        self.nbytes = nbytes
+        flags = os.O_RDWR | (os.O_CREAT if create else 0)
+        try:
+            self.fd = os.open(self.path, flags, 0o644)
+        except OSError as e:
+            raise FlexGenError(f"cannot open {self.path}: {e.strerror}") from None
+        if create:
+            try:
+                os.ftruncate(self.fd, align_up(nbytes))  # sparse until written
+            except OSError as e:
+                os.close(self.fd)
+                raise FlexGenError(f"cannot size {self.path}: {e.strerror}") from None
+        self.direct_fd = None
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                self.direct_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+            except OSError:
+                self.direct_fd = None  # e.g. tmpfs: fall back to buffered reads
+
+    @property
+    def direct(self) -> bool:
+        return self.direct_fd is not None
+
+    def write(self, offset: int, src: torch.Tensor) -> None:
+        """Write a contiguous host tensor's bytes at `offset`."""
+        buf = as_bytes(src.contiguous())
+        done = 0
+        while done < len(buf):
+            try:
+                n = os.pwrite(self.fd, buf[done:], offset + done)
+            except OSError as e:
+                raise FlexGenError(f"writing {self.path} failed: {e.strerror}") from None
+            done += n
+
+    def read(self, offset: int, dst: torch.Tensor) -> None:
+        """Fill a contiguous host tensor with the bytes at `offset`."""
+        out = as_bytes(dst)
+        n = len(out)
+        if n == 0:
+            return
+        if self.direct_fd is None:
+            self._read_exact(self.fd, out, offset)
+            return
+        # O_DIRECT: aligned file range into an aligned buffer. Read straight into `dst`
+        # when it is already aligned, else through a bounce buffer.
+        start = offset // ALIGN * ALIGN
+        end = align_up(offset + n)
+        if start == offset and dst.data_ptr() % ALIGN == 0 and n % ALIGN == 0:
+            self._read_exact(self.direct_fd, out, offset)
+            return
+        bounce = aligned_empty(end - start)
+        self._read_exact(self.direct_fd, as_bytes(bounce), start, allow_short=True)
+        dst.view(torch.uint8).reshape(-1).copy_(bounce[offset - start:offset - start + n])
+
+    def _read_exact(self, fd, out: memoryview, offset: int, allow_short: bool = False):
+        done = 0
+        while done < len(out):
+            n = os.preadv(fd, [out[done:]], offset + done)
+            if n == 0:
+                if allow_short:
+                    return
+                raise FlexGenError(f"{self.path} is shorter than expected (truncated?)")
+            done += n
+
+    def close(self):
+        for fd in (self.fd, self.direct_fd):
+            if fd is not None:
+                os.close(fd)
+        self.fd = self.direct_fd = None
+
+    def unlink(self):
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+
+def page_cache_drop(path: Path) -> None:
+    """Ask the kernel to forget a file's cached pages (for honest buffered-mode timings)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    except (OSError, AttributeError):
+        pass
+
+
+class IOPool:
+    """Threads that run loads and stores. Ordering between dependent tasks is explicit:
+    a task that needs another's result is given its future and waits for it."""
+
+    def __init__(self, num_threads: int = 2):
+        self._pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="flexgen-io")
+
+    def submit(self, fn, *args) -> Future:
+        return self._pool.submit(fn, *args)
+
+    def shutdown(self):
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def done_future(value=None) -> Future:
+    f = Future()
+    f.set_result(value)
+    return f
+
+
+class MemoryTracker:
+    """Bytes held in each tier by the engine's own allocations, with peaks.
+
+    On CUDA the allocator's own peak is reported too; on the CPU the process's peak RSS.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.current = {t: 0 for t in TIERS}
+        self.peak = {t: 0 for t in TIERS}
+
+    def add(self, tier: Tier, nbytes: int) -> None:
+        with self._lock:
+            self.current[tier] += nbytes
+            self.peak[tier] = max(self.peak[tier], self.current[tier])
+
+    def sub(self, tier: Tier, nbytes: int) -> None:
+        with self._lock:
+            self.current[tier] -= nbytes
+
+    def reset_peaks(self) -> None:
+        with self._lock:
+            self.peak = dict(self.current)
+
+    def report(self) -> dict[str, int]:
+        return {t.value: self.peak[t] for t in TIERS}
+
+
+def process_peak_rss() -> int:
+    """Peak resident memory of this process in bytes (Linux ru_maxrss is in KiB)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def direct_io_supported(directory: Path) -> bool:
+    probe = Path(directory) / f".flexgen-odirect-{os.getpid()}"
+    try:
+        f = DiskFile(probe, ALIGN)
+        ok = f.direct
+        f.unlink()
+        return ok
+    except FlexGenError:
+        return False
+
+
+__all__ = ["Tier", "TIERS", "ComputeDevice", "DiskFile", "IOPool", "MemoryTracker", "aligned_empty",
+           "align_up", "default_dtype", "done_future", "page_cache_drop", "process_peak_rss"]

@@ -1,0 +1,169 @@
+"""Weights resident on their tiers, and the loader that brings one layer to the compute device.
+
+Each layer's bytes are laid out as in the weight store (checkpoint.LayerLayout) and split
+by placement.Segments: [0, gpu_end) lives in compute-device memory, [gpu_end, cpu_end)
+in host memory, the rest is read from a disk file. Loading a layer that is not wholly
+on the gpu tier assembles its bytes in one of two working buffers on the compute device
+(current layer and prefetched next layer); tensors wholly inside the gpu part are views
+of the resident bytes and are never copied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from flexgen.checkpoint import LayerLayout, WeightStore, dummy_layer_bytes
+from flexgen.models.opt import build_weights
+from flexgen.placement import Segments
+from flexgen.tiers import ALIGN, ComputeDevice, DiskFile, MemoryTracker, Tier, aligned_empty
+
+
+@dataclass
+class LoadedLayer:
+    """A layer's stored arrays on the compute device, keyed by (field, part)."""
+    idx: int
+    arrays: dict[tuple[str, str], torch.Tensor]
+
+
+class PlacedWeights:
+    def __init__(self, layouts: list[LayerLayout], segments: tuple[Segments, ...], device: ComputeDevice,
+                 dtype: torch.dtype, tracker: MemoryTracker, *, store: Optional[WeightStore] = None,
+                 dummy=None, run_dir: Optional[Path] = None, pin: bool = True, progress=None):
+        self.layouts, self.segments, self.device, self.dtype = layouts, segments, device, dtype
+        self.tracker = tracker
+        self.gpu_parts: list[Optional[torch.Tensor]] = []
+        self.cpu_parts: list[Optional[torch.Tensor]] = []
+        self.disk_files: list[Optional[DiskFile]] = []
+        self._own_files: list[DiskFile] = []
+        for idx, (lay, seg) in enumerate(zip(layouts, segments)):
+            if store is not None:
+                self._place_from_store(store, idx, lay, seg, pin)
+            else:
+                self._place_dummy(dummy, run_dir, idx, lay, seg, pin)
+            if progress is not None:
+                progress.update(1)
+        # Two working buffers (current + prefetched layer), sized for the largest layer
+        # that is not wholly resident on the gpu tier. Allocated once and reused.
+        partial = [lay.file_bytes for lay, seg in zip(layouts, segments) if seg.gpu_end < seg.total]
+        self.slot_bytes = max(partial, default=0)
+        self._slots: list[Optional[torch.Tensor]] = [None, None]
+        self._staging: list[Optional[torch.Tensor]] = [None, None]
+
+    # -- placement --------------------------------------------------------------------
+
+    def _keep(self, flat_part: torch.Tensor, seg: Segments, pin: bool):
+        gpu = flat_part[:seg.gpu_end].to(self.device.device, copy=True) if seg.gpu_end else None
+        cpu = None
+        if seg.cpu_end > seg.gpu_end:
+            cpu = self.device.host_empty((seg.cpu_end - seg.gpu_end,), torch.uint8, pin=pin)
+            cpu.copy_(flat_part[seg.gpu_end:seg.cpu_end])
+        self.gpu_parts.append(gpu)
+        self.cpu_parts.append(cpu)
+        self.tracker.add(Tier.GPU, seg.bytes_on(Tier.GPU))
+        self.tracker.add(Tier.CPU, seg.bytes_on(Tier.CPU))
+        self.tracker.add(Tier.DISK, seg.bytes_on(Tier.DISK))
+
+    def _place_from_store(self, store: WeightStore, idx: int, lay: LayerLayout, seg: Segments, pin: bool):
+        f = DiskFile(store.layer_path(idx), lay.file_bytes, create=False)
+        head = torch.empty(seg.cpu_end, dtype=torch.uint8)
+        f.read(0, head)  # only what stays in memory; the disk part is read on use
+        self._keep(head, seg, pin)
+        self.disk_files.append(f if seg.cpu_end < seg.total else None)
+        if seg.cpu_end == seg.total:
+            f.close()
+
+    def _place_dummy(self, source, run_dir: Path, idx: int, lay: LayerLayout, seg: Segments, pin: bool):
+        flat = dummy_layer_bytes(source, lay)
+        self._keep(flat, seg, pin)
+        if seg.cpu_end < seg.total:
+            # A sparse file with the store's offsets; only the disk part is written.
+            f = DiskFile(run_dir / f"dummy_layer_{idx:04d}.bin", lay.nbytes)
+            f.write(seg.cpu_end, flat[seg.cpu_end:])
+            self._own_files.append(f)
+            self.disk_files.append(f)
+        else:
+            self.disk_files.append(None)
+
+    # -- loading ----------------------------------------------------------------------
+
+    @property
+    def direct_io(self) -> Optional[bool]:
+        files = [f for f in self.disk_files if f is not None]
+        return all(f.direct for f in files) if files else None
+
+    def _slot(self, i: int) -> torch.Tensor:
+        if self._slots[i] is None:
+            if self.device.is_cuda:
+                self._slots[i] = self.device.empty((self.slot_bytes,), torch.uint8)
+            else:  # host memory: aligned so disk reads land in it directly
+                self._slots[i] = aligned_empty(self.slot_bytes)
+            self.tracker.add(Tier.GPU, self.slot_bytes)
+        return self._slots[i]
+
+    def load(self, idx: int, slot: int, after=None) -> LoadedLayer:
+        """Bring layer `idx` to the compute device (runs on an I/O thread).
+
+        `after` is a mark on the compute stream after which the slot is free to overwrite.
+        """
+        lay, seg = self.layouts[idx], self.segments[idx]
+        gpu = self.gpu_parts[idx]
+        if seg.gpu_end == seg.total:
+            return LoadedLayer(idx, {(a.field, a.part): _view(gpu, a) for a in lay.arrays})
+        flat = self._slot(slot)
+        with self.device.io_stream(after):
+            if seg.cpu_end < seg.total:
+                start = seg.cpu_end // ALIGN * ALIGN
+                if self.device.is_cuda:
+                    staging = self._staging_buf(slot)[: lay.file_bytes - start]
+                    self.disk_files[idx].read(start, staging)
+                    flat[seg.cpu_end:seg.total].copy_(staging[seg.cpu_end - start: seg.total - start],
+                                                      non_blocking=True)
+                else:
+                    self.disk_files[idx].read(start, flat[start:lay.file_bytes])
+            # After the disk read: its aligned start may have covered the cpu part's tail.
+            if seg.cpu_end > seg.gpu_end:
+                flat[seg.gpu_end:seg.cpu_end].copy_(self.cpu_parts[idx], non_blocking=True)
+            straddle = min((a.offset for a in lay.arrays if a.offset < seg.gpu_end < a.end), default=None)
+            if straddle is not None:
+                flat[straddle:seg.gpu_end].copy_(gpu[straddle:seg.gpu_end])
+        arrays = {(a.field, a.part): _view(gpu if a.end <= seg.gpu_end else flat, a) for a in lay.arrays}
+        return LoadedLayer(idx, arrays)
+
+    def _staging_buf(self, slot: int) -> torch.Tensor:
+        if self._staging[slot] is None:
+            self._staging[slot] = aligned_empty(self.slot_bytes, pin=True)
+            self.tracker.add(Tier.CPU, self.slot_bytes)
+        return self._staging[slot]
+
+    def weights(self, loaded: LoadedLayer):
+        """The layer's weight dataclass, dequantizing packed arrays (on the compute thread)."""
+        lay = self.layouts[loaded.idx]
+        tensors = {}
+        for e in lay.spec.entries:
+            if (e.field, "") in loaded.arrays:
+                tensors[e.field] = loaded.arrays[(e.field, "")]
+            else:
+                from flexgen.quant import WEIGHT_QUANT, Packed, dequantize
+                a = loaded.arrays
+                packed = Packed(data=a[(e.field, "data")], scale=a[(e.field, "scale")], mn=a[(e.field, "mn")],
+                                shape=e.shape, cfg=WEIGHT_QUANT)
+                tensors[e.field] = dequantize(packed, self.dtype)
+        return build_weights(lay.spec, tensors)
+
+    def close(self):
+        for f in self.disk_files:
+            if f is not None and f not in self._own_files:
+                f.close()
+        for f in self._own_files:
+            f.unlink()
+        self._own_files.clear()
+        self.disk_files = []
+        self.gpu_parts, self.cpu_parts, self._slots, self._staging = [], [], [None, None], [None, None]
+
+
+def _view(flat: torch.Tensor, a) -> torch.Tensor:
+    return flat[a.offset:a.end].view(a.dtype).view(a.shape)
