@@ -40,6 +40,7 @@ class GenerationStats:
     """Figures of the last `generate` call. Times in seconds, memory in bytes."""
     prefill_time: float = 0.0
     decode_time: float = 0.0
+    num_sequences: int = 0
     prompt_tokens: int = 0        # prompt tokens processed (padding included)
     generated_tokens: int = 0     # sequences x new tokens (block padding excluded)
     timings: dict = field(default_factory=lambda: defaultdict(float))
@@ -105,7 +106,7 @@ class FlexGenModel:
                  eos_token_id: Union[int, Sequence[int], None] = None,
                  stop: Optional[Sequence[Sequence[int]]] = None,
                  pad_token_id: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None) -> torch.LongTensor:
+                 generator: Optional[torch.Generator] = None, output_logits: bool = False):
         """Like Hugging Face `generate` for decoder-only models.
 
         input_ids: (n, P) left-padded prompts, any n (split into blocks of
@@ -113,6 +114,7 @@ class FlexGenModel:
         eos_token_id: None = the model's EOS; [] = never stop early. stop: token-id
         sequences that end a row. Returns (n, P + new) token ids; rows that ended early
         are filled with pad_token_id, and generation stops when every row has ended.
+        With output_logits=True returns (sequences, logits (n, new, vocab) float32).
         """
         input_ids = torch.as_tensor(input_ids)
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -142,7 +144,7 @@ class FlexGenModel:
         self.stats.held_memory = {t.value: v for t, v in self.tracker.current.items()}
         if self.device.is_cuda:
             torch.cuda.reset_peak_memory_stats(dev)
-        outputs = []
+        outputs, logits = [], []
         for start in range(0, n, B):
             ids = input_ids[start:start + B].to(dev)
             mask = attention_mask[start:start + B].to(dev).bool()
@@ -152,11 +154,13 @@ class FlexGenModel:
                 mask = torch.cat([mask, mask[:1].expand(B - real, -1)])
             full_mask = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=dev)
             full_mask[:, :P] = mask
-            block = Block(ids, full_mask, P, max_new_tokens)
+            block = Block(ids, full_mask, P, max_new_tokens, keep_logits=output_logits)
             stopper = StopCriteria(B, eos, stop or [], pad, dev)
             stopper.done[real:] = True   # padding rows never hold generation back
             self._run_block(block, params, stopper, generator)
             outputs.append(block.output[:real])
+            if output_logits:
+                logits.append(block.logits[:real])
             self.stats.generated_tokens += real * block.steps_done
             self.stats.prompt_tokens += real * P
         width = max(o.shape[1] for o in outputs)
@@ -165,8 +169,17 @@ class FlexGenModel:
         for o in outputs:
             new[row:row + o.shape[0], :o.shape[1]] = o.cpu()
             row += o.shape[0]
+        self.stats.num_sequences = n
         self._collect_memory()
-        return torch.cat([input_ids.long(), new], dim=1)
+        sequences = torch.cat([input_ids.long(), new], dim=1)
+        if not output_logits:
+            return sequences
+        all_logits = torch.zeros((n, width, self.args.vocab_size))
+        row = 0
+        for lg in logits:
+            all_logits[row:row + lg.shape[0], :lg.shape[1]] = lg
+            row += lg.shape[0]
+        return sequences, all_logits
 
     def _run_block(self, block: Block, params, stopper, generator):
         p = self.policy

@@ -37,6 +37,8 @@ class Block:
     prompt_len: int
     max_new_tokens: int
     output: torch.Tensor = None    # (B, G) generated tokens
+    keep_logits: bool = False
+    logits: torch.Tensor = None    # (B, G, vocab) float32 when keep_logits
     steps_done: int = 0
 
 
@@ -70,6 +72,8 @@ class Scheduler:
         gbs, ngb = self.policy.gpu_batch_size, self.policy.num_gpu_batches
         block.output = torch.full((gbs * ngb, block.max_new_tokens), self.args.pad_token_id, dtype=torch.long,
                                   device=self.device.device)
+        if block.keep_logits:
+            block.logits = torch.zeros((gbs * ngb, block.max_new_tokens, self.args.vocab_size), device="cpu")
         self._block, self._cache, self._hidden = block, cache, hidden
         self._params, self._stopper, self._generator = params, stopper, generator
         pending = _Pending()
@@ -124,6 +128,8 @@ class Scheduler:
                 if s.last_store is not None:
                     s.last_store.result()
         block.output = block.output[:, :block.steps_done]
+        if block.logits is not None:
+            block.logits = block.logits[:, :block.steps_done]
         return block
 
     # -- inputs -----------------------------------------------------------------------
@@ -210,6 +216,8 @@ class Scheduler:
         rows = slice(k * gbs, (k + 1) * gbs)
         tokens = self._stopper.apply(rows, sample(logits, self._params, self._generator))
         b = self._block
+        if b.keep_logits:
+            b.logits[rows, i] = logits.cpu()
         b.output[rows, i] = tokens
         b.attention_mask[rows, b.prompt_len + i] = True
         if k == self.policy.num_gpu_batches - 1 and self._stopper.stop:

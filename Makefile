@@ -1,0 +1,35 @@
+# Two commands do all set-up on a fresh machine:
+#   make run    # installs into .venv, then a small dummy OPT across gpu/cpu/disk tiers
+#   make test   # installs into .venv, then the test suite
+# TORCH pins the wheel installed first: on a CPU-only machine with a local CPU wheel it
+# is taken from there; elsewhere pip takes PyPI's default (CUDA) build of that version.
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.flexgen-installed
+
+.PHONY: install run test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m flexgen --model opt-125m --dummy --percent 40 30 40 30 40 30 \
+		--gpu-batch-size 4 --num-gpu-batches 2 --prompt-len 64 --gen-len 16 --offload-dir ./offload
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_vs_hf.py
+
+clean:
+	$(PY) -m flexgen clean --offload-dir ./offload || true
+	rm -rf offload .pytest_cache

@@ -1,0 +1,228 @@
+"""`python -m flexgen`: run a generation benchmark; `policy`, `profile` and `clean` subcommands.
+
+User mistakes print one line `flexgen: error: ...` and exit 2; Ctrl-C removes the run's
+offload files and exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+from flexgen.errors import FlexGenError
+
+SUBCOMMANDS = ("policy", "profile", "clean")
+DEFAULT_PROMPT = "Paris is the capital city of"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m flexgen",
+        description="Generate with an OPT model offloaded across gpu / cpu / disk and report throughput. "
+                    "Subcommands: policy (choose or evaluate a policy), profile (measure this machine), "
+                    "clean (remove weight stores).")
+    p.add_argument("--model", required=True, help="named size (opt-125m ... opt-175b), a Hugging Face "
+                   "checkpoint directory, or a Hugging Face id in the local cache")
+    p.add_argument("--dummy", action="store_true", help="deterministic random weights (no checkpoint needed)")
+    p.add_argument("--policy", metavar="FILE", help="a policy JSON file (e.g. policies/opt-30b.json); "
+                   "flags given explicitly override it")
+    p.add_argument("--percent", nargs=6, type=float, metavar=("WG", "WC", "CG", "CC", "HG", "HC"),
+                   help="percent of weights, KV cache and activations on gpu and cpu; disk holds the rest "
+                        "(default 100 0 100 0 100 0)")
+    p.add_argument("--gpu-batch-size", type=int, help="sequences per gpu batch (default 4)")
+    p.add_argument("--num-gpu-batches", type=int, help="gpu batches per block (default 1)")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--gen-len", type=int, default=16)
+    p.add_argument("--num-prompts", type=int, help="sequences to generate (default: one block)")
+    p.add_argument("--offload-dir", help="weight store and run files (default $FLEXGEN_OFFLOAD_DIR or "
+                   "~/.cache/flexgen)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="compute device (default: cuda if available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default: float16 on cuda, bfloat16 on a CPU with bf16, else float32)")
+    p.add_argument("--no-overlap", dest="overlap", action="store_false", default=None,
+                   help="run loads, compute and stores one after another")
+    p.add_argument("--cpu-cache-compute", action="store_true", default=None,
+                   help="decode attention on the host for rows whose cache is not on the gpu")
+    p.add_argument("--no-pin-weight", dest="pin_weight", action="store_false", default=None,
+                   help="do not pin host-memory weights (CUDA only)")
+    p.add_argument("--compress-weight", action="store_true", default=None, help="4-bit group-wise weights")
+    p.add_argument("--compress-cache", action="store_true", default=None, help="4-bit group-wise KV cache")
+    p.add_argument("--seed", type=int, default=0, help="seed for dummy weights and random prompts")
+    p.add_argument("--json-out", metavar="FILE", help="also write the figures as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _policy_from_args(a):
+    from flexgen.policy import Policy
+
+    base = Policy.load(a.policy) if a.policy else Policy(gpu_batch_size=4)
+    fields = base.to_dict()
+    if a.percent is not None:
+        for name, value in zip(("w_gpu_percent", "w_cpu_percent", "cache_gpu_percent", "cache_cpu_percent",
+                                "act_gpu_percent", "act_cpu_percent"), a.percent):
+            fields[name] = value
+    for name in ("gpu_batch_size", "num_gpu_batches", "overlap", "cpu_cache_compute", "pin_weight",
+                 "compress_weight", "compress_cache"):
+        value = getattr(a, name)
+        if value is not None:
+            fields[name] = value
+    return Policy(**fields)
+
+
+def _prompts(model, a, tokenizer):
+    import torch  # deferred: keeps `--help` fast
+
+    n = a.num_prompts or model.policy.block_size
+    if a.prompt_len < 1:
+        raise FlexGenError(f"--prompt-len must be >= 1, got {a.prompt_len}")
+    if tokenizer is not None:
+        ids = tokenizer(DEFAULT_PROMPT)["input_ids"]
+        ids = (ids * (a.prompt_len // len(ids) + 1))[-a.prompt_len:]  # the prompt text ends the input
+        return torch.tensor([ids] * n)
+    g = torch.Generator().manual_seed(a.seed)
+    return torch.randint(4, model.args.vocab_size, (n, a.prompt_len), generator=g)
+
+
+def _tokenizer(model: str):
+    path = Path(model).expanduser()
+    if not path.is_dir() or not any((path / f).exists() for f in ("tokenizer.json", "vocab.json",
+                                                                   "tokenizer_config.json")):
+        return None
+    try:
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception:
+        return None  # weights without a usable tokenizer still benchmark
+
+
+def _fmt_bytes(n: Optional[int]) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def report(model, stats, a) -> dict:
+    """The figures of a run, as printed and written by --json-out."""
+    n_seq = stats.num_sequences
+    decode_tokens = stats.generated_tokens - n_seq  # the first new token of each comes from prefill
+    return {
+        "model": model.args.name,
+        "device": str(model.device.device),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "policy": model.policy.to_dict(),
+        "achieved_percent": model.placement.achieved(),
+        "prompt_len": a.prompt_len,
+        "gen_len": a.gen_len,
+        "num_sequences": n_seq,
+        "prefill_latency_s": stats.prefill_time,
+        "prefill_throughput_tok_s": stats.prompt_tokens / stats.prefill_time if stats.prefill_time else 0.0,
+        "decode_latency_s": stats.decode_time,
+        "decode_throughput_tok_s": decode_tokens / stats.decode_time if stats.decode_time else 0.0,
+        "total_latency_s": stats.total_time,
+        "total_throughput_tok_s": stats.throughput,
+        "peak_memory_bytes": dict(stats.peak_memory),
+        "weights_held_bytes": model.placement.weight_bytes(),
+        "process_peak_rss_bytes": stats.process_peak_rss,
+        "cuda_peak_allocated_bytes": stats.cuda_peak_allocated,
+        "disk_io_mode": {True: "O_DIRECT", False: "buffered (page cache)", None: "no disk tier used"}[stats.direct_io],
+        "timings_s": dict(stats.timings),
+    }
+
+
+def print_report(r: dict) -> None:
+    pol = r["policy"]
+    ach = r["achieved_percent"]
+    print(f"model {r['model']} on {r['device']} ({r['dtype']}), {r['num_sequences']} sequences, "
+          f"block {pol['gpu_batch_size']} x {pol['num_gpu_batches']}, prompt {r['prompt_len']}, gen {r['gen_len']}")
+    print("placement (gpu/cpu/disk %, achieved): " + ", ".join(
+        f"{k} {v[0]:.1f}/{v[1]:.1f}/{v[2]:.1f}" for k, v in ach.items())
+        + f"; disk I/O: {r['disk_io_mode']}")
+    rows = [("prefill", r["prefill_latency_s"], r["prefill_throughput_tok_s"], "prompt token/s"),
+            ("decode", r["decode_latency_s"], r["decode_throughput_tok_s"], "token/s"),
+            ("total", r["total_latency_s"], r["total_throughput_tok_s"], "generated token/s")]
+    print(f"{'phase':<8} {'latency (s)':>12} {'throughput':>12}")
+    for name, lat, thr, unit in rows:
+        print(f"{name:<8} {lat:>12.3f} {thr:>12.2f}  {unit}")
+    mem = r["peak_memory_bytes"]
+    held = r["weights_held_bytes"]
+    print(f"{'tier':<8} {'peak held':>12} {'weights':>12}")
+    for tier in ("gpu", "cpu", "disk"):
+        print(f"{tier:<8} {_fmt_bytes(mem.get(tier)):>12} {_fmt_bytes(held.get(tier)):>12}")
+    extra = f"process peak RSS {_fmt_bytes(r['process_peak_rss_bytes'])}"
+    if r["cuda_peak_allocated_bytes"] is not None:
+        extra += f", CUDA peak allocated {_fmt_bytes(r['cuda_peak_allocated_bytes'])}"
+    print(extra)
+
+
+def run_main(argv: list[str]) -> int:
+    a = build_parser().parse_args(argv)
+    from flexgen.engine import load_model
+
+    policy = _policy_from_args(a)
+    if a.gen_len < 1:
+        raise FlexGenError(f"--gen-len must be >= 1, got {a.gen_len}")
+    if a.num_prompts is not None and a.num_prompts < 1:
+        raise FlexGenError(f"--num-prompts must be >= 1, got {a.num_prompts}")
+    model = load_model(a.model, policy, device=a.device, dtype=a.dtype, offload_dir=a.offload_dir,
+                       dummy=a.dummy, seed=a.seed, progress=not a.quiet)
+    try:
+        if a.prompt_len + a.gen_len > model.args.max_position_embeddings:
+            raise FlexGenError(f"--prompt-len {a.prompt_len} + --gen-len {a.gen_len} exceed the model's "
+                               f"{model.args.max_position_embeddings} positions")
+        tokenizer = None if a.dummy else _tokenizer(a.model)
+        ids = _prompts(model, a, tokenizer)
+        # Fixed-length runs, as the paper measures: no early stop at EOS.
+        out = model.generate(ids, max_new_tokens=a.gen_len, eos_token_id=[])
+        if tokenizer is not None:
+            text = tokenizer.decode(out[0], skip_special_tokens=True)
+            print(f"sample: {text!r}")
+        r = report(model, model.stats, a)
+        print_report(r)
+        if a.json_out:
+            try:
+                Path(a.json_out).write_text(json.dumps(r, indent=2) + "\n")
+            except OSError as e:
+                raise FlexGenError(f"cannot write {a.json_out}: {e.strerror}") from None
+    finally:
+        model.close()
+    return 0
+
+
+def clean_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m flexgen clean",
+                                description="Remove the weight stores under an offload directory.")
+    p.add_argument("--offload-dir", help="default $FLEXGEN_OFFLOAD_DIR or ~/.cache/flexgen")
+    a = p.parse_args(argv)
+    from flexgen.checkpoint import remove_stores
+    from flexgen.engine import default_offload_dir
+
+    root = Path(a.offload_dir).expanduser() if a.offload_dir else default_offload_dir()
+    freed = remove_stores(root)
+    print(f"removed weight stores under {root} ({_fmt_bytes(freed)})")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            cmd, rest = argv[0], argv[1:]
+            if cmd == "clean":
+                return clean_main(rest)
+            from flexgen.optimizer import cli as opt_cli
+            return opt_cli.policy_main(rest) if cmd == "policy" else opt_cli.profile_main(rest)
+        return run_main(argv)
+    except FlexGenError as e:
+        print(f"flexgen: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flexgen: interrupted; run files removed", file=sys.stderr)
+        return 130

@@ -1,0 +1,183 @@
+"""flexgen against transformers' OPTForCausalLM, fp32, across a matrix of policies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flexgen
+from flexgen import Policy
+
+GEN = 6
+
+
+def hf_reference(model, ids, mask, gen=GEN):
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=gen, do_sample=False, eos_token_id=None,
+                         pad_token_id=1, output_scores=True, return_dict_in_generate=True,
+                         output_logits=True)
+    return out.sequences, torch.stack(out.logits, dim=1).float()
+
+
+def run(path, policy, ids, mask, offload, gen=GEN, **kw):
+    with flexgen.load_model(str(path), policy, device="cpu", dtype=torch.float32, offload_dir=offload) as m:
+        return m.generate(ids, mask, max_new_tokens=gen, eos_token_id=[], output_logits=True, **kw)
+
+
+def P(wg=100, wc=0, cg=100, cc=0, hg=100, hc=0, **kw):
+    kw.setdefault("gpu_batch_size", 2)
+    return Policy(w_gpu_percent=wg, w_cpu_percent=wc, cache_gpu_percent=cg, cache_cpu_percent=cc,
+                  act_gpu_percent=hg, act_cpu_percent=hc, **kw)
+
+
+POLICIES = {
+    "all-gpu": P(),
+    "weights-cpu": P(0, 100),
+    "weights-disk": P(0, 0),
+    "cache-cpu": P(cg=0, cc=100),
+    "cache-disk": P(cg=0, cc=0),
+    "act-disk": P(hg=0, hc=0),
+    "mixed-30-30-40": P(30, 30, 30, 30, 30, 30, gpu_batch_size=3),
+    "ngb2": P(30, 30, 30, 30, 30, 30, num_gpu_batches=2),
+    "ngb4": P(0, 50, 0, 50, 50, 0, gpu_batch_size=1, num_gpu_batches=4),
+    "no-overlap-disk": P(0, 0, 0, 0, 0, 0, overlap=False, num_gpu_batches=2),
+    "cpu-cache-compute": P(50, 50, 25, 50, 100, 0, gpu_batch_size=4, cpu_cache_compute=True, num_gpu_batches=2),
+    "cpu-cache-compute-disk": P(0, 0, 0, 50, gpu_batch_size=2, cpu_cache_compute=True, num_gpu_batches=2),
+    "all-disk-ngb4-seq": P(0, 0, 0, 0, 0, 0, gpu_batch_size=1, num_gpu_batches=4, overlap=False),
+}
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_matches_transformers(opt_dir, prompts, offload, name):
+    path, model = opt_dir
+    ids, mask = prompts
+    ref_seq, ref_logits = hf_reference(model, ids, mask)
+    seq, logits = run(path, POLICIES[name], ids, mask, offload)
+    assert torch.equal(seq, ref_seq)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["all-gpu", "mixed-30-30-40", "cpu-cache-compute", "all-disk-ngb4-seq"])
+def test_post_layernorm_projection_model(opt350_dir, prompts, offload, name):
+    path, model = opt350_dir
+    ids, mask = prompts
+    ref_seq, ref_logits = hf_reference(model, ids, mask)
+    seq, logits = run(path, POLICIES[name], ids, mask, offload)
+    assert torch.equal(seq, ref_seq)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_sharded_safetensors_and_bin(tmp_path, prompts, offload):
+    from conftest import make_checkpoint
+    ids, mask = prompts
+    for safe in (True, False):
+        d = tmp_path / f"ckpt-{safe}"
+        model = make_checkpoint(d, safe=safe, shard="60KB", tokenizer=False, seed=3)
+        assert len(list(d.glob("*.safetensors" if safe else "*.bin"))) > 1
+        ref_seq, _ = hf_reference(model, ids, mask)
+        seq, _ = run(d, P(50, 25, 50, 25), ids, mask, offload)
+        assert torch.equal(seq, ref_seq)
+
+
+def test_eos_stops_rows_and_pads(opt_dir, prompts, offload):
+    path, model = opt_dir
+    ids, mask = prompts
+    # Use the token the reference emits first in row 0 as "EOS": that row ends at once.
+    ref_full, _ = hf_reference(model, ids, mask, gen=8)
+    eos = int(ref_full[0, ids.shape[1]])
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=eos,
+                         pad_token_id=1)
+    with flexgen.load_model(str(path), P(), device="cpu", dtype=torch.float32, offload_dir=offload) as m:
+        out = m.generate(ids, mask, max_new_tokens=8, eos_token_id=eos)
+    assert torch.equal(out, ref)
+
+
+def test_sampling_reproducible_with_seed(opt_dir, prompts, offload):
+    path, _ = opt_dir
+    ids, mask = prompts
+    outs = []
+    for policy in (P(), P(0, 0, 0, 50, gpu_batch_size=2)):
+        with flexgen.load_model(str(path), policy, device="cpu", dtype=torch.float32, offload_dir=offload) as m:
+            for _ in range(2):
+                g = torch.Generator().manual_seed(123)
+                outs.append(m.generate(ids, mask, max_new_tokens=GEN, do_sample=True, temperature=0.8,
+                                       top_p=0.9, top_k=50, eos_token_id=[], generator=g))
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0])
+    greedy = run(path, P(), ids, mask, offload)[0]
+    assert not torch.equal(outs[0], greedy)  # sampling really samples
+
+
+def test_stop_sequence(opt_dir, prompts, offload):
+    path, model = opt_dir
+    ids, mask = prompts
+    ref, _ = hf_reference(model, ids, mask, gen=8)
+    P0 = ids.shape[1]
+    stop = ref[1, P0 + 1:P0 + 3].tolist()   # row 1's 2nd and 3rd new tokens
+    with flexgen.load_model(str(path), P(), device="cpu", dtype=torch.float32, offload_dir=offload) as m:
+        out = m.generate(ids, mask, max_new_tokens=8, eos_token_id=[], stop=[stop])
+    gen = ref[1, P0:].tolist()
+    end = next(n for n in range(len(stop), len(gen) + 1) if gen[n - len(stop):n] == stop)
+    assert torch.equal(out[1, :P0 + end], ref[1, :P0 + end])   # identical up to the stop sequence
+    assert out[1, P0 + end:].eq(1).all()                        # padding after it
+    assert not out[0, P0:].eq(1).all()                          # other rows go on
+
+
+def test_weight_split_tracks_request(opt_dir, offload):
+    path, _ = opt_dir
+    for wg, wc in [(25, 30), (30, 30), (33, 33), (10, 85)]:
+        with flexgen.load_model(str(path), P(wg, wc), device="cpu", dtype=torch.float32,
+                                offload_dir=offload) as m:
+            got = m.placement.achieved()["weights"]
+        assert abs(got[0] - wg) < 1.0 and abs(got[1] - wc) < 1.0, (wg, wc, got)
+
+
+def test_disk_tier_really_reads_and_writes(opt_dir, prompts, offload, monkeypatch):
+    """Count bytes through DiskFile; corrupting the weights' disk part changes the output."""
+    from flexgen import tiers
+    path, _ = opt_dir
+    ids, mask = prompts
+    counts = {"read": 0, "write": 0}
+    orig_read, orig_write = tiers.DiskFile.read, tiers.DiskFile.write
+
+    def read(self, offset, dst):
+        counts["read"] += dst.numel() * dst.element_size()
+        return orig_read(self, offset, dst)
+
+    def write(self, offset, src):
+        counts["write"] += src.numel() * src.element_size()
+        return orig_write(self, offset, src)
+
+    monkeypatch.setattr(tiers.DiskFile, "read", read)
+    monkeypatch.setattr(tiers.DiskFile, "write", write)
+    seq, _ = run(path, P(0, 0, 0, 0, 0, 0), ids, mask, offload)
+    assert counts["read"] > 0 and counts["write"] > 0
+    monkeypatch.setattr(tiers.DiskFile, "read", orig_read)
+    monkeypatch.setattr(tiers.DiskFile, "write", orig_write)
+    # Zero the weight store files: a disk-only run must now produce different tokens.
+    for f in (offload / "weights").rglob("layer_*.bin"):
+        f.write_bytes(bytes(f.stat().st_size))
+    seq2, _ = run(path, P(0, 0, 0, 0, 0, 0), ids, mask, offload)
+    assert not torch.equal(seq, seq2)
+
+
+def test_run_files_removed_store_kept(opt_dir, prompts, offload):
+    path, _ = opt_dir
+    ids, mask = prompts
+    run(path, P(0, 0, 0, 0, 0, 0), ids, mask, offload)
+    assert not list(offload.glob("run-*")), "KV cache / activation files left behind"
+    manifests = list((offload / "weights").glob("*/manifest.json"))
+    assert len(manifests) == 1
+    mtime = manifests[0].stat().st_mtime_ns
+    run(path, P(0, 0, 0, 0, 0, 0), ids, mask, offload)
+    assert manifests[0].stat().st_mtime_ns == mtime, "weight store rebuilt although unchanged"
+
+
+def test_dummy_weights_deterministic_any_placement(offload):
+    ids = torch.randint(4, 1000, (3, 8), generator=torch.Generator().manual_seed(0))
+    outs = []
+    for policy in (P(), P(0, 30, 0, 50, 0, 50)):
+        with flexgen.load_model("opt-125m", policy, device="cpu", dtype=torch.float32, offload_dir=offload,
+                                dummy=True) as m:
+            outs.append(m.generate(ids, max_new_tokens=3, eos_token_id=[]))
+    assert torch.equal(outs[0], outs[1])
+    assert not list(offload.glob("run-*"))
