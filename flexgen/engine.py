@@ -106,7 +106,8 @@ class FlexGenModel:
                  eos_token_id: Union[int, Sequence[int], None] = None,
                  stop: Optional[Sequence[Sequence[int]]] = None,
                  pad_token_id: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None, output_logits: bool = False):
+                 generator: Optional[torch.Generator] = None, output_logits: bool = False,
+                 _forced: Optional[torch.Tensor] = None):
         """Like Hugging Face `generate` for decoder-only models.
 
         input_ids: (n, P) left-padded prompts, any n (split into blocks of
@@ -155,6 +156,9 @@ class FlexGenModel:
             full_mask = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=dev)
             full_mask[:, :P] = mask
             block = Block(ids, full_mask, P, max_new_tokens, keep_logits=output_logits)
+            if _forced is not None:
+                forced = _forced[start:start + B].to(dev)
+                block.forced = torch.cat([forced, forced[:1].expand(B - real, -1)]) if real < B else forced
             stopper = StopCriteria(B, eos, stop or [], pad, dev)
             stopper.done[real:] = True   # padding rows never hold generation back
             self._run_block(block, params, stopper, generator)
@@ -180,6 +184,26 @@ class FlexGenModel:
             all_logits[row:row + lg.shape[0], :lg.shape[1]] = lg
             row += lg.shape[0]
         return sequences, all_logits
+
+    def score(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+              prompt_len: int = 1) -> torch.Tensor:
+        """Log-probabilities of each token after the first `prompt_len`, given its prefix.
+
+        Runs prefill on the first `prompt_len` tokens, then feeds the remaining ones one
+        decode step at a time (teacher forcing), so the KV cache path, compression
+        included, is exactly the one generation uses. input_ids (n, L), left-padded in
+        the prompt part. Returns (n, L - prompt_len) float32 log-probabilities.
+        """
+        input_ids = torch.as_tensor(input_ids)
+        n, L = input_ids.shape
+        if not 1 <= prompt_len < L:
+            raise FlexGenError(f"prompt_len must be within [1, {L}), got {prompt_len}")
+        mask = None if attention_mask is None else torch.as_tensor(attention_mask)[:, :prompt_len]
+        forced = input_ids[:, prompt_len:]
+        _, logits = self.generate(input_ids[:, :prompt_len], mask, max_new_tokens=L - prompt_len,
+                                  eos_token_id=[], output_logits=True, _forced=forced)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        return logprobs.gather(2, forced.long().unsqueeze(2)).squeeze(2)
 
     def _run_block(self, block: Block, params, stopper, generator):
         p = self.policy

@@ -38,6 +38,7 @@ class Block:
     max_new_tokens: int
     output: torch.Tensor = None    # (B, G) generated tokens
     keep_logits: bool = False
+    forced: torch.Tensor = None    # (B, G) tokens to feed instead of sampling (teacher forcing)
     logits: torch.Tensor = None    # (B, G, vocab) float32 when keep_logits
     steps_done: int = 0
 
@@ -214,8 +215,11 @@ class Scheduler:
         logits = opt.output_embed(w, x[:, -1])
         gbs = self.policy.gpu_batch_size
         rows = slice(k * gbs, (k + 1) * gbs)
-        tokens = self._stopper.apply(rows, sample(logits, self._params, self._generator))
         b = self._block
+        if b.forced is not None:
+            tokens = b.forced[rows, i]
+        else:
+            tokens = self._stopper.apply(rows, sample(logits, self._params, self._generator))
         if b.keep_logits:
             b.logits[rows, i] = logits.cpu()
         b.output[rows, i] = tokens

@@ -181,3 +181,15 @@ def test_dummy_weights_deterministic_any_placement(offload):
             outs.append(m.generate(ids, max_new_tokens=3, eos_token_id=[]))
     assert torch.equal(outs[0], outs[1])
     assert not list(offload.glob("run-*"))
+
+
+def test_score_matches_transformers_logprobs(opt_dir, prompts, offload):
+    path, model = opt_dir
+    ids = prompts[0][[0, 4]]           # unpadded rows
+    with torch.no_grad():
+        ref = torch.log_softmax(model(ids).logits.float(), dim=-1)
+    ref = ref[:, 2:-1].gather(2, ids[:, 3:].unsqueeze(2)).squeeze(2)
+    with flexgen.load_model(str(path), P(0, 50, 0, 50, gpu_batch_size=1, num_gpu_batches=2), device="cpu",
+                            dtype=torch.float32, offload_dir=offload) as m:
+        got = m.score(ids, prompt_len=3)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,549 @@
+"""Cost model: I/O, compute, time and peak memory of one policy on one machine.
+
+Everything the model predicts is *linear* in the nine placement fractions
+
+    wg wc wd   weights on gpu / cpu / disk (share of every layer's bytes)
+    cg cc cd   KV cache rows (sequences) of every gpu batch
+    hg hc hd   hidden-state rows (activations between layers)
+
+once the block (gpu_batch_size x num_gpu_batches), the flags and the lengths are fixed.
+`BlockModel` builds those linear expressions (`Lin`) once; `estimate()` evaluates them
+at a concrete policy and the linear program in `search.py` optimises over them, so the
+two can never disagree.
+
+The schedule modelled is the engine's zig-zag block schedule. Layers are streamed as
+[input embedding, (attention, mlp) x L, output embedding]. While layer j computes for
+all its gpu batches, three things run side by side:
+
+    load   (one worker): disk->cpu then cpu->gpu of layer j+1's weights and of the
+           cache / hidden rows of the next (layer, batch)
+    store  (one worker): gpu->cpu then cpu->disk of the new cache and hidden rows
+    compute: matmuls + attention on the compute device, plus host attention for
+           the non-gpu cache rows with cpu_cache_compute (the two run one after the other)
+
+so the time of layer j is max(load, store, compute), or their sum with overlap off. A
+load is one disk->cpu read followed by its cpu->gpu copy, so the two links of one load
+add up; likewise for a store. Prefill runs once; decode runs gen_len - 1 steps over an
+average key length of prompt_len + gen_len / 2.
+
+Memory is the peak of each tier during prefill and during decode: resident tensors
+(weights, cache, hidden states, split by the fractions) plus the engine's working
+buffers, as the engine allocates them (see `EngineConstants`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from flexgen.models.opt import ModelArgs, layer_specs
+from flexgen.optimizer.hardware import HardwareProfile
+from flexgen.policy import Policy
+
+VARS = ("wg", "wc", "wd", "cg", "cc", "cd", "hg", "hc", "hd")
+LINKS = ("disk->cpu", "cpu->gpu", "gpu->cpu", "cpu->disk")
+TIERS = ("gpu", "cpu", "disk")
+PHASES = ("prefill", "decode")
+GIB = 1 << 30
+
+
+class Lin:
+    """An affine expression const + sum(coef[v] * v) over the placement fractions."""
+
+    __slots__ = ("const", "coef")
+
+    def __init__(self, const: float = 0.0, coef: Mapping[str, float] | None = None):
+        self.const = float(const)
+        self.coef = dict(coef) if coef else {}
+
+    @classmethod
+    def var(cls, name: str) -> "Lin":
+        assert name in VARS, name
+        return cls(0.0, {name: 1.0})
+
+    @staticmethod
+    def _lift(x) -> "Lin":
+        return x if isinstance(x, Lin) else Lin(x)
+
+    def __add__(self, other):
+        other = Lin._lift(other)
+        coef = dict(self.coef)
+        for k, v in other.coef.items():
+            coef[k] = coef.get(k, 0.0) + v
+        return Lin(self.const + other.const, coef)
+
+    __radd__ = __add__
+
+    def __neg__(self):
+        return Lin(-self.const, {k: -v for k, v in self.coef.items()})
+
+    def __sub__(self, other):
+        return self + (-Lin._lift(other))
+
+    def __rsub__(self, other):
+        return Lin._lift(other) + (-self)
+
+    def __mul__(self, k):
+        if isinstance(k, Lin):
+            raise TypeError("Lin * Lin is not linear")
+        k = float(k)
+        return Lin(self.const * k, {v: c * k for v, c in self.coef.items()})
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, k):
+        return self * (1.0 / float(k))
+
+    def value(self, x: Mapping[str, float]) -> float:
+        return self.const + sum(c * x[v] for v, c in self.coef.items())
+
+    def to_pulp(self, variables: Mapping):
+        import pulp
+        return pulp.lpSum(c * variables[v] for v, c in self.coef.items() if c) + self.const
+
+    def __repr__(self):
+        terms = " + ".join(f"{c:.4g}*{v}" for v, c in self.coef.items() if c)
+        return f"Lin({self.const:.4g}{' + ' + terms if terms else ''})"
+
+
+def lsum(items) -> Lin:
+    out = Lin()
+    for x in items:
+        out = out + x
+    return out
+
+
+@dataclass(frozen=True)
+class EngineConstants:
+    """How the engine allocates and moves data. Change these when the engine changes.
+
+    attn_score_bytes: peak bytes per prefill attention-score element (gbs, heads, s, s) on
+    the compute device. 4 = one fp32 score tensor. `models/opt._attend` as written keeps
+    the fp16 matmul output, its fp32 copy, an out-of-place masked_fill and a fp32 softmax
+    plus its fp16 cast alive together: about 10 bytes per element. See the report.
+    """
+
+    weight_buffers: int = 2       # layers in flight on the compute device: current + prefetched
+    cache_buffers: int = 2        # (layer, gpu batch) cache working sets in flight
+    hidden_buffers: int = 3       # non-gpu hidden rows on the device: current, prefetched, being stored
+    attn_score_bytes: float = 4.0
+    quant_group: int = 64         # 4-bit group size; each group carries an fp16 (scale, min) pair
+    quant_bits: int = 4
+    storage_bytes: int = 2        # uncompressed weights and cache are stored fp16 on every tier
+    host_attn_bytes: int = 4      # the host attends in fp32 (CPUs lack fast fp16 kernels)
+
+
+DEFAULT_ENGINE = EngineConstants()
+
+
+def quantized_bytes(numel: int, engine: EngineConstants = DEFAULT_ENGINE) -> float:
+    """Bytes of `numel` values in 4-bit groups of 64 with an fp16 (scale, min) per group."""
+    groups = math.ceil(numel / engine.quant_group)
+    return groups * (engine.quant_group * engine.quant_bits / 8 + 4)
+
+
+def split_rows(gbs: int, gpu_percent: float, cpu_percent: float) -> tuple[int, int, int]:
+    """Rows (sequences) of a gpu batch on gpu / cpu / disk, as the engine splits them."""
+    rg = min(gbs, int(round(gbs * gpu_percent / 100)))
+    rc = min(gbs - rg, int(round(gbs * cpu_percent / 100)))
+    return rg, rc, gbs - rg - rc
+
+
+def fractions_of(policy: Policy) -> dict[str, float]:
+    """The placement fractions the engine achieves for `policy` (whole rows for cache and
+    hidden states; weights split at 4 KiB granularity, i.e. as given)."""
+    b = policy.gpu_batch_size
+    rg, rc, rd = split_rows(b, policy.cache_gpu_percent, policy.cache_cpu_percent)
+    ag, ac, ad = split_rows(b, policy.act_gpu_percent, policy.act_cpu_percent)
+    wg, wc = policy.w_gpu_percent / 100, policy.w_cpu_percent / 100
+    return dict(wg=wg, wc=wc, wd=max(0.0, 1 - wg - wc), cg=rg / b, cc=rc / b, cd=rd / b,
+                hg=ag / b, hc=ac / b, hd=ad / b)
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    kind: str
+    numel: int
+    stored: float        # bytes at rest (4-bit for 2-D tensors when compress_weight)
+    full: float          # bytes of the working copy on the compute device
+    matmul_params: int   # parameters multiplied per row (flops = 2 * rows * matmul_params)
+    quantized_numel: int  # values dequantized per load when compress_weight
+
+
+def layer_costs(args: ModelArgs, compress_weight: bool, dtype_bytes: int,
+                engine: EngineConstants = DEFAULT_ENGINE) -> list[LayerCost]:
+    out = []
+    for spec in layer_specs(args):
+        stored = 0.0
+        qn = 0
+        for e in spec.entries:
+            if compress_weight and len(e.shape) >= 2:
+                # Grouped along the output channel: ceil(out / 64) groups per input column.
+                groups = math.ceil(e.shape[0] / engine.quant_group) * (e.numel // e.shape[0])
+                stored += groups * (engine.quant_group * engine.quant_bits / 8 + 4)
+                qn += e.numel
+            else:
+                stored += e.numel * engine.storage_bytes
+        if spec.kind == "input":
+            mm = 0  # a gather, not a matmul
+        else:
+            mm = sum(e.numel for e in spec.entries if len(e.shape) >= 2)
+        out.append(LayerCost(spec.kind, spec.numel, stored, spec.numel * dtype_bytes, mm, qn))
+    return out
+
+
+@dataclass
+class Interval:
+    """One layer's step (all its gpu batches) in one phase; `count` identical ones per pass."""
+    name: str
+    count: int
+    io: dict[str, Lin]        # bytes per link
+    load: Lin                 # seconds of the load worker
+    store: Lin                # seconds of the store worker
+    gpu: Lin                  # seconds of compute on the compute device
+    host: Lin                 # seconds of host attention (cpu_cache_compute)
+
+    @property
+    def compute(self) -> Lin:
+        return self.gpu + self.host
+
+
+class BlockModel:
+    """The linear cost and memory expressions for one block, flag set and workload."""
+
+    def __init__(self, args: ModelArgs, prompt_len: int, gen_len: int, gpu_batch_size: int,
+                 num_gpu_batches: int, hw: HardwareProfile, *, compress_weight: bool = False,
+                 compress_cache: bool = False, cpu_cache_compute: bool = False, overlap: bool = True,
+                 weight_buffers: bool = True, engine: EngineConstants = DEFAULT_ENGINE):
+        if prompt_len < 1 or gen_len < 1:
+            raise ValueError("prompt_len and gen_len must be >= 1")
+        self.args, self.hw, self.engine = args, hw, engine
+        self.s, self.n = prompt_len, gen_len
+        self.b, self.nb = gpu_batch_size, num_gpu_batches
+        self.compress_weight, self.compress_cache = compress_weight, compress_cache
+        self.cpu_cache_compute, self.overlap = cpu_cache_compute, overlap
+        self.weight_buffers = weight_buffers
+        self.dt = hw.dtype_bytes
+        self.layers = layer_costs(args, compress_weight, self.dt, engine)
+        self.weight_bytes = sum(l.stored for l in self.layers)
+        n_layers = len(self.layers)
+        pairs = [(self.layers[i], self.layers[(i + 1) % n_layers]) for i in range(n_layers)]
+        self.pair_full = max(a.full + b.full for a, b in pairs)
+        self.pair_stored = max(a.stored + b.stored for a, b in pairs)
+        self.decode_steps = gen_len - 1
+        self.intervals = {p: self._intervals(p) for p in PHASES}
+        self.memory = {p: self._memory(p) for p in PHASES}
+
+    # -- sizes -------------------------------------------------------------------------
+    def cache_bytes_per_token(self) -> float:
+        """Stored bytes of K and V of one token of one row in one layer."""
+        h = self.args.hidden_size
+        if self.compress_cache:
+            return 2 * quantized_bytes(h, self.engine)
+        return 2 * h * self.engine.storage_bytes
+
+    @property
+    def block_size(self) -> int:
+        return self.b * self.nb
+
+    # -- time --------------------------------------------------------------------------
+    def _intervals(self, phase: str) -> list[Interval]:
+        # Group layer steps that cost the same: (kind of this layer, kind of the next).
+        groups: dict[tuple[str, str], tuple[LayerCost, LayerCost, int]] = {}
+        n_layers = len(self.layers)
+        for i, layer in enumerate(self.layers):
+            nxt = self.layers[(i + 1) % n_layers]
+            key = (layer.kind, nxt.kind)
+            prev = groups.get(key)
+            groups[key] = (layer, nxt, (prev[2] if prev else 0) + 1)
+        return [self._interval(phase, layer, nxt, count) for (layer, nxt, count) in groups.values()]
+
+    def _interval(self, phase: str, layer: LayerCost, nxt: LayerCost, count: int) -> Interval:
+        hw, a, e = self.hw, self.args, self.engine
+        b, nb, dt, h = self.b, self.nb, self.dt, a.hidden_size
+        V = Lin.var
+        prefill = phase == "prefill"
+        s_cur = self.s if prefill else 1
+        t_att = self.s if prefill else self.s + self.n / 2      # keys attended (decode: average)
+        t_load = t_att - 1                                       # cached keys read per decode step
+        io = {k: Lin() for k in LINKS}
+        gpu, host = Lin(), Lin()
+
+        # Weights of the next layer, once per block.
+        io["cpu->gpu"] += (V("wc") + V("wd")) * nxt.stored
+        io["disk->cpu"] += V("wd") * nxt.stored
+        if self.compress_weight:
+            gpu += layer.quantized_numel / hw.gpu_dequant_rate
+
+        # Hidden states of every gpu batch: load this layer's input, store its output.
+        hid = b * s_cur * h * dt
+        if layer.kind != "input":
+            io["cpu->gpu"] += nb * hid * (V("hc") + V("hd"))
+            io["disk->cpu"] += nb * hid * V("hd")
+        if layer.kind != "output":
+            io["gpu->cpu"] += nb * hid * (V("hc") + V("hd"))
+            io["cpu->disk"] += nb * hid * V("hd")
+
+        # Matmuls: every gpu batch multiplies by the whole layer, reading it from device memory.
+        rows = b if layer.kind == "output" else b * s_cur
+        if layer.matmul_params:
+            gpu += nb * (2 * rows * layer.matmul_params / hw.gpu_matmul_flops
+                         + layer.matmul_params * dt / hw.gpu_mem_bw)
+        gpu += nb * hw.layer_overhead
+
+        if layer.kind == "attention":
+            tok = self.cache_bytes_per_token()
+            non_gpu = b * (V("cc") + V("cd"))
+            disk_rows = b * V("cd")
+            if prefill:
+                # K, V of the prompt go to their homes; attention runs on the device.
+                io["gpu->cpu"] += nb * non_gpu * self.s * tok
+                io["cpu->disk"] += nb * disk_rows * self.s * tok
+                gpu += nb * 4 * b * self.s * self.s * h / hw.gpu_attn_flops_prefill
+                if self.compress_cache:
+                    gpu += nb * 2 * b * self.s * h / hw.gpu_dequant_rate
+            else:
+                io["cpu->disk"] += nb * disk_rows * tok           # the new token's K, V
+                if self.cpu_cache_compute:
+                    # Non-gpu rows attend on the host: disk rows are read into host memory;
+                    # q, k, v of those rows go down and the attention output comes back.
+                    io["disk->cpu"] += nb * disk_rows * t_load * tok
+                    io["gpu->cpu"] += nb * non_gpu * 3 * h * dt
+                    io["cpu->gpu"] += nb * non_gpu * h * dt
+                    dev_rows = b * V("cg")
+                    host += nb * 4 * non_gpu * t_att * h / hw.cpu_attn_flops
+                    if self.compress_cache:
+                        host += nb * 2 * non_gpu * t_att * h / hw.cpu_dequant_rate
+                else:
+                    io["disk->cpu"] += nb * disk_rows * t_load * tok
+                    io["cpu->gpu"] += nb * non_gpu * t_load * tok
+                    io["gpu->cpu"] += nb * non_gpu * tok
+                    dev_rows = Lin(b)
+                gpu += nb * 4 * dev_rows * t_att * h / hw.gpu_attn_flops_decode
+                if self.compress_cache:
+                    gpu += nb * (2 * dev_rows * t_att * h + 2 * b * h) / hw.gpu_dequant_rate
+
+        load = io["disk->cpu"] / hw.disk_read_bw + io["cpu->gpu"] / hw.cpu_to_gpu_bw
+        store = io["gpu->cpu"] / hw.gpu_to_cpu_bw + io["cpu->disk"] / hw.disk_write_bw
+        name = f"{layer.kind}" if count == 1 or layer.kind != "mlp" else f"mlp->{nxt.kind}"
+        return Interval(name, count, io, load, store, gpu, host)
+
+    # -- memory ------------------------------------------------------------------------
+    def _memory(self, phase: str) -> dict[str, dict[str, Lin]]:
+        a, e = self.args, self.engine
+        b, nb, dt, h, f = self.b, self.nb, self.dt, a.hidden_size, a.ffn_dim
+        L, nh, vocab = a.num_hidden_layers, a.num_attention_heads, a.vocab_size
+        V = Lin.var
+        prefill = phase == "prefill"
+        s_cur = self.s if prefill else 1
+        t_max = self.s + self.n
+        tok = self.cache_bytes_per_token()
+        row_cache = t_max * tok                      # one row, one layer, stored
+        row_work = 2 * t_max * h * dt                # one row, one layer, K+V working copy
+        row_host = 2 * t_max * h * (dt if self.hw.compute_device == "cpu" else e.host_attn_bytes)
+        B = b * nb
+        hid = b * s_cur * h * dt                    # hidden of one gpu batch
+
+        gpu = {
+            "weights": V("wg") * self.weight_bytes,
+            "kv cache": V("cg") * (B * L * row_cache),
+            "hidden": V("hg") * (nb * hid),
+            "hidden buffers": (1 - V("hg")) * (e.hidden_buffers * hid),
+        }
+        cpu = {
+            "weights": V("wc") * self.weight_bytes,
+            "kv cache": V("cc") * (B * L * row_cache),
+            "hidden": V("hc") * (nb * hid),
+            "weight staging": V("wd") * (min(e.weight_buffers, 2) / 2 * self.pair_stored),
+            "hidden staging": V("hd") * (2 * hid),
+        }
+        disk = {
+            "weights": V("wd") * self.weight_bytes,
+            "kv cache": V("cd") * (B * L * row_cache),
+            # Hidden rows on disk: the prompt-length buffers of prefill stay allocated.
+            "hidden": V("hd") * (nb * b * self.s * h * dt),
+        }
+        if self.weight_buffers:
+            wb = Lin(e.weight_buffers / 2 * self.pair_full)
+            if self.compress_weight:
+                wb = wb + (1 - V("wg")) * (e.weight_buffers / 2 * self.pair_stored)
+            gpu["weight buffers"] = wb
+        if prefill:
+            # The previous batch's K, V rows on their way to cpu / disk.
+            gpu["cache buffers"] = (1 - V("cg")) * (b * self.s * tok)
+            cpu["cache staging"] = V("cd") * (b * self.s * tok)
+            score = b * nh * self.s * self.s * e.attn_score_bytes + 2 * b * self.s * self.s
+            attn = 4 * b * self.s * h * dt + score
+            mlp = b * self.s * (h + 2 * f) * dt
+        else:
+            k = e.cache_buffers
+            if self.cpu_cache_compute:
+                cb = Lin()
+                if self.compress_cache:
+                    cb = V("cg") * (k * b * row_work)
+                gpu["cache buffers"] = cb
+                cpu["cache staging"] = (V("cd") * (k * b * row_cache)
+                                        + (V("cc") + V("cd")) * (k * b * row_host))
+            else:
+                cb = (1 - V("cg")) * (k * b * row_work)
+                if self.compress_cache:
+                    cb = Lin(k * b * row_work) + (1 - V("cg")) * (k * b * row_cache)
+                gpu["cache buffers"] = cb
+                cpu["cache staging"] = V("cd") * (k * b * row_cache)
+            score = b * nh * t_max * e.attn_score_bytes + 2 * b * t_max
+            attn = 4 * b * h * dt + score
+            mlp = b * (h + 2 * f) * dt
+        out = b * vocab * (dt + 4)                   # logits, then their fp32 copy
+        gpu["compute"] = Lin(max(attn, mlp, out))
+        return {"gpu": gpu, "cpu": cpu, "disk": disk}
+
+    def memory_total(self, phase: str, tier: str) -> Lin:
+        return lsum(self.memory[phase][tier].values())
+
+    # -- evaluation --------------------------------------------------------------------
+    def interval_time(self, iv: Interval, x: Mapping[str, float]) -> tuple[float, str]:
+        """Seconds of one interval and the stream that bounds it."""
+        parts = {"load": iv.load.value(x), "store": iv.store.value(x), "compute": iv.compute.value(x)}
+        if not self.overlap:
+            return sum(parts.values()), max(parts, key=parts.get)
+        which = max(parts, key=parts.get)
+        return parts[which], which
+
+
+@dataclass
+class Estimate:
+    """What the cost model predicts for one policy."""
+    model: str
+    prompt_len: int
+    gen_len: int
+    policy: Policy
+    hardware: str
+    throughput: float                      # generated token/s over prefill + decode
+    total_time: float
+    prefill_time: float
+    decode_time: float
+    memory: dict[str, float]               # peak bytes per tier over both phases
+    memory_by_phase: dict[str, dict[str, float]]
+    memory_breakdown: dict[str, dict[str, dict[str, float]]]  # phase -> tier -> component -> bytes
+    io_bytes: dict[str, dict[str, float]]  # phase -> link -> bytes over the whole phase
+    io_per_layer: dict[str, dict[str, dict[str, float]]]  # phase -> layer step -> link -> bytes (one step)
+    busy_time: dict[str, dict[str, float]]  # phase -> resource -> seconds the resource is busy
+    bottleneck: dict[str, str]              # phase -> what bounds it
+    bottleneck_share: dict[str, dict[str, float]]  # phase -> resource -> share of the phase's time
+    fractions: dict[str, float]             # achieved placement fractions
+    budgets: dict[str, float] | None = None  # usable bytes per tier, when checked
+    shortfalls: list[str] = field(default_factory=list)
+
+    @property
+    def feasible(self) -> bool:
+        return not self.shortfalls
+
+    @property
+    def peak_memory(self) -> dict[str, float]:
+        return self.memory
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model, "prompt_len": self.prompt_len, "gen_len": self.gen_len,
+            "hardware": self.hardware, "policy": self.policy.to_dict(),
+            "throughput": self.throughput, "total_time": self.total_time,
+            "prefill_time": self.prefill_time, "decode_time": self.decode_time,
+            "memory": self.memory, "memory_by_phase": self.memory_by_phase,
+            "memory_breakdown": self.memory_breakdown, "budgets": self.budgets,
+            "feasible": self.feasible, "shortfalls": self.shortfalls,
+            "io_bytes": self.io_bytes, "io_per_layer": self.io_per_layer, "busy_time": self.busy_time,
+            "bottleneck": self.bottleneck, "bottleneck_share": self.bottleneck_share,
+            "fractions": self.fractions,
+        }
+
+
+_LINK_BW = {"disk->cpu": "disk_read_bw", "cpu->gpu": "cpu_to_gpu_bw",
+            "gpu->cpu": "gpu_to_cpu_bw", "cpu->disk": "disk_write_bw"}
+
+
+def evaluate(model: BlockModel, x: Mapping[str, float], policy: Policy) -> Estimate:
+    """Evaluate a BlockModel at fractions `x`."""
+    hw = model.hw
+    times, io_bytes, io_layer, busy, share, bottleneck = {}, {}, {}, {}, {}, {}
+
+    def link_time(iv, link):
+        return iv.io[link].value(x) / getattr(hw, _LINK_BW[link])
+
+    for phase in PHASES:
+        reps = 1 if phase == "prefill" else model.decode_steps
+        total = 0.0
+        io_bytes[phase] = {k: 0.0 for k in LINKS}
+        io_layer[phase] = {}
+        busy[phase] = {k: 0.0 for k in LINKS} | {"compute (gpu)": 0.0, "compute (host)": 0.0}
+        attributed: dict[str, float] = {}
+        for iv in model.intervals[phase]:
+            t, stream = model.interval_time(iv, x)
+            t_all = t * iv.count * reps
+            total += t_all
+            io_layer[phase][iv.name] = {k: iv.io[k].value(x) for k in LINKS}
+            for k in LINKS:
+                io_bytes[phase][k] += iv.io[k].value(x) * iv.count * reps
+                busy[phase][k] += link_time(iv, k) * iv.count * reps
+            busy[phase]["compute (gpu)"] += iv.gpu.value(x) * iv.count * reps
+            busy[phase]["compute (host)"] += iv.host.value(x) * iv.count * reps
+            if stream == "load":
+                res = "disk->cpu" if link_time(iv, "disk->cpu") >= link_time(iv, "cpu->gpu") else "cpu->gpu"
+            elif stream == "store":
+                res = "gpu->cpu" if link_time(iv, "gpu->cpu") >= link_time(iv, "cpu->disk") else "cpu->disk"
+            else:
+                res = "compute (host)" if iv.host.value(x) > iv.gpu.value(x) else "compute (gpu)"
+            attributed[res] = attributed.get(res, 0.0) + t_all
+        times[phase] = total
+        if total > 0:
+            share[phase] = {k: v / total for k, v in sorted(attributed.items(), key=lambda kv: -kv[1])}
+            bottleneck[phase] = next(iter(share[phase]))
+        else:
+            share[phase], bottleneck[phase] = {}, "none"
+
+    mem_phase, breakdown = {}, {}
+    for phase in PHASES:
+        if phase == "decode" and model.decode_steps == 0:
+            continue
+        breakdown[phase] = {tier: {k: v.value(x) for k, v in model.memory[phase][tier].items()}
+                            for tier in TIERS}
+        mem_phase[phase] = {tier: sum(breakdown[phase][tier].values()) for tier in TIERS}
+    memory = {tier: max(m[tier] for m in mem_phase.values()) for tier in TIERS}
+    total = times["prefill"] + times["decode"]
+    return Estimate(
+        model=model.args.name, prompt_len=model.s, gen_len=model.n, policy=policy, hardware=hw.name,
+        throughput=model.block_size * model.n / total, total_time=total,
+        prefill_time=times["prefill"], decode_time=times["decode"], memory=memory,
+        memory_by_phase=mem_phase, memory_breakdown=breakdown, io_bytes=io_bytes,
+        io_per_layer=io_layer, busy_time=busy, bottleneck=bottleneck, bottleneck_share=share,
+        fractions=dict(x))
+
+
+def needs_weight_buffers(policy: Policy, hw: HardwareProfile, engine: EngineConstants = DEFAULT_ENGINE) -> bool:
+    """Working copies of layers exist unless every weight sits on the device, uncompressed,
+    in the compute dtype."""
+    return (policy.w_gpu_percent < 100 or policy.compress_weight
+            or hw.dtype_bytes != engine.storage_bytes)
+
+
+def block_model_for(args: ModelArgs, policy: Policy, prompt_len: int, gen_len: int,
+                    hw: HardwareProfile, engine: EngineConstants = DEFAULT_ENGINE) -> BlockModel:
+    return BlockModel(args, prompt_len, gen_len, policy.gpu_batch_size, policy.num_gpu_batches, hw,
+                      compress_weight=policy.compress_weight, compress_cache=policy.compress_cache,
+                      cpu_cache_compute=policy.cpu_cache_compute, overlap=policy.overlap,
+                      weight_buffers=needs_weight_buffers(policy, hw, engine), engine=engine)
+
+
+def estimate(model_args: ModelArgs, policy: Policy, prompt_len: int, gen_len: int,
+             hw: HardwareProfile, budgets=None, engine: EngineConstants = DEFAULT_ENGINE) -> Estimate:
+    """Predict throughput, time, I/O and peak memory of `policy`.
+
+    `budgets` (a `search.Budgets`, optional) fills `Estimate.budgets` and `shortfalls`:
+    one sentence per tier whose peak exceeds its usable budget.
+    """
+    model = block_model_for(model_args, policy, prompt_len, gen_len, hw, engine)
+    est = evaluate(model, fractions_of(policy), policy)
+    if budgets is not None:
+        from flexgen.optimizer.search import check_budgets
+        check_budgets(est, budgets)
+    return est

@@ -1,0 +1,190 @@
+"""Hardware profiles: what the cost model knows about a machine.
+
+A profile is a typed, frozen record of memory sizes, link bandwidths (one number per
+direction), and compute throughput on the compute device ("gpu" tier) and on the host.
+Units are SI base units throughout: bytes, bytes/s, flop/s, values/s, seconds.
+
+Profiles are JSON files. `load_hardware("t4")` returns the bundled profile of the FlexGen
+paper's machine (GCP, NVIDIA T4 16 GB, 208 GB DRAM, 1.5 TB local SSD);
+`python -m flexgen profile` measures this machine (see `measure.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from flexgen.errors import FlexGenError
+
+GIB = 1 << 30
+
+COMPUTE_DTYPES = {"float16": 2, "bfloat16": 2, "float32": 4}
+COMPUTE_DEVICES = ("cuda", "cpu", "mps")
+
+# Fields that must be positive numbers (the rest: strings, bools, non-negative reserves).
+_POSITIVE = (
+    "gpu_mem", "cpu_mem", "disk_mem",
+    "cpu_to_gpu_bw", "gpu_to_cpu_bw", "disk_read_bw", "disk_write_bw",
+    "gpu_matmul_flops", "gpu_mem_bw", "gpu_attn_flops_prefill", "gpu_attn_flops_decode",
+    "gpu_dequant_rate", "cpu_matmul_flops", "cpu_attn_flops", "cpu_dequant_rate",
+)
+_NON_NEGATIVE = ("gpu_reserved", "cpu_reserved", "layer_overhead")
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    """One machine as the cost model sees it.
+
+    The "gpu" tier is the compute device's memory; on a CPU-only machine it is a budgeted
+    region of host memory (`unified_memory`), and cpu<->gpu "transfers" are memory copies.
+    """
+
+    name: str
+    device: str                      # human-readable description (GPU / CPU model)
+    compute_device: str = "cuda"     # "cuda" | "cpu" | "mps"
+    compute_dtype: str = "float16"   # dtype of working buffers and matmuls on the compute device
+    date: str = ""                   # when measured or fitted (ISO 8601)
+
+    # Capacities (bytes).
+    gpu_mem: int = 16 * GIB
+    cpu_mem: int = 208 * GIB
+    disk_mem: int = 1500 * GIB
+    gpu_reserved: int = 0            # not usable by tensors: CUDA context, allocator slack
+    cpu_reserved: int = 0            # the process itself: Python, torch, page-cache headroom
+    unified_memory: bool = False     # gpu tier lives in host memory (CPU / Apple machines)
+
+    # Links (bytes/s), one number per direction.
+    cpu_to_gpu_bw: float = 12e9
+    gpu_to_cpu_bw: float = 12e9
+    disk_read_bw: float = 2e9        # disk -> cpu, O_DIRECT (not the page cache)
+    disk_write_bw: float = 1e9       # cpu -> disk
+
+    # Compute device.
+    gpu_matmul_flops: float = 20e12       # large matmuls (prefill)
+    gpu_mem_bw: float = 200e9             # device memory bandwidth: bounds small-batch matmuls
+    gpu_attn_flops_prefill: float = 10e12  # batched matmul of attention, prefill
+    gpu_attn_flops_decode: float = 0.1e12  # attention over the cache, one query per row
+    gpu_dequant_rate: float = 10e9         # 4-bit values dequantized (or quantized) per second
+
+    # Host.
+    cpu_matmul_flops: float = 1e12
+    cpu_attn_flops: float = 0.01e12        # attention over the cache on the host (cpu_cache_compute)
+    cpu_dequant_rate: float = 1e9
+
+    layer_overhead: float = 0.0            # fixed seconds per (layer, gpu batch) step: launches, Python
+    notes: str = ""
+
+    def __post_init__(self):
+        if self.compute_device not in COMPUTE_DEVICES:
+            raise FlexGenError(f"hardware profile {self.name!r}: compute_device must be one of "
+                               f"{', '.join(COMPUTE_DEVICES)}, got {self.compute_device!r}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise FlexGenError(f"hardware profile {self.name!r}: compute_dtype must be one of "
+                               f"{', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
+        for f in _POSITIVE:
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise FlexGenError(f"hardware profile {self.name!r}: {f} must be a positive number, got {v!r}")
+        for f in _NON_NEGATIVE:
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise FlexGenError(f"hardware profile {self.name!r}: {f} must be >= 0, got {v!r}")
+        for f in ("gpu_mem", "cpu_mem", "disk_mem", "gpu_reserved", "cpu_reserved"):
+            object.__setattr__(self, f, int(getattr(self, f)))
+
+    @property
+    def dtype_bytes(self) -> int:
+        """Bytes per element of working buffers on the compute device."""
+        return COMPUTE_DTYPES[self.compute_dtype]
+
+    def replace(self, **changes) -> "HardwareProfile":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "hardware profile") -> "HardwareProfile":
+        if not isinstance(d, dict):
+            raise FlexGenError(f"{source}: expected a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise FlexGenError(f"{source}: unknown field(s) {', '.join(sorted(unknown))}")
+        missing = {"name", "device"} - set(d)
+        if missing:
+            raise FlexGenError(f"{source}: missing field(s) {', '.join(sorted(missing))}")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise FlexGenError(f"{source}: {e}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "HardwareProfile":
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise FlexGenError(f"hardware profile not found: {path}") from None
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise FlexGenError(f"cannot read hardware profile {path}: {e}") from None
+        return cls.from_dict(data, source=str(path))
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+
+# ---------------------------------------------------------------------------------------
+# Where profiles live.
+
+def bundled_dirs() -> list[Path]:
+    """Directories searched for bundled profiles: the repository's `policies/` (source
+    checkout or editable install), then the copy shipped inside the package."""
+    here = Path(__file__).resolve().parent
+    return [here.parent.parent / "policies", here / "profiles"]
+
+
+def bundled_profile_path(name: str) -> Path | None:
+    for d in bundled_dirs():
+        p = d / f"hardware_{name}.json"
+        if p.is_file():
+            return p
+    return None
+
+
+def default_profile_path() -> Path:
+    """Where `flexgen profile` writes by default: $XDG_CACHE_HOME/flexgen/hardware.json."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "flexgen" / "hardware.json"
+
+
+def load_hardware(name_or_path: str | Path | None = None) -> HardwareProfile:
+    """A profile by bundled name ("t4"), by file path, or (None) the measured default.
+
+    None reads `default_profile_path()` and raises FlexGenError telling the user to run
+    `python -m flexgen profile` (or pass `--hardware t4`) when it does not exist.
+    """
+    if isinstance(name_or_path, HardwareProfile):
+        return name_or_path
+    if name_or_path is None:
+        p = default_profile_path()
+        if not p.is_file():
+            raise FlexGenError(f"no hardware profile at {p}: run `python -m flexgen profile` to measure "
+                               "this machine, or pass --hardware t4 (the paper's machine) or a JSON file")
+        return HardwareProfile.load(p)
+    s = str(name_or_path)
+    if not Path(s).is_file() and os.sep not in s and not s.endswith(".json"):
+        p = bundled_profile_path(s.lower())
+        if p is None:
+            names = sorted({q.stem[len("hardware_"):] for d in bundled_dirs() if d.is_dir()
+                            for q in d.glob("hardware_*.json")})
+            raise FlexGenError(f"unknown hardware profile {s!r}; bundled: {', '.join(names) or 'none'} "
+                               "(or give a JSON file path)")
+        return HardwareProfile.load(p)
+    return HardwareProfile.load(s)
