@@ -46,6 +46,7 @@ class GenerationStats:
     timings: dict = field(default_factory=lambda: defaultdict(float))
     peak_memory: dict = field(default_factory=dict)     # tier -> bytes held by the engine
     held_memory: dict = field(default_factory=dict)     # tier -> bytes at the start (weights)
+    cache_bytes: dict = field(default_factory=dict)     # tier -> bytes of one block's KV cache
     process_peak_rss: int = 0
     cuda_peak_allocated: Optional[int] = None
     direct_io: Optional[bool] = None
@@ -213,6 +214,7 @@ class FlexGenModel:
             cache = KVCache(self.args.num_hidden_layers, p.num_gpu_batches, self.placement.cache, max_len,
                             self.args.hidden_size, self.dtype, self.device, self.tracker, self.run_dir,
                             compress=p.compress_cache, cpu_cache_compute=p.cpu_cache_compute)
+            self.stats.cache_bytes = {t.value: n for t, n in cache.held.items()}
             row_bytes = block.prompt_len * self.args.hidden_size * torch.empty((), dtype=self.dtype).element_size()
             hidden = [HiddenSlot(self.placement.act, row_bytes, self.device, self.tracker,
                                  self.run_dir / f"hidden_{k}.bin") for k in range(p.num_gpu_batches)]
