@@ -24,6 +24,7 @@ class HiddenSlot:
         self.parts: list = []
         self.held: list[tuple[Tier, int]] = []
         self.last_store = None   # future of the last store; a load waits for it
+        self.resident = len(self.ranges) == 1 and self.ranges[0][0] is Tier.GPU
 
     def store(self, x: torch.Tensor, after=None) -> None:
         """x (gbs, s, h) on the compute device (I/O thread)."""

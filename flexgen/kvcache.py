@@ -170,6 +170,8 @@ class KVSlot:
         self.parts, self.device, self.dtype, self.hidden = parts, device, dtype, hidden
         self.cpu_cache_compute, self.tracker = cpu_cache_compute, tracker
         self.last_store = None   # future of the last `end`; the next `begin` waits for it
+        # Wholly on the gpu tier and uncompressed: begin/end only take views, no I/O.
+        self.resident = len(parts) == 1 and parts[0].tier is Tier.GPU and parts[0].k.view(1) is not None
 
     def begin(self, t: int, s: int) -> KVWork:
         """Prepare attention over positions [0, t + s) (I/O thread)."""

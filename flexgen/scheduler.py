@@ -153,31 +153,35 @@ class Scheduler:
 
     # -- issuing loads and stores ---------------------------------------------------------
 
+    def _submit(self, inline: bool, fn, *args):
+        """Run fn on the I/O pool, or here when it moves no bytes (a thread hop costs more)."""
+        return done_future(fn(*args)) if inline else self.io.submit(fn, *args)
+
     def _issue_weight(self, pending: _Pending, j: int) -> None:
         if j not in pending.weights:
-            after = self.device.mark()
-            pending.weights[j] = self.io.submit(self.weights.load, j, j % 2, after)
+            inline = self.weights.resident(j)
+            after = None if inline else self.device.mark()
+            pending.weights[j] = self._submit(inline, self.weights.load, j, j % 2, after)
 
     def _issue_loads(self, pending: _Pending, i: int, j: int, k: int) -> None:
         if self.specs[j].kind == "attention" and (j, k) not in pending.cache:
             slot = self._cache.slot(self.attn_index[j], k)
             t, s = (0, self._block.prompt_len) if i == 0 else (self._block.prompt_len + i - 1, 1)
-            prev = slot.last_store
-            pending.cache[(j, k)] = self.io.submit(_after(prev, slot.begin), t, s)
+            pending.cache[(j, k)] = self._submit(slot.resident, _after(slot.last_store, slot.begin), t, s)
         if j > 0 and (j, k) not in pending.hidden:
             slot = self._hidden[k]
-            pending.hidden[(j, k)] = self.io.submit(_after(slot.last_store, slot.load))
+            pending.hidden[(j, k)] = self._submit(slot.resident, _after(slot.last_store, slot.load))
 
     def _issue_stores(self, j: int, k: int, x, kv) -> list:
         futures = []
         after = self.device.mark()
         if kv is not None:
             slot = self._cache.slot(self.attn_index[j], k)
-            slot.last_store = self.io.submit(slot.end, kv, after)
+            slot.last_store = self._submit(slot.resident, slot.end, kv, after)
             futures.append(slot.last_store)
         if j < self.num_layers - 1:
             slot = self._hidden[k]
-            slot.last_store = self.io.submit(slot.store, x, after)
+            slot.last_store = self._submit(slot.resident, slot.store, x, after)
             futures.append(slot.last_store)
         return futures
 

@@ -52,6 +52,13 @@ class PlacedWeights:
         self.slot_bytes = max(partial, default=0)
         self._slots: list[Optional[torch.Tensor]] = [None, None]
         self._staging: list[Optional[torch.Tensor]] = [None, None]
+        self._resident_cache: dict[int, object] = {}       # idx -> weight dataclass
+        self._resident_loaded: dict[int, LoadedLayer] = {}
+
+    def resident(self, idx: int) -> bool:
+        """Wholly on the gpu tier: loading it moves no bytes."""
+        seg = self.segments[idx]
+        return seg.gpu_end == seg.total
 
     # -- placement --------------------------------------------------------------------
 
@@ -112,7 +119,9 @@ class PlacedWeights:
         lay, seg = self.layouts[idx], self.segments[idx]
         gpu = self.gpu_parts[idx]
         if seg.gpu_end == seg.total:
-            return LoadedLayer(idx, {(a.field, a.part): _view(gpu, a) for a in lay.arrays})
+            if idx not in self._resident_loaded:
+                self._resident_loaded[idx] = LoadedLayer(idx, {(a.field, a.part): _view(gpu, a) for a in lay.arrays})
+            return self._resident_loaded[idx]
         flat = self._slot(slot)
         with self.device.io_stream(after):
             if seg.cpu_end < seg.total:
@@ -141,6 +150,8 @@ class PlacedWeights:
 
     def weights(self, loaded: LoadedLayer):
         """The layer's weight dataclass, dequantizing packed arrays (on the compute thread)."""
+        if loaded.idx in self._resident_cache:
+            return self._resident_cache[loaded.idx]
         lay = self.layouts[loaded.idx]
         tensors = {}
         for e in lay.spec.entries:
@@ -152,7 +163,10 @@ class PlacedWeights:
                 packed = Packed(data=a[(e.field, "data")], scale=a[(e.field, "scale")], mn=a[(e.field, "mn")],
                                 shape=e.shape, cfg=WEIGHT_QUANT)
                 tensors[e.field] = dequantize(packed, self.dtype)
-        return build_weights(lay.spec, tensors)
+        w = build_weights(lay.spec, tensors)
+        if self.resident(loaded.idx) and not lay.compressed:
+            self._resident_cache[loaded.idx] = w   # views of resident bytes: build once
+        return w
 
     def close(self):
         for f in self.disk_files:
@@ -163,6 +177,8 @@ class PlacedWeights:
         self._own_files.clear()
         self.disk_files = []
         self.gpu_parts, self.cpu_parts, self._slots, self._staging = [], [], [None, None], [None, None]
+        self._resident_cache.clear()
+        self._resident_loaded.clear()
 
 
 def _view(flat: torch.Tensor, a) -> torch.Tensor:

@@ -8,7 +8,7 @@ Everything the model predicts is *linear* in the nine placement fractions
 
 once the block (gpu_batch_size x num_gpu_batches), the flags and the lengths are fixed.
 `BlockModel` builds those linear expressions (`Lin`) once; `estimate()` evaluates them
-at a concrete policy and the linear program in `search.py` optimises over them, so the
+at a concrete policy and the linear program in `solver.py` optimises over them, so the
 two can never disagree.
 
 The schedule modelled is the engine's zig-zag block schedule. Layers are streamed as
@@ -33,6 +33,7 @@ buffers, as the engine allocates them (see `EngineConstants`).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -195,8 +196,10 @@ class LayerCost:
     quantized_numel: int  # values dequantized per load when compress_weight
 
 
+@functools.lru_cache(maxsize=64)
 def layer_costs(args: ModelArgs, compress_weight: bool, dtype_bytes: int,
-                engine: EngineConstants = DEFAULT_ENGINE) -> list[LayerCost]:
+                engine: EngineConstants = DEFAULT_ENGINE) -> tuple[LayerCost, ...]:
+    """Every streamed layer's sizes, in execution order."""
     out = []
     for spec in layer_specs(args):
         stored = 0.0
@@ -214,7 +217,24 @@ def layer_costs(args: ModelArgs, compress_weight: bool, dtype_bytes: int,
         else:
             mm = sum(e.numel for e in spec.entries if len(e.shape) >= 2)
         out.append(LayerCost(spec.kind, spec.numel, stored, spec.numel * dtype_bytes, mm, qn))
-    return out
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=64)
+def _layer_table(args: ModelArgs, compress_weight: bool, dtype_bytes: int, engine: EngineConstants):
+    """Layer sizes, the largest pair of consecutive layers, and the distinct layer steps
+    ((this layer, next layer, how many such steps per pass))."""
+    layers = layer_costs(args, compress_weight, dtype_bytes, engine)
+    n = len(layers)
+    pairs = [(layers[i], layers[(i + 1) % n]) for i in range(n)]
+    pair_full = max(a.full + b.full for a, b in pairs)
+    pair_stored = max(a.stored + b.stored for a, b in pairs)
+    groups: dict[tuple[str, str], list] = {}
+    for layer, nxt in pairs:
+        g = groups.setdefault((layer.kind, nxt.kind), [layer, nxt, 0])
+        g[2] += 1
+    steps = tuple((a, b, c) for a, b, c in groups.values())
+    return layers, sum(l.stored for l in layers), pair_full, pair_stored, steps
 
 
 @dataclass
@@ -249,12 +269,8 @@ class BlockModel:
         self.cpu_cache_compute, self.overlap = cpu_cache_compute, overlap
         self.weight_buffers = weight_buffers
         self.dt = hw.dtype_bytes
-        self.layers = layer_costs(args, compress_weight, self.dt, engine)
-        self.weight_bytes = sum(l.stored for l in self.layers)
-        n_layers = len(self.layers)
-        pairs = [(self.layers[i], self.layers[(i + 1) % n_layers]) for i in range(n_layers)]
-        self.pair_full = max(a.full + b.full for a, b in pairs)
-        self.pair_stored = max(a.stored + b.stored for a, b in pairs)
+        (self.layers, self.weight_bytes, self.pair_full, self.pair_stored,
+         self._steps) = _layer_table(args, compress_weight, self.dt, engine)
         self.decode_steps = gen_len - 1
         self.intervals = {p: self._intervals(p) for p in PHASES}
         self.memory = {p: self._memory(p) for p in PHASES}
@@ -273,15 +289,8 @@ class BlockModel:
 
     # -- time --------------------------------------------------------------------------
     def _intervals(self, phase: str) -> list[Interval]:
-        # Group layer steps that cost the same: (kind of this layer, kind of the next).
-        groups: dict[tuple[str, str], tuple[LayerCost, LayerCost, int]] = {}
-        n_layers = len(self.layers)
-        for i, layer in enumerate(self.layers):
-            nxt = self.layers[(i + 1) % n_layers]
-            key = (layer.kind, nxt.kind)
-            prev = groups.get(key)
-            groups[key] = (layer, nxt, (prev[2] if prev else 0) + 1)
-        return [self._interval(phase, layer, nxt, count) for (layer, nxt, count) in groups.values()]
+        # Layer steps that cost the same are grouped: (kind of this layer, kind of the next).
+        return [self._interval(phase, layer, nxt, count) for (layer, nxt, count) in self._steps]
 
     def _interval(self, phase: str, layer: LayerCost, nxt: LayerCost, count: int) -> Interval:
         hw, a, e = self.hw, self.args, self.engine
@@ -562,12 +571,12 @@ def estimate(model_args: ModelArgs, policy: Policy, prompt_len: int, gen_len: in
              hw: HardwareProfile, budgets=None, engine: EngineConstants = DEFAULT_ENGINE) -> Estimate:
     """Predict throughput, time, I/O and peak memory of `policy`.
 
-    `budgets` (a `search.Budgets`, optional) fills `Estimate.budgets` and `shortfalls`:
+    `budgets` (a `solver.Budgets`, optional) fills `Estimate.budgets` and `shortfalls`:
     one sentence per tier whose peak exceeds its usable budget.
     """
     model = block_model_for(model_args, policy, prompt_len, gen_len, hw, engine)
     est = evaluate(model, fractions_of(policy), policy)
     if budgets is not None:
-        from flexgen.optimizer.search import check_budgets
+        from flexgen.optimizer.solver import check_budgets
         check_budgets(est, budgets)
     return est

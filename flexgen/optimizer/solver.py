@@ -1,0 +1,546 @@
+"""Policy search: a linear program per block, over the nine placement fractions.
+
+For a fixed block (gpu_batch_size x num_gpu_batches) and flag set, time and memory are
+linear in (wg wc wd cg cc cd hg hc hd) (see `cost_model.BlockModel`), so the best
+placement is a small LP: minimise prefill + (gen_len - 1) decode steps, each layer step
+bounded below by its load, store and compute streams, subject to the memory budget of
+every tier in both phases. The LP is solved with CBC through pulp.
+
+Around it, `search` enumerates blocks the way the original did (grow the batch, double
+then bisect the number of gpu batches), tries the compression and cpu_cache_compute
+options the caller allows, rounds the best LP solutions to whole percents / whole rows
+the engine can run, and keeps the best by the cost model's own estimate.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import pulp
+
+from flexgen.errors import FlexGenError
+from flexgen.models.opt import ModelArgs
+from flexgen.optimizer.cost_model import (DEFAULT_ENGINE, GIB, PHASES, TIERS, VARS, BlockModel,
+                                          EngineConstants, Estimate, evaluate, fractions_of,
+                                          needs_weight_buffers)
+from flexgen.optimizer.hardware import HardwareProfile
+from flexgen.policy import Policy
+
+# Candidate gpu batch sizes of the coarse pass: powers of two, as the original doubled
+# them; the fine pass bisects between neighbours.
+GBS_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+MAX_NUM_GPU_BATCHES = 1024
+MAX_BLOCK = 1 << 15
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Usable bytes per tier (the user's budgets less the profile's reserves)."""
+    gpu: float
+    cpu: float
+    disk: float
+    combined: float | None = None   # gpu + cpu, when both come out of the same host memory
+    given: tuple[float, float, float] = (0.0, 0.0, 0.0)  # what the user asked for, for messages
+
+    @classmethod
+    def from_request(cls, hw: HardwareProfile, gpu_mem: float | None = None, cpu_mem: float | None = None,
+                     disk_mem: float | None = None) -> "Budgets":
+        """Budgets from the user's sizes in bytes (None: the profile's capacity)."""
+        g = float(hw.gpu_mem if gpu_mem is None else gpu_mem)
+        c = float(hw.cpu_mem if cpu_mem is None else cpu_mem)
+        d = float(hw.disk_mem if disk_mem is None else disk_mem)
+        for name, v in (("gpu", g), ("cpu", c), ("disk", d)):
+            if not math.isfinite(v) or v < 0:
+                raise FlexGenError(f"{name} memory budget must be a non-negative number, got {v}")
+        combined = None
+        if hw.unified_memory:
+            combined = max(0.0, hw.cpu_mem - hw.cpu_reserved)
+        return cls(gpu=max(0.0, g - hw.gpu_reserved), cpu=max(0.0, c - hw.cpu_reserved), disk=d,
+                   combined=combined, given=(g, c, d))
+
+    def of(self, tier: str) -> float:
+        return getattr(self, tier)
+
+    def to_dict(self) -> dict:
+        return {"gpu": self.gpu, "cpu": self.cpu, "disk": self.disk, "combined": self.combined}
+
+
+def _gib(x: float) -> str:
+    return f"{x / GIB:.1f} GiB" if x < 100 * GIB else f"{x / GIB:.0f} GiB"
+
+
+def _reserve_note(budgets: Budgets, tier: str) -> str:
+    i = TIERS.index(tier)
+    given = budgets.given[i]
+    usable = budgets.of(tier)
+    if given and abs(given - usable) > 1:
+        return f"{_gib(usable)} usable of the {_gib(given)} budget"
+    return f"{_gib(usable)} budget"
+
+
+def check_budgets(est: Estimate, budgets: Budgets) -> list[str]:
+    """Fill `est.budgets` / `est.shortfalls`: one sentence per tier that does not fit."""
+    est.budgets = budgets.to_dict()
+    out = []
+    for tier in TIERS:
+        need = est.memory[tier]
+        have = budgets.of(tier)
+        if need > have * (1 + 1e-9) + 1:
+            phase = max(est.memory_by_phase, key=lambda p: est.memory_by_phase[p][tier])
+            parts = sorted(est.memory_breakdown[phase][tier].items(), key=lambda kv: -kv[1])
+            top = ", ".join(f"{k} {_gib(v)}" for k, v in parts if v >= 0.05 * need)
+            out.append(f"needs {_gib(need)} of {tier} memory in {phase} ({top}); "
+                       f"{_reserve_note(budgets, tier)}: {_gib(need - have)} more needed")
+    if budgets.combined is not None:
+        need = max(m["gpu"] + m["cpu"] for m in est.memory_by_phase.values())
+        if need > budgets.combined + 1:
+            out.append(f"needs {_gib(need)} of host memory for the gpu and cpu tiers together; "
+                       f"{_gib(budgets.combined)} available: {_gib(need - budgets.combined)} more needed")
+    est.shortfalls = out
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# One LP.
+
+@dataclass(frozen=True)
+class Flags:
+    compress_weight: bool = False
+    compress_cache: bool = False
+    cpu_cache_compute: bool = False
+    overlap: bool = True
+
+    def label(self) -> str:
+        on = [n for n in ("compress_weight", "compress_cache", "cpu_cache_compute") if getattr(self, n)]
+        return "+".join(on) or "plain"
+
+
+@dataclass
+class LPSolution:
+    gpu_batch_size: int
+    num_gpu_batches: int
+    flags: Flags
+    weight_buffers: bool
+    fractions: dict[str, float]
+    total_time: float              # seconds for the whole block (prefill + decode)
+    model: BlockModel
+
+    @property
+    def block_size(self) -> int:
+        return self.gpu_batch_size * self.num_gpu_batches
+
+    @property
+    def time_per_token(self) -> float:
+        return self.total_time / (self.block_size * self.model.n)
+
+
+class LPCounter:
+    def __init__(self):
+        self.solves = 0
+
+
+def build_lp(model: BlockModel, budgets: Budgets, fixed: dict[str, float] | None = None,
+             slack: bool = False):
+    """The LP for one BlockModel. With `slack`, memory limits get a slack per tier and the
+    objective is the total slack (in GiB): how far from feasible the block is."""
+    prob = pulp.LpProblem("flexgen_policy", pulp.LpMinimize)
+    x = {v: pulp.LpVariable(v, lowBound=0, upBound=1) for v in VARS}
+    for group in (("wg", "wc", "wd"), ("cg", "cc", "cd"), ("hg", "hc", "hd")):
+        prob += pulp.lpSum(x[v] for v in group) == 1, f"sum_{group[0][0]}"
+    if not model.weight_buffers:
+        prob += x["wg"] == 1, "weights_resident"
+    for k, v in (fixed or {}).items():
+        prob += x[k] == v, f"fixed_{k}"
+
+    objective = []
+    for phase in PHASES:
+        reps = 1 if phase == "prefill" else model.decode_steps
+        if reps == 0:
+            continue
+        for i, iv in enumerate(model.intervals[phase]):
+            t = pulp.LpVariable(f"T_{phase}_{i}", lowBound=0)
+            streams = (iv.load, iv.store, iv.compute)
+            if model.overlap:
+                for j, e in enumerate(streams):
+                    prob += t >= e.to_pulp(x), f"T_{phase}_{i}_{j}"
+            else:
+                prob += t >= (streams[0] + streams[1] + streams[2]).to_pulp(x), f"T_{phase}_{i}"
+            objective.append(iv.count * reps * t)
+
+    slacks = {}
+    if slack:
+        slacks = {tier: pulp.LpVariable(f"slack_{tier}", lowBound=0) for tier in TIERS}
+        prob += pulp.lpSum(slacks.values()) + 1e-9 * pulp.lpSum(objective)
+    else:
+        prob += pulp.lpSum(objective)
+    for phase in PHASES:
+        if phase == "decode" and model.decode_steps == 0:
+            continue
+        totals = {}
+        for tier in TIERS:
+            # In GiB: keeps the LP's coefficients within a few orders of magnitude.
+            totals[tier] = model.memory_total(phase, tier) / GIB
+            rhs = budgets.of(tier) / GIB
+            lhs = totals[tier].to_pulp(x)
+            if slack:
+                prob += lhs <= rhs + slacks[tier], f"mem_{phase}_{tier}"
+            else:
+                prob += lhs <= rhs, f"mem_{phase}_{tier}"
+        if budgets.combined is not None:
+            lhs = (totals["gpu"] + totals["cpu"]).to_pulp(x)
+            prob += lhs <= budgets.combined / GIB + (slacks["cpu"] if slack else 0), f"mem_{phase}_combined"
+    return prob, x, slacks
+
+
+def _solve(prob) -> bool:
+    status = prob.solve(pulp.PULP_CBC_CMD(msg=False))
+    return pulp.LpStatus[status] == "Optimal"
+
+
+def solve_block(args: ModelArgs, prompt_len: int, gen_len: int, gpu_batch_size: int, num_gpu_batches: int,
+                hw: HardwareProfile, budgets: Budgets, flags: Flags, engine: EngineConstants = DEFAULT_ENGINE,
+                fixed: dict[str, float] | None = None, counter: LPCounter | None = None) -> LPSolution | None:
+    """Best placement for one block and flag set, or None when no placement fits."""
+    variants = [True]
+    if not flags.compress_weight and hw.dtype_bytes == engine.storage_bytes:
+        variants.append(False)   # every weight resident on the device: no working copies
+    best = None
+    for weight_buffers in variants:
+        model = BlockModel(args, prompt_len, gen_len, gpu_batch_size, num_gpu_batches, hw,
+                           compress_weight=flags.compress_weight, compress_cache=flags.compress_cache,
+                           cpu_cache_compute=flags.cpu_cache_compute, overlap=flags.overlap,
+                           weight_buffers=weight_buffers, engine=engine)
+        if not weight_buffers and model.weight_bytes > budgets.gpu:
+            continue
+        if fixed and not weight_buffers and fixed.get("wg", 1) != 1:
+            continue
+        prob, x, _ = build_lp(model, budgets, fixed)
+        if counter:
+            counter.solves += 1
+        if not _solve(prob):
+            continue
+        fr = {v: min(1.0, max(0.0, x[v].value() or 0.0)) for v in VARS}
+        total = pulp.value(prob.objective)
+        if best is None or total < best.total_time:
+            best = LPSolution(gpu_batch_size, num_gpu_batches, flags, weight_buffers, fr, total, model)
+    return best
+
+
+# ---------------------------------------------------------------------------------------
+# Rounding an LP solution to a policy the engine runs.
+
+def _percent_candidates(frac: float) -> set[int]:
+    p = 100 * frac
+    return {max(0, min(100, int(math.floor(p + 1e-6)))), max(0, min(100, int(math.ceil(p - 1e-6))))}
+
+
+def _percent_for_rows(gbs: int, rows: int, other_rows: int = 0) -> int | None:
+    """A whole percent that gives exactly `rows` rows of a gpu batch under the engine's split."""
+    guess = round(100 * rows / gbs)
+    for p in (guess, guess - 1, guess + 1):
+        if 0 <= p <= 100 and int(round(gbs * p / 100)) == rows:
+            return p
+    return None
+
+
+def _row_pairs(gbs: int, g: float, c: float) -> set[tuple[int, int]]:
+    """Candidate (gpu %, cpu %) pairs for rows split with fractions (g, c)."""
+    out = set()
+    for pg in _percent_candidates(g):
+        for pc in _percent_candidates(c):
+            if pg + pc <= 100:
+                out.add((pg, pc))
+    for rg in {math.floor(gbs * g + 1e-6), math.ceil(gbs * g - 1e-6)}:
+        for rc in {math.floor(gbs * c + 1e-6), math.ceil(gbs * c - 1e-6)}:
+            if rg + rc > gbs:
+                continue
+            pg, pc = _percent_for_rows(gbs, rg), _percent_for_rows(gbs, rc)
+            if pg is not None and pc is not None and pg + pc <= 100:
+                out.add((pg, pc))
+    return out
+
+
+def round_solution(sol: LPSolution, args: ModelArgs, hw: HardwareProfile, budgets: Budgets,
+                   engine: EngineConstants = DEFAULT_ENGINE) -> tuple[Policy, Estimate] | None:
+    """The best feasible whole-percent policy next to an LP solution."""
+    fr, b = sol.fractions, sol.gpu_batch_size
+    w_pairs = {(pg, pc) for pg in _percent_candidates(fr["wg"]) for pc in _percent_candidates(fr["wc"])
+               if pg + pc <= 100}
+    c_pairs = _row_pairs(b, fr["cg"], fr["cc"])
+    h_pairs = _row_pairs(b, fr["hg"], fr["hc"])
+    models = {}
+    best = None
+    seen = set()
+    for (wg, wc), (cg, cc), (hg, hc) in itertools.product(w_pairs, c_pairs, h_pairs):
+        policy = Policy(gpu_batch_size=b, num_gpu_batches=sol.num_gpu_batches,
+                        w_gpu_percent=float(wg), w_cpu_percent=float(wc),
+                        cache_gpu_percent=float(cg), cache_cpu_percent=float(cc),
+                        act_gpu_percent=float(hg), act_cpu_percent=float(hc),
+                        overlap=sol.flags.overlap, cpu_cache_compute=sol.flags.cpu_cache_compute,
+                        compress_weight=sol.flags.compress_weight, compress_cache=sol.flags.compress_cache)
+        x = fractions_of(policy)
+        key = tuple(round(x[v], 9) for v in VARS)
+        if key in seen:
+            continue
+        seen.add(key)
+        wb = needs_weight_buffers(policy, hw, engine)
+        if wb not in models:
+            models[wb] = BlockModel(args, sol.model.s, sol.model.n, b, sol.num_gpu_batches, hw,
+                                    compress_weight=sol.flags.compress_weight,
+                                    compress_cache=sol.flags.compress_cache,
+                                    cpu_cache_compute=sol.flags.cpu_cache_compute,
+                                    overlap=sol.flags.overlap, weight_buffers=wb, engine=engine)
+        est = evaluate(models[wb], x, policy)
+        if check_budgets(est, budgets):
+            continue
+        if best is None or est.throughput > best[1].throughput:
+            best = (policy, est)
+    return best
+
+
+# ---------------------------------------------------------------------------------------
+# The search.
+
+class _BlockSearch:
+    """LP solves for one flag set, memoised by block."""
+
+    def __init__(self, args, prompt_len, gen_len, hw, budgets, flags, engine, counter):
+        self.args, self.s, self.n, self.hw, self.budgets = args, prompt_len, gen_len, hw, budgets
+        self.flags, self.engine, self.counter = flags, engine, counter
+        self.memo: dict[tuple[int, int], LPSolution | None] = {}
+        self.best_ngb_of: dict[int, int | None] = {}
+
+    def solve(self, gbs: int, ngb: int) -> LPSolution | None:
+        key = (gbs, ngb)
+        if key not in self.memo:
+            if gbs < 1 or ngb < 1 or gbs * ngb > MAX_BLOCK or ngb > MAX_NUM_GPU_BATCHES:
+                self.memo[key] = None
+            else:
+                self.memo[key] = solve_block(self.args, self.s, self.n, gbs, ngb, self.hw, self.budgets,
+                                             self.flags, self.engine, counter=self.counter)
+        return self.memo[key]
+
+    def cost(self, gbs: int, ngb: int) -> float:
+        """Seconds per generated token (inf when the block does not fit)."""
+        sol = self.solve(gbs, ngb)
+        return math.inf if sol is None else sol.time_per_token
+
+    def coarse_ngb(self, gbs: int) -> int | None:
+        """Double the number of gpu batches while it fits and keeps helping."""
+        if gbs in self.best_ngb_of:
+            return self.best_ngb_of[gbs]
+        if self.solve(gbs, 1) is None:
+            self.best_ngb_of[gbs] = None
+            return None
+        best, best_cost, ngb = 1, self.cost(gbs, 1), 1
+        while True:
+            ngb *= 2
+            c = self.cost(gbs, ngb)
+            if c >= best_cost:   # no longer fits, or no longer helps
+                break
+            best, best_cost = ngb, c
+        self.best_ngb_of[gbs] = best
+        return best
+
+    def refine_ngb(self, gbs: int, start: int) -> int:
+        """Bisect around `start` (to within about 1/16 of it)."""
+        best = _hill_climb(lambda k: self.cost(gbs, k), start, lo=1, hi=MAX_NUM_GPU_BATCHES,
+                           step=max(1, start // 2), min_step=max(1, start // 16))
+        self.best_ngb_of[gbs] = best
+        return best
+
+
+def _hill_climb(cost, start: int, lo: int, hi: int, step: int, min_step: int = 1) -> int:
+    """Integer local search with halving steps (the bisection of the original's search)."""
+    best, best_cost = start, cost(start)
+    while step >= min_step:
+        moved = False
+        for cand in (best - step, best + step):
+            if lo <= cand <= hi:
+                c = cost(cand)
+                if c < best_cost:
+                    best, best_cost, moved = cand, c, True
+                    break
+        if not moved:
+            step //= 2
+    return best
+
+
+def _flag_sets(allow_compress_weight: bool, allow_compress_cache: bool, cpu_cache_compute: bool | None,
+               overlap: bool) -> list[Flags]:
+    cw = (False, True) if allow_compress_weight else (False,)
+    cc = (False, True) if allow_compress_cache else (False,)
+    ccc = (False, True) if cpu_cache_compute is None else (cpu_cache_compute,)
+    return [Flags(a, b, c, overlap) for a, b, c in itertools.product(cw, cc, ccc)]
+
+
+@dataclass
+class SearchResult:
+    policy: Policy
+    estimate: Estimate
+    lp_solves: int
+    candidates: list[tuple[Policy, Estimate]] = field(default_factory=list)
+
+
+def search_detailed(model_args: ModelArgs, prompt_len: int, gen_len: int, hw: HardwareProfile,
+                    gpu_mem: float | None = None, cpu_mem: float | None = None, disk_mem: float | None = None,
+                    allow_compress_weight: bool = False, allow_compress_cache: bool = False,
+                    cpu_cache_compute: bool | None = None, overlap: bool = True,
+                    gpu_batch_size: int | None = None, num_gpu_batches: int | None = None,
+                    engine: EngineConstants = DEFAULT_ENGINE, refine: int = 2) -> SearchResult:
+    """`search`, also returning the runner-up policies and the number of LPs solved.
+
+    Coarse pass, per flag set: gpu batch sizes from GBS_CANDIDATES (stopping at the first
+    that does not fit, or once two in a row are clearly worse than the best), and for
+    each the number of gpu batches doubled while it fits and helps. Fine pass, for the
+    `refine` best flag sets: bisect the number of gpu batches, then the batch size
+    between its neighbours. Finally the best LP solutions are rounded to whole percents
+    and rows, and the best by the cost model's estimate wins.
+    """
+    if prompt_len < 1 or gen_len < 1:
+        raise FlexGenError("prompt and generation lengths must be >= 1")
+    if prompt_len + gen_len > model_args.max_position_embeddings:
+        raise FlexGenError(f"prompt_len + gen_len = {prompt_len + gen_len} exceeds the model's "
+                           f"{model_args.max_position_embeddings} positions")
+    for name, v in (("gpu_batch_size", gpu_batch_size), ("num_gpu_batches", num_gpu_batches)):
+        if v is not None and (not isinstance(v, int) or v < 1):
+            raise FlexGenError(f"{name} must be an integer >= 1, got {v!r}")
+    budgets = Budgets.from_request(hw, gpu_mem, cpu_mem, disk_mem)
+    counter = LPCounter()
+    flag_sets = _flag_sets(allow_compress_weight, allow_compress_cache, cpu_cache_compute, overlap)
+    gbs_list = (gpu_batch_size,) if gpu_batch_size is not None else GBS_CANDIDATES
+
+    # Coarse pass.
+    searches: dict[Flags, _BlockSearch] = {}
+    coarse: dict[Flags, tuple[float, int, int]] = {}
+    for flags in flag_sets:
+        bs = searches[flags] = _BlockSearch(model_args, prompt_len, gen_len, hw, budgets, flags, engine, counter)
+        best = None
+        worse = 0
+        for gbs in gbs_list:
+            if num_gpu_batches is not None:
+                ngb = num_gpu_batches if bs.solve(gbs, num_gpu_batches) is not None else None
+                bs.best_ngb_of[gbs] = ngb
+            else:
+                ngb = bs.coarse_ngb(gbs)
+            if ngb is None:
+                break   # memory only grows with the batch: larger ones cannot fit either
+            c = bs.cost(gbs, ngb)
+            if best is None or c < best[0]:
+                best, worse = (c, gbs, ngb), 0
+            elif c > 1.1 * best[0]:
+                worse += 1
+                if worse >= 2:
+                    break
+        if best is not None:
+            coarse[flags] = best
+    if not coarse:
+        raise FlexGenError(infeasible_message(model_args, prompt_len, gen_len, hw, budgets, flag_sets,
+                                              gpu_batch_size or 1, num_gpu_batches or 1, engine))
+
+    # Fine pass for the most promising flag sets.
+    for flags in sorted(coarse, key=lambda f: coarse[f][0])[:refine]:
+        bs = searches[flags]
+        _, gbs, ngb = coarse[flags]
+        if num_gpu_batches is None:
+            ngb = bs.refine_ngb(gbs, ngb)
+        if gpu_batch_size is None:
+            i = GBS_CANDIDATES.index(gbs)
+            lo = GBS_CANDIDATES[i - 1] if i > 0 else 1
+            hi = GBS_CANDIDATES[i + 1] if i + 1 < len(GBS_CANDIDATES) else gbs
+
+            def cost_of_gbs(g, bs=bs, gbs0=gbs, ngb0=ngb):
+                if g not in bs.best_ngb_of:
+                    if num_gpu_batches is not None:
+                        bs.best_ngb_of[g] = num_gpu_batches if bs.solve(g, num_gpu_batches) else None
+                    else:
+                        # Start from the same block size; a short bisection adjusts it.
+                        start = max(1, round(ngb0 * gbs0 / g))
+                        if bs.solve(g, start) is None:
+                            start = 1
+                        if bs.solve(g, start) is None:
+                            bs.best_ngb_of[g] = None
+                        else:
+                            bs.best_ngb_of[g] = _hill_climb(lambda k: bs.cost(g, k), start, 1,
+                                                            MAX_NUM_GPU_BATCHES, max(1, start // 4),
+                                                            max(1, start // 8))
+                k = bs.best_ngb_of[g]
+                return math.inf if k is None else bs.cost(g, k)
+
+            _hill_climb(cost_of_gbs, gbs, lo, hi, max(1, (hi - lo) // 4))
+
+    # Round the most promising LP solutions; keep the best feasible policy.
+    sols = sorted((s for bs in searches.values() for s in bs.memo.values() if s is not None),
+                  key=lambda s: s.time_per_token)
+    rounded = []
+    for s in sols[:8]:
+        r = round_solution(s, model_args, hw, budgets, engine)
+        if r is not None:
+            rounded.append(r)
+    if not rounded:
+        raise FlexGenError("the linear program found placements, but none survives rounding to whole "
+                           "percents within the budgets; give a little more memory")
+    rounded.sort(key=lambda r: -r[1].throughput)
+    policy, est = rounded[0]
+    return SearchResult(policy, est, counter.solves, rounded)
+
+
+def search(model_args: ModelArgs, prompt_len: int, gen_len: int, hw: HardwareProfile,
+           gpu_mem: float | None = None, cpu_mem: float | None = None, disk_mem: float | None = None,
+           allow_compress_weight: bool = False, allow_compress_cache: bool = False,
+           cpu_cache_compute: bool | None = None, overlap: bool = True,
+           gpu_batch_size: int | None = None, num_gpu_batches: int | None = None,
+           engine: EngineConstants = DEFAULT_ENGINE) -> tuple[Policy, Estimate]:
+    """The policy with the highest predicted throughput within the memory budgets.
+
+    Budgets are bytes as the user gave them (None: the profile's capacities); the
+    profile's `gpu_reserved` / `cpu_reserved` are subtracted. Compression is tried only
+    where allowed; cpu_cache_compute is tried both ways unless given. A fixed
+    gpu_batch_size and/or num_gpu_batches restricts the block. Raises FlexGenError naming
+    the binding budget when nothing fits.
+    """
+    r = search_detailed(model_args, prompt_len, gen_len, hw, gpu_mem, cpu_mem, disk_mem,
+                        allow_compress_weight, allow_compress_cache, cpu_cache_compute, overlap,
+                        gpu_batch_size, num_gpu_batches, engine)
+    return r.policy, r.estimate
+
+
+def infeasible_message(args: ModelArgs, prompt_len: int, gen_len: int, hw: HardwareProfile, budgets: Budgets,
+                       flag_sets: Iterable[Flags], gbs: int = 1, ngb: int = 1,
+                       engine: EngineConstants = DEFAULT_ENGINE) -> str:
+    """Why nothing fits: the least extra memory (per tier) that makes the smallest block fit."""
+    best = None
+    for flags in flag_sets:
+        model = BlockModel(args, prompt_len, gen_len, gbs, ngb, hw, compress_weight=flags.compress_weight,
+                           compress_cache=flags.compress_cache, cpu_cache_compute=flags.cpu_cache_compute,
+                           overlap=flags.overlap, weight_buffers=True, engine=engine)
+        prob, x, slacks = build_lp(model, budgets, slack=True)
+        if not _solve(prob):
+            continue
+        total = sum(s.value() or 0.0 for s in slacks.values())
+        if best is None or total < best[0]:
+            fr = {v: x[v].value() or 0.0 for v in VARS}
+            best = (total, {t: (slacks[t].value() or 0.0) * GIB for t in TIERS}, model, fr, flags)
+    if best is None:
+        return "no placement fits the memory budgets"
+    _, short, model, fr, flags = best
+    parts = []
+    for tier in TIERS:
+        if short[tier] <= 0.01 * GIB:
+            continue
+        need = budgets.of(tier) + short[tier]
+        phase = max(PHASES if model.decode_steps else ("prefill",),
+                    key=lambda p: model.memory_total(p, tier).value(fr))
+        comps = {k: v.value(fr) for k, v in model.memory[phase][tier].items()}
+        what = max(comps, key=comps.get)
+        parts.append(f"needs at least {_gib(need)} of {tier} memory (mostly {what}, in {phase}) at "
+                     f"gpu batch size {gbs} x {ngb} gpu batches; {_reserve_note(budgets, tier)}")
+    if not parts:
+        parts.append("the budgets are too tight for the smallest block")
+    hint = ""
+    if not any(f.compress_weight and f.compress_cache for f in flag_sets):
+        hint = " (4-bit compression of weights and cache, if allowed, shrinks them to about 28%)"
+    return f"{args.name}, prompt {prompt_len} + {gen_len}: " + "; ".join(parts) + hint
