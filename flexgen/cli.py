@@ -130,6 +130,9 @@ def report(model, stats, a) -> dict:
         "total_throughput_tok_s": stats.throughput,
         "peak_memory_bytes": dict(stats.peak_memory),
         "weights_held_bytes": model.placement.weight_bytes(),
+        "cache_held_bytes": dict(stats.cache_bytes),
+        "disk_read_bytes": stats.disk_read_bytes,
+        "disk_write_bytes": stats.disk_write_bytes,
         "process_peak_rss_bytes": stats.process_peak_rss,
         "cuda_peak_allocated_bytes": stats.cuda_peak_allocated,
         "disk_io_mode": {True: "O_DIRECT", False: "buffered (page cache)", None: "no disk tier used"}[stats.direct_io],
@@ -151,12 +154,13 @@ def print_report(r: dict) -> None:
     print(f"{'phase':<8} {'latency (s)':>12} {'throughput':>12}")
     for name, lat, thr, unit in rows:
         print(f"{name:<8} {lat:>12.3f} {thr:>12.2f}  {unit}")
-    mem = r["peak_memory_bytes"]
-    held = r["weights_held_bytes"]
-    print(f"{'tier':<8} {'peak held':>12} {'weights':>12}")
+    mem, held, cache = r["peak_memory_bytes"], r["weights_held_bytes"], r["cache_held_bytes"]
+    print(f"{'tier':<8} {'peak held':>12} {'weights':>12} {'KV cache':>12}")
     for tier in ("gpu", "cpu", "disk"):
-        print(f"{tier:<8} {_fmt_bytes(mem.get(tier)):>12} {_fmt_bytes(held.get(tier)):>12}")
-    extra = f"process peak RSS {_fmt_bytes(r['process_peak_rss_bytes'])}"
+        print(f"{tier:<8} {_fmt_bytes(mem.get(tier)):>12} {_fmt_bytes(held.get(tier)):>12} "
+              f"{_fmt_bytes(cache.get(tier)):>12}")
+    extra = (f"disk read {_fmt_bytes(r['disk_read_bytes'])}, written {_fmt_bytes(r['disk_write_bytes'])}; "
+             f"process peak RSS {_fmt_bytes(r['process_peak_rss_bytes'])}")
     if r["cuda_peak_allocated_bytes"] is not None:
         extra += f", CUDA peak allocated {_fmt_bytes(r['cuda_peak_allocated_bytes'])}"
     print(extra)

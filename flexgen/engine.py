@@ -50,6 +50,8 @@ class GenerationStats:
     process_peak_rss: int = 0
     cuda_peak_allocated: Optional[int] = None
     direct_io: Optional[bool] = None
+    disk_read_bytes: int = 0      # weights, KV cache and activations read from disk
+    disk_write_bytes: int = 0
 
     @property
     def total_time(self) -> float:
@@ -218,8 +220,12 @@ class FlexGenModel:
             row_bytes = block.prompt_len * self.args.hidden_size * torch.empty((), dtype=self.dtype).element_size()
             hidden = [HiddenSlot(self.placement.act, row_bytes, self.device, self.tracker,
                                  self.run_dir / f"hidden_{k}.bin") for k in range(p.num_gpu_batches)]
+            w_read0, _ = self.weights.disk_bytes()
             self.scheduler.run(block, cache, hidden, params, stopper, generator)
             self.stats.direct_io = _merge_direct(self.weights.direct_io, cache.direct_io)
+            files = cache.files + [h.file for h in hidden if h.file is not None]
+            self.stats.disk_read_bytes += self.weights.disk_bytes()[0] - w_read0 + sum(f.bytes_read for f in files)
+            self.stats.disk_write_bytes += sum(f.bytes_written for f in files)
         finally:
             if hidden:
                 for h in hidden:

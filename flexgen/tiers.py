@@ -139,6 +139,7 @@ class DiskFile:
     def __init__(self, path: Path, nbytes: int, create: bool = True, direct: bool = True):
         self.path = Path(path)
         self.nbytes = nbytes
+        self.bytes_read = self.bytes_written = 0   # what the engine asked for, for reports
         flags = os.O_RDWR | (os.O_CREAT if create else 0)
         try:
             self.fd = os.open(self.path, flags, 0o644)
@@ -164,6 +165,7 @@ class DiskFile:
     def write(self, offset: int, src: torch.Tensor) -> None:
         """Write a contiguous host tensor's bytes at `offset`."""
         buf = as_bytes(src.contiguous())
+        self.bytes_written += len(buf)
         done = 0
         while done < len(buf):
             try:
@@ -176,6 +178,7 @@ class DiskFile:
         """Fill a contiguous host tensor with the bytes at `offset`."""
         out = as_bytes(dst)
         n = len(out)
+        self.bytes_read += n
         if n == 0:
             return
         if self.direct_fd is None:

@@ -97,6 +97,11 @@ class PlacedWeights:
 
     # -- loading ----------------------------------------------------------------------
 
+    def disk_bytes(self) -> tuple[int, int]:
+        """(read, written) bytes through this model's weight files so far."""
+        files = [f for f in self.disk_files if f is not None]
+        return sum(f.bytes_read for f in files), sum(f.bytes_written for f in files)
+
     @property
     def direct_io(self) -> Optional[bool]:
         files = [f for f in self.disk_files if f is not None]

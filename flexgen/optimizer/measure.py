@@ -1,3 +1,301 @@
-"""placeholder"""
-def measure_hardware(offload_dir, quick=False):
-    raise NotImplementedError
+"""Measure this machine into a HardwareProfile (`python -m flexgen profile`).
+
+Every number is timed directly with small, representative kernels, best of a few runs:
+
+- matmul throughput on the compute device (a prefill-sized GEMM), its memory bandwidth
+  (a large copy), attention throughput for prefill and for decode (batched matmuls with
+  a softmax between, like the engine's attention), and 4-bit dequantization speed;
+- the same attention and dequantization on the host, in fp32 (for cpu_cache_compute);
+- cpu<->gpu bandwidth: pinned host<->device copies on CUDA, memory copies on a CPU;
+- disk write and read bandwidth in the offload directory, with O_DIRECT so that the page
+  cache is not measured (falling back to buffered I/O after dropping the file's pages,
+  and saying so in `notes`).
+
+On a CPU-only machine the compute device *is* the CPU: the "gpu" tier is a budget of
+host memory (unified_memory), and the compute dtype is bfloat16 when the CPU has fast
+bf16 kernels, else float32 (never float16: CPUs lack fp16 GEMM kernels).
+"""
+
+from __future__ import annotations
+
+import datetime
+import mmap
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from flexgen.errors import FlexGenError
+from flexgen.optimizer.hardware import GIB, HardwareProfile
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _best_time(fn, device: torch.device, repeat: int = 3, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return max(best, 1e-9)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _host_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 16 * GIB
+
+
+def pick_cpu_dtype(quick: bool = False) -> str:
+    """bfloat16 when the CPU multiplies it faster than float32, else float32."""
+    n = 512 if quick else 1024
+    a32 = torch.randn(n, n)
+    b32 = torch.randn(n, n)
+    t32 = _best_time(lambda: a32 @ b32, torch.device("cpu"), repeat=2)
+    a16, b16 = a32.bfloat16(), b32.bfloat16()
+    t16 = _best_time(lambda: a16 @ b16, torch.device("cpu"), repeat=2)
+    return "bfloat16" if t16 < t32 else "float32"
+
+
+def matmul_flops(device, dtype, m: int, k: int, n: int) -> float:
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    w = torch.randn(n, k, device=device, dtype=dtype)
+    t = _best_time(lambda: torch.nn.functional.linear(a, w), device)
+    return 2 * m * k * n / t
+
+
+def copy_bandwidth(device, nbytes: int) -> float:
+    """Bytes read per second by a device-to-device copy (read + write counted once each)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    t = _best_time(lambda: dst.copy_(src), device)
+    return 2 * nbytes / t
+
+
+def transfer_bandwidth(device, nbytes: int) -> tuple[float, float]:
+    """(host->device, device->host) bytes/s. Pinned on CUDA; a plain copy on the CPU."""
+    if device.type == "cpu":
+        a = torch.empty(nbytes // 4, dtype=torch.float32).fill_(1.0)
+        b = torch.empty_like(a)
+        t = _best_time(lambda: b.copy_(a), device)
+        return nbytes / t, nbytes / t
+    host = torch.empty(nbytes // 4, dtype=torch.float32, pin_memory=True).fill_(1.0)
+    dev = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    t_h2d = _best_time(lambda: dev.copy_(host, non_blocking=True), device)
+    t_d2h = _best_time(lambda: host.copy_(dev, non_blocking=True), device)
+    return nbytes / t_h2d, nbytes / t_d2h
+
+
+def _attention(q, k, v):
+    """The engine's attention: scores in fp32, softmax, weighted sum. q (r, s, d); k, v (r, t, d)."""
+    scores = torch.bmm(q, k.transpose(1, 2)).float()
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.bmm(probs, v)
+
+
+def attention_flops(device, dtype, rows: int, heads: int, head_dim: int, s: int, t: int) -> float:
+    """flop/s of attention for `rows` sequences: s queries over t keys (4 * s * t * hidden)."""
+    r = rows * heads
+    q = torch.randn(r, s, head_dim, device=device, dtype=dtype)
+    k = torch.randn(r, t, head_dim, device=device, dtype=dtype)
+    v = torch.randn(r, t, head_dim, device=device, dtype=dtype)
+    tm = _best_time(lambda: _attention(q, k, v), device)
+    return 4 * rows * s * t * heads * head_dim / tm
+
+
+def dequant_rate(device, dtype, numel: int, group: int = 64) -> float:
+    """4-bit values unpacked and scaled per second (two values per byte, fp16 scale/min per group)."""
+    packed = torch.randint(0, 256, (numel // group, group // 2), dtype=torch.uint8, device=device)
+    scale = torch.rand(numel // group, 1, device=device, dtype=torch.float16)
+    mn = torch.rand(numel // group, 1, device=device, dtype=torch.float16)
+
+    def run():
+        lo = (packed & 15).to(dtype)
+        hi = (packed >> 4).to(dtype)
+        x = torch.stack((lo, hi), dim=-1).view(numel // group, group)
+        return x * scale.to(dtype) + mn.to(dtype)
+
+    return numel / _best_time(run, device)
+
+
+def layer_overhead(device, dtype) -> float:
+    """Seconds of a tiny attention + MLP layer: the per-step cost of launches and Python."""
+    h = 64
+    x = torch.randn(1, 1, h, device=device, dtype=dtype)
+    w = torch.randn(h, h, device=device, dtype=dtype)
+    ln_w = torch.ones(h, device=device, dtype=dtype)
+    F = torch.nn.functional
+
+    def run():
+        for _ in range(10):
+            y = F.layer_norm(x, (h,), ln_w, ln_w)
+            q, k, vv = F.linear(y, w), F.linear(y, w), F.linear(y, w)
+            a = torch.softmax(torch.bmm(q, k.transpose(1, 2)).float(), -1).to(dtype) @ vv
+            z = F.relu(F.linear(a + x, w))
+            F.linear(z, w)
+
+    return _best_time(run, device) / 10
+
+
+def disk_bandwidth(offload_dir: Path, nbytes: int) -> tuple[float, float, str]:
+    """(read, write) bytes/s in `offload_dir`, O_DIRECT when the file system allows it."""
+    offload_dir.mkdir(parents=True, exist_ok=True)
+    path = offload_dir / f".flexgen_profile_{os.getpid()}.bin"
+    block = 8 << 20
+    nbytes = max(block, nbytes // block * block)
+    buf = mmap.mmap(-1, block)               # page-aligned, as O_DIRECT needs
+    buf.write(os.urandom(1 << 16) * (block >> 16))
+    note = "disk: O_DIRECT"
+    direct = getattr(os, "O_DIRECT", 0)
+    try:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | direct, 0o600)
+            t0 = time.perf_counter()
+            for _ in range(nbytes // block):
+                os.write(fd, buf)
+            os.fsync(fd)
+            write_t = time.perf_counter() - t0
+            os.close(fd)
+        except OSError:
+            if not direct:
+                raise
+            direct = 0
+            note = "disk: O_DIRECT unsupported here; buffered I/O with fsync and the file's pages dropped"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            t0 = time.perf_counter()
+            for _ in range(nbytes // block):
+                os.write(fd, buf)
+            os.fsync(fd)
+            write_t = time.perf_counter() - t0
+            os.close(fd)
+        fd = os.open(path, os.O_RDONLY | direct)
+        if not direct and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        t0 = time.perf_counter()
+        while os.readv(fd, [buf]) > 0:
+            pass
+        read_t = time.perf_counter() - t0
+        os.close(fd)
+    except OSError as e:
+        raise FlexGenError(f"cannot measure disk bandwidth in {offload_dir}: {e}") from None
+    finally:
+        buf.close()
+        try:
+            path.unlink()
+        except OSError:
+            pass
+    return nbytes / max(read_t, 1e-9), nbytes / max(write_t, 1e-9), note
+
+
+def measure_hardware(offload_dir: str | Path, quick: bool = False, device: str | None = None,
+                     name: str | None = None, log=None) -> HardwareProfile:
+    """Measure this machine. `device`: "cuda" or "cpu" (default: cuda when available).
+
+    Takes about 10-30 s (a couple of seconds with `quick`). `log(str)` gets progress lines.
+    """
+    log = log or (lambda s: None)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise FlexGenError(f"can only profile 'cpu' or 'cuda', not {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise FlexGenError("--device cuda, but torch sees no CUDA device")
+    dev = torch.device(device)
+    host = torch.device("cpu")
+    notes = []
+    big = (64 if quick else 512) << 20
+
+    if device == "cuda":
+        dtype_name = "float16"
+        free, total = torch.cuda.mem_get_info(dev)
+        gpu_mem = total
+        gpu_reserved = max(0, total - free) + (512 << 20)   # context + allocator slack
+        cpu_mem = _host_memory()
+        desc = f"{torch.cuda.get_device_name(dev)} + {_cpu_name()} ({os.cpu_count()} cpus)"
+        unified = False
+    else:
+        log("choosing the compute dtype")
+        dtype_name = pick_cpu_dtype(quick)
+        cpu_mem = gpu_mem = _host_memory()
+        gpu_reserved = 0
+        desc = f"{_cpu_name()} ({os.cpu_count()} cpus), no accelerator"
+        unified = True
+        notes.append("compute device = CPU: the gpu tier is a budget of host memory")
+    dtype = _DTYPES[dtype_name]
+    torch.manual_seed(0)
+
+    log("matmul")
+    if quick:
+        mm = matmul_flops(dev, dtype, 256, 1024, 2048)
+    else:
+        mm = matmul_flops(dev, dtype, 1024 if device == "cpu" else 8192, 2048 if device == "cpu" else 8192, 8192)
+    log("memory bandwidth")
+    mem_bw = copy_bandwidth(dev, big)
+    log("attention")
+    heads, hd = (8, 64) if quick else (16, 128)
+    rows_p, s_p = (2, 128) if quick else (4, 512) if device == "cpu" else (16, 512)
+    attn_p = attention_flops(dev, dtype, rows_p, heads, hd, s_p, s_p)
+    rows_d, t_d = (8, 256) if quick else (32, 544)
+    attn_d = attention_flops(dev, dtype, rows_d, heads, hd, 1, t_d)
+    log("dequantization")
+    dq = dequant_rate(dev, dtype, (1 << 20) if quick else (16 << 20))
+    log("host attention")
+    if device == "cpu":
+        cpu_mm, cpu_attn, cpu_dq = mm, attn_d, dq
+        # The engine attends on the host in float32 (cpu_cache_compute); on a CPU machine
+        # this is the compute device itself, so keep the device's numbers.
+    else:
+        cpu_mm = matmul_flops(host, torch.float32, 256, 1024, 2048)
+        cpu_attn = attention_flops(host, torch.float32, rows_d, heads, hd, 1, t_d)
+        cpu_dq = dequant_rate(host, torch.float32, (1 << 20) if quick else (8 << 20))
+    log("host <-> device transfers")
+    c2g, g2c = transfer_bandwidth(dev, big)
+    log("disk")
+    d_read, d_write, note = disk_bandwidth(Path(offload_dir), (32 << 20) if quick else (512 << 20))
+    notes.append(note + f" in {offload_dir}")
+    log("per-layer overhead")
+    overhead = layer_overhead(dev, dtype)
+    try:
+        disk_free = shutil.disk_usage(offload_dir).free
+    except OSError:
+        disk_free = 0
+    if quick:
+        notes.append("--quick: small kernels, rough numbers")
+
+    return HardwareProfile(
+        name=name or f"{platform.node() or 'this machine'}-{device}",
+        device=desc,
+        compute_device=device,
+        compute_dtype=dtype_name,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        gpu_mem=int(gpu_mem), cpu_mem=int(cpu_mem), disk_mem=int(max(disk_free, 1)),
+        gpu_reserved=int(gpu_reserved), cpu_reserved=int(min(2 * GIB, cpu_mem // 8)),
+        unified_memory=unified,
+        cpu_to_gpu_bw=c2g, gpu_to_cpu_bw=g2c, disk_read_bw=d_read, disk_write_bw=d_write,
+        gpu_matmul_flops=mm, gpu_mem_bw=mem_bw, gpu_attn_flops_prefill=attn_p, gpu_attn_flops_decode=attn_d,
+        gpu_dequant_rate=dq, cpu_matmul_flops=cpu_mm, cpu_attn_flops=cpu_attn, cpu_dequant_rate=cpu_dq,
+        layer_overhead=overhead, notes="; ".join(notes),
+    )
