@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="named size (opt-125m ... opt-175b), a Hugging Face "
                    "checkpoint directory, or a Hugging Face id in the local cache")
     p.add_argument("--dummy", action="store_true", help="deterministic random weights (no checkpoint needed)")
-    p.add_argument("--policy", metavar="FILE", help="a policy JSON file (e.g. policies/opt-30b.json); "
+    p.add_argument("--policy", metavar="FILE", help="a policy JSON file (e.g. policies/paper_opt-30b.json); "
                    "flags given explicitly override it")
     p.add_argument("--percent", nargs=6, type=float, metavar=("WG", "WC", "CG", "CC", "HG", "HC"),
                    help="percent of weights, KV cache and activations on gpu and cpu; disk holds the rest "

@@ -1,15 +1,16 @@
 """Cost model: I/O, compute, time and peak memory of one policy on one machine.
 
-Everything the model predicts is *linear* in the nine placement fractions
+Once the block (gpu_batch_size x num_gpu_batches), the flags and the lengths are fixed,
+everything the model predicts is *linear* in the nine placement fractions
 
     wg wc wd   weights on gpu / cpu / disk (share of every layer's bytes)
     cg cc cd   KV cache rows (sequences) of every gpu batch
     hg hc hd   hidden-state rows (activations between layers)
 
-once the block (gpu_batch_size x num_gpu_batches), the flags and the lengths are fixed.
-`BlockModel` builds those linear expressions (`Lin`) once; `estimate()` evaluates them
-at a concrete policy and the linear program in `solver.py` optimises over them, so the
-two can never disagree.
+except a few all-or-nothing buffers (`Switched`: e.g. the two working slots of a layer
+exist as soon as wg < 1), which the program models with one binary each.
+`BlockModel` builds these expressions once; `estimate()` evaluates them at a concrete
+policy and the program in `solver.py` optimises over them, so the two never disagree.
 
 The schedule modelled is the engine's zig-zag block schedule. Layers are streamed as
 [input embedding, (attention, mlp) x L, output embedding]. While layer j computes for
@@ -40,6 +41,7 @@ from typing import Mapping
 
 from flexgen.models.opt import ModelArgs, layer_specs
 from flexgen.optimizer.hardware import HardwareProfile
+from flexgen.placement import split_rows as engine_split_rows
 from flexgen.policy import Policy
 
 VARS = ("wg", "wc", "wd", "cg", "cc", "cd", "hg", "hc", "hd")
@@ -115,45 +117,64 @@ def lsum(items) -> Lin:
     return out
 
 
-@dataclass(frozen=True)
-class EngineConstants:
-    """How the engine allocates and moves data. Change these when the engine changes.
+class Switched:
+    """`amount` bytes that exist only while `trigger` (>= 0 on the unit cube) is positive.
 
-    attn_score_bytes: peak bytes per prefill attention-score element (gbs, heads, s, s) on
-    the compute device. 4 = one fp32 score tensor. `models/opt._attend` as written keeps
-    the fp16 matmul output, its fp32 copy, an out-of-place masked_fill and a fp32 softmax
-    plus its fp16 cast alive together: about 10 bytes per element. See the report.
+    The engine allocates some buffers all-or-nothing: working copies of a layer exist
+    as soon as any of it is off the gpu tier, a staging buffer as soon as any of it is
+    on disk. In the linear program each trigger gets a binary (see `solver.build_lp`).
     """
 
-    weight_buffers: int = 2       # layers in flight on the compute device: current + prefetched
-    cache_buffers: int = 2        # (layer, gpu batch) cache working sets in flight
-    hidden_buffers: int = 3       # non-gpu hidden rows on the device: current, prefetched, being stored
-    attn_score_bytes: float = 4.0
-    quant_group: int = 64         # 4-bit group size; each group carries an fp16 (scale, min) pair
+    __slots__ = ("key", "amount", "trigger")
+
+    def __init__(self, key: str, amount, trigger: Lin):
+        self.key = key                       # triggers with the same key share one binary
+        self.amount = Lin._lift(amount)
+        self.trigger = trigger
+
+    def on(self, x: Mapping[str, float]) -> bool:
+        return self.trigger.value(x) > 1e-9
+
+    def value(self, x: Mapping[str, float]) -> float:
+        return self.amount.value(x) if self.on(x) else 0.0
+
+
+@dataclass(frozen=True)
+class EngineConstants:
+    """How the engine allocates; change these when the engine changes.
+
+    attn_score_bytes: peak bytes per attention-score element (gbs, heads, s, t) on the
+    compute device. `models/opt._attend` keeps the matmul output (2, fp16), its fp32
+    copy (4) and an out-of-place masked_fill (4) alive at once, then the fp32 softmax (4)
+    and its cast (2) while `scores` (4) is still referenced: 10 bytes per element.
+    An in-place masked_fill_ and dropping `scores` before the cast would make it 6.
+    """
+
+    weight_slots: int = 2          # working copies of a layer on the compute device: current + next
+    max_cache_in_flight: int = 3   # (layer, batch) cache working sets: storing, computing, prefetching
+    attn_score_bytes: float = 10.0
+    quant_group: int = 64          # 4-bit groups with an fp16 (scale, min) pair each
     quant_bits: int = 4
-    storage_bytes: int = 2        # uncompressed weights and cache are stored fp16 on every tier
-    host_attn_bytes: int = 4      # the host attends in fp32 (CPUs lack fast fp16 kernels)
 
 
 DEFAULT_ENGINE = EngineConstants()
 
 
 def quantized_bytes(numel: int, engine: EngineConstants = DEFAULT_ENGINE) -> float:
-    """Bytes of `numel` values in 4-bit groups of 64 with an fp16 (scale, min) per group."""
+    """Bytes of `numel` values in 4-bit groups with an fp16 (scale, min) per group."""
     groups = math.ceil(numel / engine.quant_group)
-    return groups * (engine.quant_group * engine.quant_bits / 8 + 4)
+    return numel * engine.quant_bits / 8 + groups * 4
 
 
 def split_rows(gbs: int, gpu_percent: float, cpu_percent: float) -> tuple[int, int, int]:
-    """Rows (sequences) of a gpu batch on gpu / cpu / disk, as the engine splits them."""
-    rg = min(gbs, int(round(gbs * gpu_percent / 100)))
-    rc = min(gbs - rg, int(round(gbs * cpu_percent / 100)))
-    return rg, rc, gbs - rg - rc
+    """Rows (sequences) of a gpu batch on gpu / cpu / disk, exactly as the engine splits them."""
+    r = engine_split_rows(gbs, gpu_percent, cpu_percent)
+    return r.gpu, r.cpu, r.disk
 
 
 def fractions_of(policy: Policy) -> dict[str, float]:
     """The placement fractions the engine achieves for `policy` (whole rows for cache and
-    hidden states; weights split at 4 KiB granularity, i.e. as given)."""
+    hidden states; weights split at 64-byte granularity, i.e. as given)."""
     b = policy.gpu_batch_size
     rg, rc, rd = split_rows(b, policy.cache_gpu_percent, policy.cache_cpu_percent)
     ag, ac, ad = split_rows(b, policy.act_gpu_percent, policy.act_cpu_percent)
@@ -168,7 +189,7 @@ def original_weight_split(args: ModelArgs, w_gpu_percent: float, w_cpu_percent: 
     The original placed whole tensors: in each layer, a tensor went to disk, cpu or gpu
     (in that order of the cumulative percents) by the position of its midpoint in the
     layer's bytes. So `--percent 20 80 ...` on OPT-30B put only the attention out_proj
-    on the GPU: 8.3 % of the bytes, not 20 %. This engine honours percents exactly, so a
+    on the GPU: 8.2 % of the bytes, not 20 %. This engine honours percents exactly, so a
     policy from the paper is replayed here to compare like with like.
     """
     bounds = (100 - w_gpu_percent - w_cpu_percent, 100 - w_gpu_percent)  # disk | cpu | gpu
@@ -189,52 +210,46 @@ def original_weight_split(args: ModelArgs, w_gpu_percent: float, w_cpu_percent: 
 @dataclass(frozen=True)
 class LayerCost:
     kind: str
-    numel: int
-    stored: float        # bytes at rest (4-bit for 2-D tensors when compress_weight)
-    full: float          # bytes of the working copy on the compute device
-    matmul_params: int   # parameters multiplied per row (flops = 2 * rows * matmul_params)
+    stored: int           # bytes at rest on every tier (the weight store's layout, 4-bit if compressed)
+    slot: int             # bytes of a working slot for it (the layout, 4 KiB aligned)
+    full: int             # bytes of its weights dequantized to the compute dtype
+    matmul_params: int    # parameters multiplied per row (flops = 2 * rows * matmul_params)
     quantized_numel: int  # values dequantized per load when compress_weight
 
 
 @functools.lru_cache(maxsize=64)
-def layer_costs(args: ModelArgs, compress_weight: bool, dtype_bytes: int,
-                engine: EngineConstants = DEFAULT_ENGINE) -> tuple[LayerCost, ...]:
-    """Every streamed layer's sizes, in execution order."""
+def layer_costs(args: ModelArgs, compress_weight: bool, dtype: str) -> tuple[LayerCost, ...]:
+    """Every streamed layer's sizes, in execution order, from the engine's own layouts."""
+    import torch
+
+    from flexgen.checkpoint import make_layout
+
+    tdtype = getattr(torch, dtype)
+    esize = torch.empty((), dtype=tdtype).element_size()
     out = []
     for spec in layer_specs(args):
-        stored = 0.0
-        qn = 0
-        for e in spec.entries:
-            if compress_weight and len(e.shape) >= 2:
-                # Grouped along the output channel: ceil(out / 64) groups per input column.
-                groups = math.ceil(e.shape[0] / engine.quant_group) * (e.numel // e.shape[0])
-                stored += groups * (engine.quant_group * engine.quant_bits / 8 + 4)
-                qn += e.numel
-            else:
-                stored += e.numel * engine.storage_bytes
-        if spec.kind == "input":
-            mm = 0  # a gather, not a matmul
-        else:
-            mm = sum(e.numel for e in spec.entries if len(e.shape) >= 2)
-        out.append(LayerCost(spec.kind, spec.numel, stored, spec.numel * dtype_bytes, mm, qn))
+        lay = make_layout(spec, tdtype, compress_weight)
+        mm = 0 if spec.kind == "input" else sum(e.numel for e in spec.entries if len(e.shape) >= 2)
+        qn = sum(e.numel for e in spec.entries if len(e.shape) >= 2) if compress_weight else 0
+        out.append(LayerCost(spec.kind, lay.nbytes, lay.file_bytes, spec.numel * esize, mm, qn))
     return tuple(out)
 
 
 @functools.lru_cache(maxsize=64)
-def _layer_table(args: ModelArgs, compress_weight: bool, dtype_bytes: int, engine: EngineConstants):
-    """Layer sizes, the largest pair of consecutive layers, and the distinct layer steps
-    ((this layer, next layer, how many such steps per pass))."""
-    layers = layer_costs(args, compress_weight, dtype_bytes, engine)
+def _layer_table(args: ModelArgs, compress_weight: bool, dtype: str):
+    """Layer sizes, the largest layer and pair of consecutive layers, and the distinct
+    layer steps ((this layer, next layer, how many such steps per pass))."""
+    layers = layer_costs(args, compress_weight, dtype)
     n = len(layers)
     pairs = [(layers[i], layers[(i + 1) % n]) for i in range(n)]
+    max_slot = max(l.slot for l in layers)
     pair_full = max(a.full + b.full for a, b in pairs)
-    pair_stored = max(a.stored + b.stored for a, b in pairs)
     groups: dict[tuple[str, str], list] = {}
     for layer, nxt in pairs:
         g = groups.setdefault((layer.kind, nxt.kind), [layer, nxt, 0])
         g[2] += 1
     steps = tuple((a, b, c) for a, b, c in groups.values())
-    return layers, sum(l.stored for l in layers), pair_full, pair_stored, steps
+    return layers, sum(l.stored for l in layers), max_slot, pair_full, steps
 
 
 @dataclass
@@ -254,12 +269,12 @@ class Interval:
 
 
 class BlockModel:
-    """The linear cost and memory expressions for one block, flag set and workload."""
+    """The cost and memory expressions for one block, flag set and workload."""
 
     def __init__(self, args: ModelArgs, prompt_len: int, gen_len: int, gpu_batch_size: int,
                  num_gpu_batches: int, hw: HardwareProfile, *, compress_weight: bool = False,
                  compress_cache: bool = False, cpu_cache_compute: bool = False, overlap: bool = True,
-                 weight_buffers: bool = True, engine: EngineConstants = DEFAULT_ENGINE):
+                 engine: EngineConstants = DEFAULT_ENGINE):
         if prompt_len < 1 or gen_len < 1:
             raise ValueError("prompt_len and gen_len must be >= 1")
         self.args, self.hw, self.engine = args, hw, engine
@@ -267,10 +282,9 @@ class BlockModel:
         self.b, self.nb = gpu_batch_size, num_gpu_batches
         self.compress_weight, self.compress_cache = compress_weight, compress_cache
         self.cpu_cache_compute, self.overlap = cpu_cache_compute, overlap
-        self.weight_buffers = weight_buffers
         self.dt = hw.dtype_bytes
-        (self.layers, self.weight_bytes, self.pair_full, self.pair_stored,
-         self._steps) = _layer_table(args, compress_weight, self.dt, engine)
+        (self.layers, self.weight_bytes, self.max_slot, self.pair_full,
+         self._steps) = _layer_table(args, compress_weight, hw.compute_dtype)
         self.decode_steps = gen_len - 1
         self.intervals = {p: self._intervals(p) for p in PHASES}
         self.memory = {p: self._memory(p) for p in PHASES}
@@ -281,7 +295,7 @@ class BlockModel:
         h = self.args.hidden_size
         if self.compress_cache:
             return 2 * quantized_bytes(h, self.engine)
-        return 2 * h * self.engine.storage_bytes
+        return 2 * h * self.dt
 
     @property
     def block_size(self) -> int:
@@ -293,7 +307,7 @@ class BlockModel:
         return [self._interval(phase, layer, nxt, count) for (layer, nxt, count) in self._steps]
 
     def _interval(self, phase: str, layer: LayerCost, nxt: LayerCost, count: int) -> Interval:
-        hw, a, e = self.hw, self.args, self.engine
+        hw, a = self.hw, self.args
         b, nb, dt, h = self.b, self.nb, self.dt, a.hidden_size
         V = Lin.var
         prefill = phase == "prefill"
@@ -338,10 +352,10 @@ class BlockModel:
                     gpu += nb * 2 * b * self.s * h / hw.gpu_dequant_rate
             else:
                 io["cpu->disk"] += nb * disk_rows * tok           # the new token's K, V
+                io["disk->cpu"] += nb * disk_rows * t_load * tok
                 if self.cpu_cache_compute:
-                    # Non-gpu rows attend on the host: disk rows are read into host memory;
-                    # q, k, v of those rows go down and the attention output comes back.
-                    io["disk->cpu"] += nb * disk_rows * t_load * tok
+                    # Non-gpu rows attend on the host: q, k, v of those rows go down and
+                    # the attention output comes back; cache rows stay where they are.
                     io["gpu->cpu"] += nb * non_gpu * 3 * h * dt
                     io["cpu->gpu"] += nb * non_gpu * h * dt
                     dev_rows = b * V("cg")
@@ -349,7 +363,6 @@ class BlockModel:
                     if self.compress_cache:
                         host += nb * 2 * non_gpu * t_att * h / hw.cpu_dequant_rate
                 else:
-                    io["disk->cpu"] += nb * disk_rows * t_load * tok
                     io["cpu->gpu"] += nb * non_gpu * t_load * tok
                     io["gpu->cpu"] += nb * non_gpu * tok
                     dev_rows = Lin(b)
@@ -363,7 +376,24 @@ class BlockModel:
         return Interval(name, count, io, load, store, gpu, host)
 
     # -- memory ------------------------------------------------------------------------
-    def _memory(self, phase: str) -> dict[str, dict[str, Lin]]:
+    def _memory(self, phase: str) -> dict[str, dict[str, Lin | Switched]]:
+        """Peak bytes per tier, by component, following the engine's allocations:
+
+        weights   resident shares; two working slots of the largest layer on the device
+                  as soon as any weight is off it (weights.PlacedWeights); on CUDA two
+                  pinned staging slots in host memory as soon as any weight is on disk;
+                  with compression, the dequantized current and next layer.
+        kv cache  resident rows, allocated for prompt + generation (kvcache.KVCache);
+                  decode working K/V of (t+1, rows, h) for each (layer, batch) in flight,
+                  on the device for all rows unless the cache is wholly, uncompressed on
+                  the gpu tier; with cpu_cache_compute, for the host rows on the host unless
+                  they all sit uncompressed in host memory.
+        hidden    per gpu batch, the whole (gbs, s, h) output stays on the device while any
+                  of its rows lives there (activations.HiddenSlot keeps a view); host and
+                  disk rows are copies; while not resident, a loaded input, a prefetched
+                  one and one being stored are in flight.
+        compute   the largest layer's temporaries (attention scores at `attn_score_bytes`).
+        """
         a, e = self.args, self.engine
         b, nb, dt, h, f = self.b, self.nb, self.dt, a.hidden_size, a.ffn_dim
         L, nh, vocab = a.num_hidden_layers, a.num_attention_heads, a.vocab_size
@@ -374,73 +404,81 @@ class BlockModel:
         tok = self.cache_bytes_per_token()
         row_cache = t_max * tok                      # one row, one layer, stored
         row_work = 2 * t_max * h * dt                # one row, one layer, K+V working copy
-        row_host = 2 * t_max * h * (dt if self.hw.compute_device == "cpu" else e.host_attn_bytes)
         B = b * nb
-        hid = b * s_cur * h * dt                    # hidden of one gpu batch
+        hid = b * s_cur * h * dt                     # hidden of one gpu batch
+        cuda = self.hw.compute_device == "cuda"
+        in_flight = min(e.max_cache_in_flight, nb + 1)
 
-        gpu = {
+        gpu: dict[str, Lin | Switched] = {
             "weights": V("wg") * self.weight_bytes,
             "kv cache": V("cg") * (B * L * row_cache),
-            "hidden": V("hg") * (nb * hid),
-            "hidden buffers": (1 - V("hg")) * (e.hidden_buffers * hid),
+            "hidden": Switched("hg>0", nb * hid, V("hg")),
+            "layer output": Lin(hid),
+            "hidden buffers": Switched("hg<1", 3 * hid, 1 - V("hg")),
+            "weight slots": Switched("wg<1", e.weight_slots * self.max_slot, 1 - V("wg")),
         }
-        cpu = {
+        cpu: dict[str, Lin | Switched] = {
             "weights": V("wc") * self.weight_bytes,
             "kv cache": V("cc") * (B * L * row_cache),
             "hidden": V("hc") * (nb * hid),
-            "weight staging": V("wd") * (min(e.weight_buffers, 2) / 2 * self.pair_stored),
             "hidden staging": V("hd") * (2 * hid),
         }
-        disk = {
+        disk: dict[str, Lin | Switched] = {
             "weights": V("wd") * self.weight_bytes,
             "kv cache": V("cd") * (B * L * row_cache),
-            # Hidden rows on disk: the prompt-length buffers of prefill stay allocated.
+            # Hidden rows on disk: files sized for the prompt stay allocated.
             "hidden": V("hd") * (nb * b * self.s * h * dt),
         }
-        if self.weight_buffers:
-            wb = Lin(e.weight_buffers / 2 * self.pair_full)
-            if self.compress_weight:
-                wb = wb + (1 - V("wg")) * (e.weight_buffers / 2 * self.pair_stored)
-            gpu["weight buffers"] = wb
+        if cuda:
+            cpu["weight staging"] = Switched("wd>0", e.weight_slots * self.max_slot, V("wd"))
+        if self.compress_weight:
+            gpu["dequantized weights"] = Lin(self.pair_full)
         if prefill:
-            # The previous batch's K, V rows on their way to cpu / disk.
-            gpu["cache buffers"] = (1 - V("cg")) * (b * self.s * tok)
-            cpu["cache staging"] = V("cd") * (b * self.s * tok)
+            # The previous batch's K, V wait for their store; disk rows pass through host memory.
+            if self.compress_cache:
+                gpu["cache buffers"] = Lin(2 * b * self.s * h * dt)
+            else:
+                gpu["cache buffers"] = Switched("cg<1", 2 * b * self.s * h * dt, 1 - V("cg"))
+            cpu["cache staging"] = V("cd") * (b * self.s * h * dt)
             score = b * nh * self.s * self.s * e.attn_score_bytes + 2 * b * self.s * self.s
             attn = 4 * b * self.s * h * dt + score
             mlp = b * self.s * (h + 2 * f) * dt
+            inp = 3 * b * self.s * h * dt
         else:
-            k = e.cache_buffers
+            work = in_flight * b * row_work
             if self.cpu_cache_compute:
-                cb = Lin()
+                gpu["cache buffers"] = V("cg") * work if self.compress_cache else Lin()
                 if self.compress_cache:
-                    cb = V("cg") * (k * b * row_work)
-                gpu["cache buffers"] = cb
-                cpu["cache staging"] = (V("cd") * (k * b * row_cache)
-                                        + (V("cc") + V("cd")) * (k * b * row_host))
+                    cpu["cache buffers"] = (V("cc") + V("cd")) * work
+                else:
+                    cpu["cache buffers"] = Switched("cd>0", (V("cc") + V("cd")) * work, V("cd"))
             else:
-                cb = (1 - V("cg")) * (k * b * row_work)
                 if self.compress_cache:
-                    cb = Lin(k * b * row_work) + (1 - V("cg")) * (k * b * row_cache)
-                gpu["cache buffers"] = cb
-                cpu["cache staging"] = V("cd") * (k * b * row_cache)
+                    gpu["cache buffers"] = Lin(work)
+                else:
+                    gpu["cache buffers"] = Switched("cg<1", work, 1 - V("cg"))
+            cpu["cache staging"] = V("cd") * (in_flight * b * row_cache)
             score = b * nh * t_max * e.attn_score_bytes + 2 * b * t_max
             attn = 4 * b * h * dt + score
             mlp = b * (h + 2 * f) * dt
-        out = b * vocab * (dt + 4)                   # logits, then their fp32 copy
-        gpu["compute"] = Lin(max(attn, mlp, out))
+            inp = 3 * b * h * dt
+        out = b * vocab * (dt + 4 + 8)               # logits, their fp32 copy, sampling
+        gpu["compute"] = Lin(max(attn, mlp, out, inp))
         return {"gpu": gpu, "cpu": cpu, "disk": disk}
 
-    def memory_total(self, phase: str, tier: str) -> Lin:
-        return lsum(self.memory[phase][tier].values())
+    def memory_terms(self, phase: str, tier: str) -> list:
+        return list(self.memory[phase][tier].values())
+
+    def memory_total(self, phase: str, tier: str, x: Mapping[str, float]) -> float:
+        return sum(t.value(x) for t in self.memory[phase][tier].values())
 
     # -- evaluation --------------------------------------------------------------------
     def interval_time(self, iv: Interval, x: Mapping[str, float]) -> tuple[float, str]:
         """Seconds of one interval and the stream that bounds it."""
         parts = {"load": iv.load.value(x), "store": iv.store.value(x), "compute": iv.compute.value(x)}
-        if not self.overlap:
-            return sum(parts.values()), max(parts, key=parts.get)
         which = max(parts, key=parts.get)
+        if not self.overlap:
+            return sum(parts.values()), which
         return parts[which], which
 
 
@@ -552,19 +590,11 @@ def evaluate(model: BlockModel, x: Mapping[str, float], policy: Policy) -> Estim
         fractions=dict(x))
 
 
-def needs_weight_buffers(policy: Policy, hw: HardwareProfile, engine: EngineConstants = DEFAULT_ENGINE) -> bool:
-    """Working copies of layers exist unless every weight sits on the device, uncompressed,
-    in the compute dtype."""
-    return (policy.w_gpu_percent < 100 or policy.compress_weight
-            or hw.dtype_bytes != engine.storage_bytes)
-
-
 def block_model_for(args: ModelArgs, policy: Policy, prompt_len: int, gen_len: int,
                     hw: HardwareProfile, engine: EngineConstants = DEFAULT_ENGINE) -> BlockModel:
     return BlockModel(args, prompt_len, gen_len, policy.gpu_batch_size, policy.num_gpu_batches, hw,
                       compress_weight=policy.compress_weight, compress_cache=policy.compress_cache,
-                      cpu_cache_compute=policy.cpu_cache_compute, overlap=policy.overlap,
-                      weight_buffers=needs_weight_buffers(policy, hw, engine), engine=engine)
+                      cpu_cache_compute=policy.cpu_cache_compute, overlap=policy.overlap, engine=engine)
 
 
 def estimate(model_args: ModelArgs, policy: Policy, prompt_len: int, gen_len: int,

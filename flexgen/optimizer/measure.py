@@ -277,7 +277,9 @@ def measure_hardware(offload_dir: str | Path, quick: bool = False, device: str |
     d_read, d_write, note = disk_bandwidth(Path(offload_dir), (32 << 20) if quick else (512 << 20))
     notes.append(note + f" in {offload_dir}")
     log("per-layer overhead")
-    overhead = layer_overhead(dev, dtype)
+    # Dispatch cost, timed in float32 on a CPU: tiny bf16 GEMMs take a slow path there
+    # that real layer sizes do not.
+    overhead = layer_overhead(dev, dtype if device == "cuda" else torch.float32)
     try:
         disk_free = shutil.disk_usage(offload_dir).free
     except OSError:

@@ -24,8 +24,8 @@ import pulp
 from flexgen.errors import FlexGenError
 from flexgen.models.opt import ModelArgs
 from flexgen.optimizer.cost_model import (DEFAULT_ENGINE, GIB, PHASES, TIERS, VARS, BlockModel,
-                                          EngineConstants, Estimate, evaluate, fractions_of,
-                                          needs_weight_buffers)
+                                          EngineConstants, Estimate, Lin, evaluate, fractions_of,
+                                          split_rows)
 from flexgen.optimizer.hardware import HardwareProfile
 from flexgen.policy import Policy
 
@@ -123,7 +123,6 @@ class LPSolution:
     gpu_batch_size: int
     num_gpu_batches: int
     flags: Flags
-    weight_buffers: bool
     fractions: dict[str, float]
     total_time: float              # seconds for the whole block (prefill + decode)
     model: BlockModel
@@ -142,16 +141,25 @@ class LPCounter:
         self.solves = 0
 
 
+def _upper_bound(e: Lin) -> float:
+    """Largest value of `e` over the unit cube (a big-M for it)."""
+    return e.const + sum(c for c in e.coef.values() if c > 0)
+
+
 def build_lp(model: BlockModel, budgets: Budgets, fixed: dict[str, float] | None = None,
              slack: bool = False):
-    """The LP for one BlockModel. With `slack`, memory limits get a slack per tier and the
-    objective is the total slack (in GiB): how far from feasible the block is."""
+    """The program for one BlockModel: minimise the block's time subject to the budgets.
+
+    Variables: the nine fractions, one time per distinct layer step and phase (bounded
+    below by its load, store and compute streams), and one binary per all-or-nothing
+    buffer (`Switched`), which must be 1 when its trigger is positive. Memory is in GiB.
+    With `slack`, every tier's limit gets a slack variable and the objective is their
+    sum: how far from feasible the block is.
+    """
     prob = pulp.LpProblem("flexgen_policy", pulp.LpMinimize)
     x = {v: pulp.LpVariable(v, lowBound=0, upBound=1) for v in VARS}
     for group in (("wg", "wc", "wd"), ("cg", "cc", "cd"), ("hg", "hc", "hd")):
         prob += pulp.lpSum(x[v] for v in group) == 1, f"sum_{group[0][0]}"
-    if not model.weight_buffers:
-        prob += x["wg"] == 1, "weights_resident"
     for k, v in (fixed or {}).items():
         prob += x[k] == v, f"fixed_{k}"
 
@@ -170,6 +178,24 @@ def build_lp(model: BlockModel, budgets: Budgets, fixed: dict[str, float] | None
                 prob += t >= (streams[0] + streams[1] + streams[2]).to_pulp(x), f"T_{phase}_{i}"
             objective.append(iv.count * reps * t)
 
+    binaries: dict[str, pulp.LpVariable] = {}
+    n_aux = [0]
+
+    def term(tm):
+        if isinstance(tm, Lin):
+            return (tm / GIB).to_pulp(x)
+        z = binaries.get(tm.key)
+        if z is None:
+            z = binaries[tm.key] = pulp.LpVariable(f"z_{len(binaries)}", cat="Binary")
+            prob.addConstraint(tm.trigger.to_pulp(x) <= z, f"trigger_{len(binaries)}")
+        amount = tm.amount / GIB
+        if not amount.coef:
+            return amount.const * z
+        n_aux[0] += 1
+        w = pulp.LpVariable(f"w_{n_aux[0]}", lowBound=0)
+        prob.addConstraint(w >= amount.to_pulp(x) - _upper_bound(amount) * (1 - z), f"switched_{n_aux[0]}")
+        return w
+
     slacks = {}
     if slack:
         slacks = {tier: pulp.LpVariable(f"slack_{tier}", lowBound=0) for tier in TIERS}
@@ -181,17 +207,12 @@ def build_lp(model: BlockModel, budgets: Budgets, fixed: dict[str, float] | None
             continue
         totals = {}
         for tier in TIERS:
-            # In GiB: keeps the LP's coefficients within a few orders of magnitude.
-            totals[tier] = model.memory_total(phase, tier) / GIB
-            rhs = budgets.of(tier) / GIB
-            lhs = totals[tier].to_pulp(x)
-            if slack:
-                prob += lhs <= rhs + slacks[tier], f"mem_{phase}_{tier}"
-            else:
-                prob += lhs <= rhs, f"mem_{phase}_{tier}"
+            totals[tier] = pulp.lpSum(term(tm) for tm in model.memory_terms(phase, tier))
+            rhs = budgets.of(tier) / GIB + (slacks[tier] if slack else 0)
+            prob += totals[tier] <= rhs, f"mem_{phase}_{tier}"
         if budgets.combined is not None:
-            lhs = (totals["gpu"] + totals["cpu"]).to_pulp(x)
-            prob += lhs <= budgets.combined / GIB + (slacks["cpu"] if slack else 0), f"mem_{phase}_combined"
+            prob += (totals["gpu"] + totals["cpu"] <= budgets.combined / GIB + (slacks["cpu"] if slack else 0),
+                     f"mem_{phase}_combined")
     return prob, x, slacks
 
 
@@ -200,33 +221,25 @@ def _solve(prob) -> bool:
     return pulp.LpStatus[status] == "Optimal"
 
 
+def block_model(args: ModelArgs, prompt_len: int, gen_len: int, gpu_batch_size: int, num_gpu_batches: int,
+                hw: HardwareProfile, flags: Flags, engine: EngineConstants = DEFAULT_ENGINE) -> BlockModel:
+    return BlockModel(args, prompt_len, gen_len, gpu_batch_size, num_gpu_batches, hw,
+                      compress_weight=flags.compress_weight, compress_cache=flags.compress_cache,
+                      cpu_cache_compute=flags.cpu_cache_compute, overlap=flags.overlap, engine=engine)
+
+
 def solve_block(args: ModelArgs, prompt_len: int, gen_len: int, gpu_batch_size: int, num_gpu_batches: int,
                 hw: HardwareProfile, budgets: Budgets, flags: Flags, engine: EngineConstants = DEFAULT_ENGINE,
                 fixed: dict[str, float] | None = None, counter: LPCounter | None = None) -> LPSolution | None:
     """Best placement for one block and flag set, or None when no placement fits."""
-    variants = [True]
-    if not flags.compress_weight and hw.dtype_bytes == engine.storage_bytes:
-        variants.append(False)   # every weight resident on the device: no working copies
-    best = None
-    for weight_buffers in variants:
-        model = BlockModel(args, prompt_len, gen_len, gpu_batch_size, num_gpu_batches, hw,
-                           compress_weight=flags.compress_weight, compress_cache=flags.compress_cache,
-                           cpu_cache_compute=flags.cpu_cache_compute, overlap=flags.overlap,
-                           weight_buffers=weight_buffers, engine=engine)
-        if not weight_buffers and model.weight_bytes > budgets.gpu:
-            continue
-        if fixed and not weight_buffers and fixed.get("wg", 1) != 1:
-            continue
-        prob, x, _ = build_lp(model, budgets, fixed)
-        if counter:
-            counter.solves += 1
-        if not _solve(prob):
-            continue
-        fr = {v: min(1.0, max(0.0, x[v].value() or 0.0)) for v in VARS}
-        total = pulp.value(prob.objective)
-        if best is None or total < best.total_time:
-            best = LPSolution(gpu_batch_size, num_gpu_batches, flags, weight_buffers, fr, total, model)
-    return best
+    model = block_model(args, prompt_len, gen_len, gpu_batch_size, num_gpu_batches, hw, flags, engine)
+    prob, x, _ = build_lp(model, budgets, fixed)
+    if counter:
+        counter.solves += 1
+    if not _solve(prob):
+        return None
+    fr = {v: min(1.0, max(0.0, x[v].value() or 0.0)) for v in VARS}
+    return LPSolution(gpu_batch_size, num_gpu_batches, flags, fr, pulp.value(prob.objective), model)
 
 
 # ---------------------------------------------------------------------------------------
@@ -271,7 +284,7 @@ def round_solution(sol: LPSolution, args: ModelArgs, hw: HardwareProfile, budget
                if pg + pc <= 100}
     c_pairs = _row_pairs(b, fr["cg"], fr["cc"])
     h_pairs = _row_pairs(b, fr["hg"], fr["hc"])
-    models = {}
+    model = sol.model
     best = None
     seen = set()
     for (wg, wc), (cg, cc), (hg, hc) in itertools.product(w_pairs, c_pairs, h_pairs):
@@ -286,19 +299,34 @@ def round_solution(sol: LPSolution, args: ModelArgs, hw: HardwareProfile, budget
         if key in seen:
             continue
         seen.add(key)
-        wb = needs_weight_buffers(policy, hw, engine)
-        if wb not in models:
-            models[wb] = BlockModel(args, sol.model.s, sol.model.n, b, sol.num_gpu_batches, hw,
-                                    compress_weight=sol.flags.compress_weight,
-                                    compress_cache=sol.flags.compress_cache,
-                                    cpu_cache_compute=sol.flags.cpu_cache_compute,
-                                    overlap=sol.flags.overlap, weight_buffers=wb, engine=engine)
-        est = evaluate(models[wb], x, policy)
+        est = evaluate(model, x, policy)
         if check_budgets(est, budgets):
             continue
         if best is None or est.throughput > best[1].throughput:
             best = (policy, est)
+    if best is not None:
+        policy = canonical_percents(best[0])
+        best = (policy, best[1])
+        best[1].policy = policy
     return best
+
+
+def canonical_percents(policy: Policy) -> Policy:
+    """The same placement with the plainest whole percents: rows split as before, but e.g.
+    100/0 rather than 99/0 when 99 % of a small batch already rounds to every row."""
+    d = policy.to_dict()
+    b = policy.gpu_batch_size
+    for kind in ("cache", "act"):
+        g, c = d[f"{kind}_gpu_percent"], d[f"{kind}_cpu_percent"]
+        rows = split_rows(b, g, c)
+        pg = _percent_for_rows(b, rows[0])
+        if pg is None:
+            continue
+        pc = 100 - pg if rows[2] == 0 else _percent_for_rows(b, rows[1])
+        if pc is None or pg + pc > 100 or split_rows(b, pg, pc) != rows:
+            continue
+        d[f"{kind}_gpu_percent"], d[f"{kind}_cpu_percent"] = float(pg), float(pc)
+    return Policy.from_dict(d)
 
 
 # ---------------------------------------------------------------------------------------
@@ -483,9 +511,14 @@ def search_detailed(model_args: ModelArgs, prompt_len: int, gen_len: int, hw: Ha
     if not rounded:
         raise FlexGenError("the linear program found placements, but none survives rounding to whole "
                            "percents within the budgets; give a little more memory")
-    rounded.sort(key=lambda r: -r[1].throughput)
+    # Best first; on (near) ties prefer fewer flags: simpler to run, nothing to gain.
+    rounded.sort(key=lambda r: (-float(f"{r[1].throughput:.6g}"), _n_flags(r[0])))
     policy, est = rounded[0]
     return SearchResult(policy, est, counter.solves, rounded)
+
+
+def _n_flags(p: Policy) -> int:
+    return int(p.compress_weight) + int(p.compress_cache) + int(p.cpu_cache_compute)
 
 
 def search(model_args: ModelArgs, prompt_len: int, gen_len: int, hw: HardwareProfile,
@@ -514,9 +547,7 @@ def infeasible_message(args: ModelArgs, prompt_len: int, gen_len: int, hw: Hardw
     """Why nothing fits: the least extra memory (per tier) that makes the smallest block fit."""
     best = None
     for flags in flag_sets:
-        model = BlockModel(args, prompt_len, gen_len, gbs, ngb, hw, compress_weight=flags.compress_weight,
-                           compress_cache=flags.compress_cache, cpu_cache_compute=flags.cpu_cache_compute,
-                           overlap=flags.overlap, weight_buffers=True, engine=engine)
+        model = block_model(args, prompt_len, gen_len, gbs, ngb, hw, flags, engine)
         prob, x, slacks = build_lp(model, budgets, slack=True)
         if not _solve(prob):
             continue
@@ -533,11 +564,12 @@ def infeasible_message(args: ModelArgs, prompt_len: int, gen_len: int, hw: Hardw
             continue
         need = budgets.of(tier) + short[tier]
         phase = max(PHASES if model.decode_steps else ("prefill",),
-                    key=lambda p: model.memory_total(p, tier).value(fr))
+                    key=lambda p: model.memory_total(p, tier, fr))
         comps = {k: v.value(fr) for k, v in model.memory[phase][tier].items()}
         what = max(comps, key=comps.get)
-        parts.append(f"needs at least {_gib(need)} of {tier} memory (mostly {what}, in {phase}) at "
-                     f"gpu batch size {gbs} x {ngb} gpu batches; {_reserve_note(budgets, tier)}")
+        parts.append(f"needs at least {_gib(need)} of {tier} memory (mostly for the {what}, in {phase}) even "
+                     f"at gpu batch size {gbs} x {ngb}; {_reserve_note(budgets, tier)}: "
+                     f"{_gib(short[tier])} more needed")
     if not parts:
         parts.append("the budgets are too tight for the smallest block")
     hint = ""

@@ -1,0 +1,222 @@
+"""`python -m flexgen policy ...` and `python -m flexgen profile ...`.
+
+Both entry points take argv without the subcommand and return an exit code; user errors
+raise FlexGenError (the top-level CLI prints it on one line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from flexgen.errors import FlexGenError
+from flexgen.models.opt import ModelArgs
+from flexgen.optimizer.cost_model import GIB, estimate
+from flexgen.optimizer.hardware import HardwareProfile, default_profile_path, load_hardware
+from flexgen.optimizer.report import format_estimate
+from flexgen.optimizer.solver import Budgets, check_budgets, search_detailed
+from flexgen.policy import Policy
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise FlexGenError(f"{self.prog}: {message}")
+
+
+def model_args_for(model: str) -> ModelArgs:
+    """A named size (opt-30b, facebook/opt-30b) or a checkpoint directory with config.json."""
+    p = Path(model)
+    if p.is_dir():
+        cfg = p / "config.json"
+        if not cfg.is_file():
+            raise FlexGenError(f"{model}: no config.json in this directory")
+        return ModelArgs.from_config_file(cfg, name=p.name)
+    return ModelArgs.from_name(model)
+
+
+def _gib_arg(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a non-negative size in GiB, got {text!r}")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def policy_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="flexgen policy",
+        description="Choose an offloading policy with the cost model and a linear program, or "
+                    "(with --percent or --policy) predict the throughput and memory of a given one.",
+        epilog="Memory sizes are in GiB (2^30 bytes), as in the original FlexGen, whose 'GB' was 2^30. "
+               "The hardware profile's reserves (CUDA context, the process itself) are taken off the "
+               "gpu and cpu budgets. Without --hardware, the profile measured by `flexgen profile` "
+               f"({default_profile_path()}) is used.")
+    p.add_argument("--model", required=True, help="opt-125m ... opt-175b, or a checkpoint directory")
+    p.add_argument("--prompt-len", type=_positive_int, default=512)
+    p.add_argument("--gen-len", type=_positive_int, default=32)
+    p.add_argument("--gpu-mem", type=_gib_arg, help="GiB of accelerator memory to use (default: the profile's)")
+    p.add_argument("--cpu-mem", type=_gib_arg, help="GiB of host memory to use (default: the profile's)")
+    p.add_argument("--disk-mem", type=_gib_arg, help="GiB of disk to use (default: the profile's)")
+    p.add_argument("--hardware", help="hardware profile: a bundled name (t4) or a JSON file")
+    p.add_argument("--compress-weight", action="store_true",
+                   help="allow 4-bit weights (search) / use them (with --percent)")
+    p.add_argument("--compress-cache", action="store_true",
+                   help="allow a 4-bit KV cache (search) / use it (with --percent)")
+    ccc = p.add_mutually_exclusive_group()
+    ccc.add_argument("--cpu-cache-compute", dest="cpu_cache_compute", action="store_const", const=True,
+                     help="attend on the host for cache rows not on the gpu (search: force it on)")
+    ccc.add_argument("--no-cpu-cache-compute", dest="cpu_cache_compute", action="store_const", const=False,
+                     help="search: never attend on the host")
+    p.add_argument("--no-overlap", action="store_true", help="model a run without I/O-compute overlap")
+    p.add_argument("--percent", nargs=6, type=float, metavar=("WG", "WC", "CG", "CC", "HG", "HC"),
+                   help="evaluate this placement instead of searching")
+    p.add_argument("--gpu-batch-size", type=_positive_int,
+                   help="with --percent: the gpu batch size; when searching: fix it")
+    p.add_argument("--num-gpu-batches", type=_positive_int,
+                   help="with --percent: the number of gpu batches (default 1); when searching: fix it")
+    p.add_argument("--policy", help="evaluate a policy JSON file instead of searching")
+    p.add_argument("--save", metavar="FILE", help="write the chosen / evaluated policy to FILE (JSON)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    return p
+
+
+def policy_main(argv: list[str]) -> int:
+    args = policy_parser().parse_args(argv)
+    model = model_args_for(args.model)
+    hw = load_hardware(args.hardware)
+    gib = lambda v: None if v is None else v * GIB  # noqa: E731
+    budgets = Budgets.from_request(hw, gib(args.gpu_mem), gib(args.cpu_mem), gib(args.disk_mem))
+    if args.prompt_len + args.gen_len > model.max_position_embeddings:
+        raise FlexGenError(f"--prompt-len + --gen-len = {args.prompt_len + args.gen_len} exceeds the "
+                           f"{model.max_position_embeddings} positions of {model.name}")
+    if args.percent is not None and args.policy is not None:
+        raise FlexGenError("give either --percent or --policy, not both")
+
+    lp_solves = None
+    if args.percent is not None or args.policy is not None:
+        mode = "evaluate"
+        if args.policy is not None:
+            policy = Policy.load(args.policy)
+            over = {k: True for k in ("compress_weight", "compress_cache") if getattr(args, k)}
+            if args.cpu_cache_compute is not None:
+                over["cpu_cache_compute"] = args.cpu_cache_compute
+            for k, v in (("gpu_batch_size", args.gpu_batch_size), ("num_gpu_batches", args.num_gpu_batches)):
+                if v is not None:
+                    over[k] = v
+            if args.no_overlap:
+                over["overlap"] = False
+            if over:
+                policy = Policy.from_dict(policy.to_dict() | over)
+        else:
+            if args.gpu_batch_size is None:
+                raise FlexGenError("--percent needs --gpu-batch-size (and --num-gpu-batches, default 1)")
+            policy = Policy.from_percent(
+                args.percent, gpu_batch_size=args.gpu_batch_size, num_gpu_batches=args.num_gpu_batches or 1,
+                cpu_cache_compute=bool(args.cpu_cache_compute), compress_weight=args.compress_weight,
+                compress_cache=args.compress_cache, overlap=not args.no_overlap)
+        est = estimate(model, policy, args.prompt_len, args.gen_len, hw)
+        check_budgets(est, budgets)
+        if est.shortfalls:
+            raise FlexGenError("this policy does not fit: " + "; ".join(est.shortfalls))
+    else:
+        mode = "search"
+        res = search_detailed(model, args.prompt_len, args.gen_len, hw, gib(args.gpu_mem), gib(args.cpu_mem),
+                              gib(args.disk_mem), allow_compress_weight=args.compress_weight,
+                              allow_compress_cache=args.compress_cache, cpu_cache_compute=args.cpu_cache_compute,
+                              overlap=not args.no_overlap, gpu_batch_size=args.gpu_batch_size,
+                              num_gpu_batches=args.num_gpu_batches)
+        policy, est, lp_solves = res.policy, res.estimate, res.lp_solves
+
+    if args.save:
+        Path(args.save).write_text(json.dumps({
+            "policy": policy.to_dict(), "model": model.name, "prompt_len": args.prompt_len,
+            "gen_len": args.gen_len, "hardware": hw.name, "predicted_throughput": est.throughput}, indent=2) + "\n")
+
+    if args.json:
+        out = {"mode": mode, "policy": policy.to_dict(), "throughput": est.throughput,
+               "memory": est.memory, "bottleneck": est.bottleneck, "hardware": hw.name,
+               "budgets": budgets.to_dict(), "estimate": est.to_dict()}
+        if lp_solves is not None:
+            out["lp_solves"] = lp_solves
+        print(json.dumps(out))
+    else:
+        title = (f"{model.name}: prompt {args.prompt_len}, generate {args.gen_len}, hardware {hw.name} — "
+                 + ("chosen policy" if mode == "search" else "given policy"))
+        print(format_estimate(est, title))
+        if lp_solves is not None:
+            print(f"\n(searched {lp_solves} linear programs; run the engine with "
+                  f"--percent {' '.join(f'{v:g}' for v in policy.percent)} --gpu-batch-size "
+                  f"{policy.gpu_batch_size} --num-gpu-batches {policy.num_gpu_batches}"
+                  + "".join(f" --{k.replace('_', '-')}" for k in ("cpu_cache_compute", "compress_weight",
+                                                                   "compress_cache") if getattr(policy, k))
+                  + ")")
+    return 0
+
+
+def profile_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="flexgen profile",
+                description="Measure this machine (compute, memory, links, disk) into a hardware profile "
+                            "for `flexgen policy`.")
+    p.add_argument("--out", help=f"where to write the profile (default {default_profile_path()})")
+    p.add_argument("--offload-dir", default=str(Path(default_profile_path()).parent / "offload"),
+                   help="directory on the disk that will hold offloaded tensors (its bandwidth is measured)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="compute device (default: cuda when available)")
+    p.add_argument("--name", help="profile name (default: host name and device)")
+    p.add_argument("--quick", action="store_true", help="small kernels, a few seconds, rough numbers")
+    p.add_argument("--json", action="store_true", help="print the profile as JSON")
+    return p
+
+
+def format_profile(hw: HardwareProfile) -> str:
+    rows = [
+        ("device", f"{hw.device} [{hw.compute_device}, {hw.compute_dtype}]"),
+        ("memory", f"gpu {hw.gpu_mem / GIB:.1f} GiB (reserved {hw.gpu_reserved / GIB:.1f}), "
+                   f"cpu {hw.cpu_mem / GIB:.1f} GiB (reserved {hw.cpu_reserved / GIB:.1f}), "
+                   f"disk {hw.disk_mem / GIB:.0f} GiB" + (" [gpu tier is host memory]" if hw.unified_memory else "")),
+        ("cpu->gpu / gpu->cpu", f"{hw.cpu_to_gpu_bw / 1e9:.2f} / {hw.gpu_to_cpu_bw / 1e9:.2f} GB/s"),
+        ("disk read / write", f"{hw.disk_read_bw / 1e9:.2f} / {hw.disk_write_bw / 1e9:.2f} GB/s"),
+        ("device matmul", f"{hw.gpu_matmul_flops / 1e12:.3f} TFLOP/s, memory {hw.gpu_mem_bw / 1e9:.1f} GB/s"),
+        ("device attention", f"prefill {hw.gpu_attn_flops_prefill / 1e12:.3f}, decode "
+                             f"{hw.gpu_attn_flops_decode / 1e12:.4f} TFLOP/s"),
+        ("device dequant", f"{hw.gpu_dequant_rate / 1e9:.2f} G values/s"),
+        ("host", f"matmul {hw.cpu_matmul_flops / 1e12:.3f}, attention {hw.cpu_attn_flops / 1e12:.4f} TFLOP/s, "
+                 f"dequant {hw.cpu_dequant_rate / 1e9:.2f} G values/s"),
+        ("per-layer overhead", f"{hw.layer_overhead * 1e6:.0f} us"),
+        ("measured", hw.date),
+    ]
+    out = [f"hardware profile {hw.name!r}"] + [f"  {k:<20} {v}" for k, v in rows]
+    if hw.notes:
+        out.append(f"  {'notes':<20} {hw.notes}")
+    return "\n".join(out)
+
+
+def profile_main(argv: list[str]) -> int:
+    from flexgen.optimizer.measure import measure_hardware
+    args = profile_parser().parse_args(argv)
+    log = (lambda s: print(f"measuring {s} ...", file=sys.stderr)) if not args.json else None
+    hw = measure_hardware(args.offload_dir, quick=args.quick, device=args.device, name=args.name, log=log)
+    out = Path(args.out) if args.out else default_profile_path()
+    try:
+        hw.save(out)
+    except OSError as e:
+        raise FlexGenError(f"cannot write {out}: {e}") from None
+    if args.json:
+        print(json.dumps(hw.to_dict()))
+    else:
+        print(format_profile(hw))
+        print(f"wrote {out}")
+    return 0
