@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -50,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not pin host-memory weights (CUDA only)")
     p.add_argument("--compress-weight", action="store_true", default=None, help="4-bit group-wise weights")
     p.add_argument("--compress-cache", action="store_true", default=None, help="4-bit group-wise KV cache")
+    g = p.add_argument_group("automatic policy (used when neither --percent nor --policy is given)")
+    g.add_argument("--gpu-mem", type=float, metavar="GIB", help="GiB of accelerator memory to use; choosing a "
+                   "policy for these budgets with the cost model and linear program")
+    g.add_argument("--cpu-mem", type=float, metavar="GIB", help="GiB of host memory (default: available now)")
+    g.add_argument("--disk-mem", type=float, metavar="GIB",
+                   help="GiB of disk (default: free space in the offload dir)")
+    g.add_argument("--hardware", help="hardware profile: t4 or a JSON file (default: this machine's, "
+                   "measured once by `python -m flexgen profile` and cached)")
+    g.add_argument("--dry-run", action="store_true", help="print the chosen policy and prediction, then stop")
     p.add_argument("--seed", type=int, default=0, help="seed for dummy weights and random prompts")
     p.add_argument("--json-out", metavar="FILE", help="also write the figures as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -71,6 +81,56 @@ def _policy_from_args(a):
         if value is not None:
             fields[name] = value
     return Policy(**fields)
+
+
+def _auto_policy(a):
+    """Search a policy for the budgets (GiB); unspecified budgets come from this machine."""
+    import shutil as _shutil
+
+    from flexgen.engine import default_offload_dir
+    from flexgen.optimizer import GIB, format_estimate, load_hardware, search
+    from flexgen.optimizer.cli import model_args_for
+    from flexgen.optimizer.hardware import default_profile_path
+
+    for name in ("gpu_mem", "cpu_mem", "disk_mem"):
+        v = getattr(a, name)
+        if v is not None and not v >= 0:
+            raise FlexGenError(f"--{name.replace('_', '-')} must be a size in GiB >= 0, got {v}")
+    if a.hardware:
+        hw = load_hardware(a.hardware)
+    elif default_profile_path().is_file():
+        hw = load_hardware(None)
+    else:
+        from flexgen.optimizer import measure_hardware
+        print(f"measuring this machine once (saved to {default_profile_path()}; "
+              "`python -m flexgen profile` re-measures) ...", file=sys.stderr)
+        hw = measure_hardware(Path(a.offload_dir or default_offload_dir()))
+        default_profile_path().parent.mkdir(parents=True, exist_ok=True)
+        hw.save(default_profile_path())
+    cpu = a.cpu_mem * GIB if a.cpu_mem is not None else _available_memory()
+    if a.disk_mem is not None:
+        disk = a.disk_mem * GIB
+    else:
+        off = Path(a.offload_dir or default_offload_dir())
+        probe = off if off.exists() else next((q for q in off.parents if q.exists()), Path("/"))
+        disk = _shutil.disk_usage(probe).free
+    policy, est = search(model_args_for(a.model), a.prompt_len, a.gen_len, hw,
+                         gpu_mem=a.gpu_mem * GIB if a.gpu_mem is not None else None, cpu_mem=cpu, disk_mem=disk,
+                         allow_compress_weight=bool(a.compress_weight), allow_compress_cache=bool(a.compress_cache),
+                         cpu_cache_compute=a.cpu_cache_compute, overlap=a.overlap is not False,
+                         gpu_batch_size=a.gpu_batch_size, num_gpu_batches=a.num_gpu_batches)
+    print(format_estimate(est, title=f"chosen policy for {a.model} ({hw.name})"))
+    return policy
+
+
+def _available_memory() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _prompts(model, a, tokenizer):
@@ -170,7 +230,20 @@ def run_main(argv: list[str]) -> int:
     a = build_parser().parse_args(argv)
     from flexgen.engine import load_model
 
-    policy = _policy_from_args(a)
+    auto = a.percent is None and a.policy is None and (
+        a.gpu_mem is not None or a.cpu_mem is not None or a.disk_mem is not None or a.dry_run)
+    if auto and a.gen_len >= 1 and a.prompt_len >= 1:
+        if a.gpu_mem is None:
+            raise FlexGenError("choosing a policy needs --gpu-mem (GiB of accelerator memory; on a CPU-only "
+                               "machine, the part of host memory that plays the gpu tier)")
+        policy = _auto_policy(a)
+        if a.dry_run:
+            return 0
+    elif a.dry_run:
+        raise FlexGenError("--dry-run prints the policy chosen for --gpu-mem; it does nothing with --percent "
+                           "or --policy (see `python -m flexgen policy` to evaluate a given policy)")
+    else:
+        policy = _policy_from_args(a)
     if a.gen_len < 1:
         raise FlexGenError(f"--gen-len must be >= 1, got {a.gen_len}")
     if a.num_prompts is not None and a.num_prompts < 1:
