@@ -66,15 +66,21 @@ class LayerLayout:
         return align_up(self.nbytes)
 
 
-def _compressible(entry: WeightEntry) -> bool:
-    # Norms, biases and other 1-D tensors stay uncompressed (tiny, and sensitive).
-    return len(entry.shape) >= 2
+UNCOMPRESSED_FIELDS = frozenset({"embed_tokens", "embed_positions", "lm_head"})
+
+
+def compressible(entry: WeightEntry) -> bool:
+    """Which weights are stored 4-bit. Norms, biases and other 1-D tensors stay 16-bit
+    (tiny, and sensitive); so do the embeddings and the tied LM head: grouped along dim 0
+    each group mixes 64 tokens, which cost +2.5 % perplexity alone in
+    benchmarks/bench_quant_quality.py, for well under 1 % of a large model's bytes."""
+    return len(entry.shape) >= 2 and entry.field not in UNCOMPRESSED_FIELDS
 
 
 def make_layout(spec: LayerSpec, dtype: torch.dtype, compress: bool) -> LayerLayout:
     arrays, off = [], 0
     for e in spec.entries:
-        if compress and _compressible(e):
+        if compress and compressible(e):
             from flexgen.quant import WEIGHT_QUANT, packed_shapes
             parts = [(part, tuple(shape), dt) for part, (shape, dt) in packed_shapes(e.shape, WEIGHT_QUANT).items()]
         else:

@@ -233,7 +233,11 @@ class IOPool:
     a task that needs another's result is given its future and waits for it."""
 
     def __init__(self, num_threads: int = 2):
-        self._pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="flexgen-io")
+        # One intra-op thread per I/O worker (torch's setting is per thread): their copies
+        # are memory-bound, and a full OpenMP team each would oversubscribe the cores the
+        # compute thread's team runs on (seen as 5-30x stalls on a 2-core host).
+        self._pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="flexgen-io",
+                                        initializer=torch.set_num_threads, initargs=(1,))
 
     def submit(self, fn, *args) -> Future:
         return self._pool.submit(fn, *args)

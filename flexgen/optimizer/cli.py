@@ -177,6 +177,8 @@ def profile_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), help="compute device (default: cuda when available)")
     p.add_argument("--name", help="profile name (default: host name and device)")
     p.add_argument("--quick", action="store_true", help="small kernels, a few seconds, rough numbers")
+    p.add_argument("--engine-overhead", action="store_true",
+                   help="calibrate the per-layer overhead on a short engine run (dummy OPT-125M)")
     p.add_argument("--json", action="store_true", help="print the profile as JSON")
     return p
 
@@ -208,7 +210,8 @@ def profile_main(argv: list[str]) -> int:
     from flexgen.optimizer.measure import measure_hardware
     args = profile_parser().parse_args(argv)
     log = (lambda s: print(f"measuring {s} ...", file=sys.stderr)) if not args.json else None
-    hw = measure_hardware(args.offload_dir, quick=args.quick, device=args.device, name=args.name, log=log)
+    hw = measure_hardware(args.offload_dir, quick=args.quick, device=args.device, name=args.name, log=log,
+                          engine=args.engine_overhead)
     out = Path(args.out) if args.out else default_profile_path()
     try:
         hw.save(out)

@@ -110,13 +110,6 @@ class Lin:
         return f"Lin({self.const:.4g}{' + ' + terms if terms else ''})"
 
 
-def lsum(items) -> Lin:
-    out = Lin()
-    for x in items:
-        out = out + x
-    return out
-
-
 class Switched:
     """`amount` bytes that exist only while `trigger` (>= 0 on the unit cube) is positive.
 
@@ -144,15 +137,17 @@ class EngineConstants:
     """How the engine allocates; change these when the engine changes.
 
     attn_score_bytes: peak bytes per attention-score element (gbs, heads, s, t) on the
-    compute device. `models/opt._attend` keeps the matmul output (2, fp16), its fp32
-    copy (4) and an out-of-place masked_fill (4) alive at once, then the fp32 softmax (4)
-    and its cast (2) while `scores` (4) is still referenced: 10 bytes per element.
-    An in-place masked_fill_ and dropping `scores` before the cast would make it 6.
+    compute device. 0: `models/opt._attend` calls fused scaled_dot_product_attention,
+    which never materialises the scores (memory-efficient kernel on CUDA, flash on CPU).
+    A materialised fp32 softmax would cost 4 to 10.
+    mask_bytes: bytes per (gbs, s, t) element of the attention mask while attending: the
+    mask, its clone with the diagonal set, and the additive bias the kernel makes of it.
     """
 
     weight_slots: int = 2          # working copies of a layer on the compute device: current + next
     max_cache_in_flight: int = 3   # (layer, batch) cache working sets: storing, computing, prefetching
-    attn_score_bytes: float = 10.0
+    attn_score_bytes: float = 0.0
+    mask_bytes: float = 5.0
     quant_group: int = 64          # 4-bit groups with an fp16 (scale, min) pair each
     quant_bits: int = 4
 
@@ -224,13 +219,19 @@ def layer_costs(args: ModelArgs, compress_weight: bool, dtype: str) -> tuple[Lay
 
     from flexgen.checkpoint import make_layout
 
+    try:
+        from flexgen.checkpoint import compressible
+    except ImportError:  # older engine: every 2-D tensor is compressed
+        def compressible(e):
+            return len(e.shape) >= 2
+
     tdtype = getattr(torch, dtype)
     esize = torch.empty((), dtype=tdtype).element_size()
     out = []
     for spec in layer_specs(args):
         lay = make_layout(spec, tdtype, compress_weight)
         mm = 0 if spec.kind == "input" else sum(e.numel for e in spec.entries if len(e.shape) >= 2)
-        qn = sum(e.numel for e in spec.entries if len(e.shape) >= 2) if compress_weight else 0
+        qn = sum(e.numel for e in spec.entries if compressible(e)) if compress_weight else 0
         out.append(LayerCost(spec.kind, lay.nbytes, lay.file_bytes, spec.numel * esize, mm, qn))
     return tuple(out)
 
@@ -392,7 +393,7 @@ class BlockModel:
                   of its rows lives there (activations.HiddenSlot keeps a view); host and
                   disk rows are copies; while not resident, a loaded input, a prefetched
                   one and one being stored are in flight.
-        compute   the largest layer's temporaries (attention scores at `attn_score_bytes`).
+        compute   the largest layer's temporaries (attention: see `EngineConstants`).
         """
         a, e = self.args, self.engine
         b, nb, dt, h, f = self.b, self.nb, self.dt, a.hidden_size, a.ffn_dim
@@ -440,7 +441,8 @@ class BlockModel:
             else:
                 gpu["cache buffers"] = Switched("cg<1", 2 * b * self.s * h * dt, 1 - V("cg"))
             cpu["cache staging"] = V("cd") * (b * self.s * h * dt)
-            score = b * nh * self.s * self.s * e.attn_score_bytes + 2 * b * self.s * self.s
+            # Scores (if materialised), the mask while attending, and every batch's step mask.
+            score = b * self.s * self.s * (nh * e.attn_score_bytes + e.mask_bytes + nb)
             attn = 4 * b * self.s * h * dt + score
             mlp = b * self.s * (h + 2 * f) * dt
             inp = 3 * b * self.s * h * dt
@@ -458,7 +460,7 @@ class BlockModel:
                 else:
                     gpu["cache buffers"] = Switched("cg<1", work, 1 - V("cg"))
             cpu["cache staging"] = V("cd") * (in_flight * b * row_cache)
-            score = b * nh * t_max * e.attn_score_bytes + 2 * b * t_max
+            score = b * t_max * (nh * e.attn_score_bytes + e.mask_bytes + nb)
             attn = 4 * b * h * dt + score
             mlp = b * (h + 2 * f) * dt
             inp = 3 * b * h * dt

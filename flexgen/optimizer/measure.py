@@ -9,7 +9,9 @@ Every number is timed directly with small, representative kernels, best of a few
 - cpu<->gpu bandwidth: pinned host<->device copies on CUDA, memory copies on a CPU;
 - disk write and read bandwidth in the offload directory, with O_DIRECT so that the page
   cache is not measured (falling back to buffered I/O after dropping the file's pages,
-  and saying so in `notes`).
+  and saying so in `notes`);
+- optionally, the engine's own fixed cost per layer step, from a short run on a dummy
+  OPT-125M (`engine=True`).
 
 On a CPU-only machine the compute device *is* the CPU: the "gpu" tier is a budget of
 host memory (unified_memory), and the compute dtype is bfloat16 when the CPU has fast
@@ -127,7 +129,18 @@ def attention_flops(device, dtype, rows: int, heads: int, head_dim: int, s: int,
 
 
 def dequant_rate(device, dtype, numel: int, group: int = 64) -> float:
-    """4-bit values unpacked and scaled per second (two values per byte, fp16 scale/min per group)."""
+    """4-bit values dequantized per second: with the engine's own `flexgen.quant` when it
+    is there, else a stand-in (unpack two values per byte, scale and shift per group)."""
+    try:
+        from flexgen.quant import WEIGHT_QUANT, dequantize, quantize
+    except ImportError:
+        quantize = None
+    if quantize is not None:
+        cols = 1024
+        w = torch.randn(numel // cols, cols, device=device, dtype=torch.float32)
+        packed = quantize(w, WEIGHT_QUANT)
+        del w
+        return numel // cols * cols / _best_time(lambda: dequantize(packed, dtype), device)
     packed = torch.randint(0, 256, (numel // group, group // 2), dtype=torch.uint8, device=device)
     scale = torch.rand(numel // group, 1, device=device, dtype=torch.float16)
     mn = torch.rand(numel // group, 1, device=device, dtype=torch.float16)
@@ -158,6 +171,31 @@ def layer_overhead(device, dtype) -> float:
             F.linear(z, w)
 
     return _best_time(run, device) / 10
+
+
+def engine_layer_overhead(hw: HardwareProfile, offload_dir: Path) -> float:
+    """Seconds of fixed cost per (layer, gpu batch) step of the engine itself.
+
+    Runs the engine on a resident dummy OPT-125M with one sequence, where compute is
+    tiny, and charges the decode time the cost model cannot explain (the scheduler,
+    futures, cache bookkeeping, kernel launches) to each layer step.
+    """
+    from flexgen.engine import load_model
+    from flexgen.models.opt import ModelArgs
+    from flexgen.optimizer.cost_model import estimate
+    from flexgen.policy import Policy
+
+    policy = Policy(gpu_batch_size=1)
+    steps = 16
+    with load_model("opt-125m", policy, device=hw.compute_device, dummy=True, offload_dir=offload_dir) as model:
+        ids = torch.randint(10, 1000, (1, 16))
+        model.generate(ids, max_new_tokens=4, eos_token_id=[])          # warm up
+        model.generate(ids, max_new_tokens=steps + 1, eos_token_id=[])
+        measured = model.stats.decode_time / steps
+    args = ModelArgs.from_name("opt-125m")
+    bare = estimate(args, policy, 16, steps + 1, hw.replace(layer_overhead=0.0)).decode_time / steps
+    layers = 2 * args.num_hidden_layers + 2
+    return max(0.0, (measured - bare) / layers)
 
 
 def disk_bandwidth(offload_dir: Path, nbytes: int) -> tuple[float, float, str]:
@@ -211,10 +249,12 @@ def disk_bandwidth(offload_dir: Path, nbytes: int) -> tuple[float, float, str]:
 
 
 def measure_hardware(offload_dir: str | Path, quick: bool = False, device: str | None = None,
-                     name: str | None = None, log=None) -> HardwareProfile:
+                     name: str | None = None, log=None, engine: bool = False) -> HardwareProfile:
     """Measure this machine. `device`: "cuda" or "cpu" (default: cuda when available).
 
-    Takes about 10-30 s (a couple of seconds with `quick`). `log(str)` gets progress lines.
+    Takes about 10-30 s (a couple of seconds with `quick`). With `engine`, the per-layer
+    overhead is calibrated by a short engine run on a dummy OPT-125M (off by default: on a
+    busy machine that run can be dominated by thread stalls). `log(str)` gets progress lines.
     """
     log = log or (lambda s: None)
     if device is None:
@@ -287,7 +327,7 @@ def measure_hardware(offload_dir: str | Path, quick: bool = False, device: str |
     if quick:
         notes.append("--quick: small kernels, rough numbers")
 
-    return HardwareProfile(
+    hw = HardwareProfile(
         name=name or f"{platform.node() or 'this machine'}-{device}",
         device=desc,
         compute_device=device,
@@ -301,3 +341,11 @@ def measure_hardware(offload_dir: str | Path, quick: bool = False, device: str |
         gpu_dequant_rate=dq, cpu_matmul_flops=cpu_mm, cpu_attn_flops=cpu_attn, cpu_dequant_rate=cpu_dq,
         layer_overhead=overhead, notes="; ".join(notes),
     )
+    if engine and not quick:
+        log("engine overhead per layer step")
+        try:
+            hw = hw.replace(layer_overhead=max(overhead, engine_layer_overhead(hw, Path(offload_dir))),
+                            notes=hw.notes + "; layer_overhead calibrated on the engine (dummy OPT-125M)")
+        except Exception as e:  # the engine is optional here: keep the kernel-level figure
+            hw = hw.replace(notes=hw.notes + f"; engine calibration skipped ({type(e).__name__}: {e})")
+    return hw

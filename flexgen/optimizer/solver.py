@@ -1,21 +1,24 @@
-"""Policy search: a linear program per block, over the nine placement fractions.
+"""Policy search: one small program per block, over the nine placement fractions.
 
 For a fixed block (gpu_batch_size x num_gpu_batches) and flag set, time and memory are
 linear in (wg wc wd cg cc cd hg hc hd) (see `cost_model.BlockModel`), so the best
-placement is a small LP: minimise prefill + (gen_len - 1) decode steps, each layer step
-bounded below by its load, store and compute streams, subject to the memory budget of
-every tier in both phases. The LP is solved with CBC through pulp.
+placement is a linear program: minimise prefill + (gen_len - 1) decode steps, each layer
+step bounded below by its load, store and compute streams, subject to the memory budget
+of every tier in both phases. The engine's all-or-nothing buffers (a layer's working
+slots exist as soon as wg < 1, ...) add one binary each, so strictly it is a small mixed
+integer program; CBC, shipped with pulp, solves either in milliseconds.
 
-Around it, `search` enumerates blocks the way the original did (grow the batch, double
+Around it, `search` enumerates blocks the way the original did (double the batch, double
 then bisect the number of gpu batches), tries the compression and cpu_cache_compute
-options the caller allows, rounds the best LP solutions to whole percents / whole rows
-the engine can run, and keeps the best by the cost model's own estimate.
+options the caller allows, rounds the best solutions to whole percents / whole rows the
+engine can run, and keeps the best by the cost model's own estimate.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -157,7 +160,7 @@ def build_lp(model: BlockModel, budgets: Budgets, fixed: dict[str, float] | None
     sum: how far from feasible the block is.
     """
     prob = pulp.LpProblem("flexgen_policy", pulp.LpMinimize)
-    x = {v: pulp.LpVariable(v, lowBound=0, upBound=1) for v in VARS}
+    x = {v: _variable(prob, v, lowBound=0, upBound=1) for v in VARS}
     for group in (("wg", "wc", "wd"), ("cg", "cc", "cd"), ("hg", "hc", "hd")):
         prob += pulp.lpSum(x[v] for v in group) == 1, f"sum_{group[0][0]}"
     for k, v in (fixed or {}).items():
@@ -169,7 +172,7 @@ def build_lp(model: BlockModel, budgets: Budgets, fixed: dict[str, float] | None
         if reps == 0:
             continue
         for i, iv in enumerate(model.intervals[phase]):
-            t = pulp.LpVariable(f"T_{phase}_{i}", lowBound=0)
+            t = _variable(prob, f"T_{phase}_{i}", lowBound=0)
             streams = (iv.load, iv.store, iv.compute)
             if model.overlap:
                 for j, e in enumerate(streams):
@@ -186,20 +189,21 @@ def build_lp(model: BlockModel, budgets: Budgets, fixed: dict[str, float] | None
             return (tm / GIB).to_pulp(x)
         z = binaries.get(tm.key)
         if z is None:
-            z = binaries[tm.key] = pulp.LpVariable(f"z_{len(binaries)}", cat="Binary")
+            z = binaries[tm.key] = _variable(prob, f"z_{len(binaries)}", cat="Binary")
             prob.addConstraint(tm.trigger.to_pulp(x) <= z, f"trigger_{len(binaries)}")
         amount = tm.amount / GIB
         if not amount.coef:
             return amount.const * z
         n_aux[0] += 1
-        w = pulp.LpVariable(f"w_{n_aux[0]}", lowBound=0)
+        w = _variable(prob, f"w_{n_aux[0]}", lowBound=0)
         prob.addConstraint(w >= amount.to_pulp(x) - _upper_bound(amount) * (1 - z), f"switched_{n_aux[0]}")
         return w
 
     slacks = {}
     if slack:
-        slacks = {tier: pulp.LpVariable(f"slack_{tier}", lowBound=0) for tier in TIERS}
-        prob += pulp.lpSum(slacks.values()) + 1e-9 * pulp.lpSum(objective)
+        slacks = {tier: _variable(prob, f"slack_{tier}", lowBound=0) for tier in TIERS}
+        # Missing memory is asked of the cheapest tier that can take it: disk, then cpu, then gpu.
+        prob += (pulp.lpSum(SLACK_WEIGHT[t] * v for t, v in slacks.items()) + 1e-9 * pulp.lpSum(objective))
     else:
         prob += pulp.lpSum(objective)
     for phase in PHASES:
@@ -216,8 +220,26 @@ def build_lp(model: BlockModel, budgets: Budgets, fixed: dict[str, float] | None
     return prob, x, slacks
 
 
+SLACK_WEIGHT = {"disk": 1.0, "cpu": 10.0, "gpu": 100.0}
+
+
+def _variable(prob, name, **kw):
+    """A variable of `prob` (pulp >= 3.3 attaches it to the problem; older pulp has no method)."""
+    add = getattr(prob, "add_variable", None)
+    return add(name, **kw) if add else pulp.LpVariable(name, **kw)
+
+
+def cbc_solver():
+    """CBC as shipped with pulp, quiet. (pulp 3.3 deprecates the name, not the solver.)"""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return pulp.PULP_CBC_CMD(msg=False)
+
+
 def _solve(prob) -> bool:
-    status = prob.solve(pulp.PULP_CBC_CMD(msg=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        status = prob.solve(cbc_solver())
     return pulp.LpStatus[status] == "Optimal"
 
 
