@@ -6,7 +6,8 @@
 2. The same model with weights on disk: overlap on against overlap off (O_DIRECT reads,
    so the disk is measured, not the page cache).
 
-Throughput = generated tokens / wall time of the generate call (prefill + decode).
+Throughput = generated tokens / wall time of the generate call (prefill + decode), best
+of --repeat runs after a full-size warm-up, the two systems alternating.
 
     python benchmarks/bench_vs_hf.py [--model opt-1.3b] [--batch 8] [--prompt-len 128] [--gen-len 32]
 """
@@ -62,6 +63,7 @@ def main():
     ap.add_argument("--gen-len", type=int, default=32)
     ap.add_argument("--disk-gen-len", type=int, default=8)
     ap.add_argument("--offload-dir", default=None)
+    ap.add_argument("--repeat", type=int, default=3)
     a = ap.parse_args()
 
     dtype = default_dtype(torch.device("cpu"))
@@ -77,14 +79,23 @@ def main():
     pol = Policy(gpu_batch_size=a.batch)
     with flexgen.load_model(a.model, pol, device="cpu", dtype=dtype, offload_dir=off, dummy=True) as fm:
         hf = hf_model_with_flexgen_weights(fm, dtype)
-        fm.generate(ids[:, :8], max_new_tokens=2, eos_token_id=[])          # warm-up
-        fg_out, fg_t = timed(lambda: fm.generate(ids, max_new_tokens=a.gen_len, eos_token_id=[]))
-        stats = fm.stats
-    hf.generation_config.eos_token_id = None
-    with torch.no_grad():
-        hf.generate(ids[:, :8], max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=1)
-        hf_out, hf_t = timed(lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=a.gen_len,
-                                                 min_new_tokens=a.gen_len, do_sample=False, pad_token_id=1))
+        hf.generation_config.eos_token_id = None
+
+        def run_fg():
+            return fm.generate(ids, max_new_tokens=a.gen_len, eos_token_id=[])
+
+        def run_hf():
+            with torch.no_grad():
+                return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=a.gen_len,
+                                   min_new_tokens=a.gen_len, do_sample=False, pad_token_id=1)
+        run_fg(), run_hf()   # warm-up at full size: first-touch page faults are not the engine's speed
+        fg_t = hf_t = float("inf")
+        for _ in range(a.repeat):
+            fg_out, t = timed(run_fg)
+            if t < fg_t:
+                fg_t, stats = t, fm.stats
+            hf_out, t = timed(run_hf)
+            hf_t = min(hf_t, t)
     del hf
     agree = (fg_out == hf_out).float().mean().item()
     print("\n| system | wall time (s) | token/s |")

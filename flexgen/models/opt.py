@@ -269,7 +269,9 @@ def build_weights(spec: LayerSpec, tensors: dict[str, torch.Tensor]):
 # ---------------------------------------------------------------------------------------
 # Pure layer functions.
 
-_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+# ReLU in place: fc1's output is a temporary, and a fresh (b, s, ffn) buffer per layer costs
+# page faults on the CPU.
+_ACTIVATIONS = {"relu": torch.relu_, "gelu": F.gelu}
 
 
 def _layer_norm(x, weight, bias):
