@@ -111,3 +111,17 @@ def test_clean_removes_store(opt_dir, tmp_path):
     assert list((off / "weights").glob("*/manifest.json"))
     res = cli("clean", "--offload-dir", off)
     assert res.returncode == 0 and not (off / "weights").exists()
+
+
+def test_gpu_mem_dry_run_chooses_policy(tmp_path):
+    res = cli("--model", "opt-30b", "--dummy", "--gpu-mem", 16, "--cpu-mem", 200, "--disk-mem", 1500,
+              "--hardware", "t4", "--prompt-len", 512, "--gen-len", 32, "--dry-run", "--offload-dir", tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "--percent" in res.stdout and "throughput" in res.stdout
+    assert not (tmp_path / "weights").exists()   # a dry run loads nothing
+
+
+def test_gpu_mem_infeasible_names_budget(tmp_path):
+    res = cli("--model", "opt-175b", "--dummy", "--gpu-mem", 16, "--cpu-mem", 200, "--disk-mem", 20,
+              "--hardware", "t4", "--dry-run", "--offload-dir", tmp_path)
+    assert_one_line_error(res, "disk")
