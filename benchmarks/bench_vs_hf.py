@@ -96,7 +96,6 @@ def main():
                 fg_t, stats = t, fm.stats
             hf_out, t = timed(run_hf)
             hf_t = min(hf_t, t)
-    del hf
     agree = (fg_out == hf_out).float().mean().item()
     print("\n| system | wall time (s) | token/s |")
     print("|---|---|---|")

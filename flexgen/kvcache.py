@@ -24,7 +24,7 @@ import torch
 
 from flexgen.models.opt import AttendGroup
 from flexgen.placement import RowSplit
-from flexgen.tiers import ALIGN, ComputeDevice, DiskFile, MemoryTracker, Tier, align_up
+from flexgen.tiers import ComputeDevice, DiskFile, MemoryTracker, Tier, align_up
 
 
 class PlainArray:
@@ -204,7 +204,7 @@ class KVSlot:
 
     def end(self, work: KVWork, after=None) -> None:
         """Write this step's new positions to every part not updated in place (I/O thread)."""
-        t, s = work.t, work.new_k.shape[0]
+        t = work.t
         live = {id(p) for g in work.groups if g.live for p in g.parts}
         with self.device.io_stream(after):
             for p in self.parts:
