@@ -54,6 +54,10 @@ class PlacedWeights:
         self._staging: list[Optional[torch.Tensor]] = [None, None]
         self._resident_cache: dict[int, object] = {}       # idx -> weight dataclass
         self._resident_loaded: dict[int, LoadedLayer] = {}
+        # Dequantized weights: one buffer per (layer kind, field), reused layer after layer.
+        # Only one layer's weights are in use at a time (the next is dequantized after the
+        # previous one's compute, in stream order), and fresh buffers cost page faults.
+        self._dequant_out: dict[tuple[str, str], torch.Tensor] = {}
 
     def resident(self, idx: int) -> bool:
         """Wholly on the gpu tier: loading it moves no bytes."""
@@ -167,7 +171,12 @@ class PlacedWeights:
                 a = loaded.arrays
                 packed = Packed(data=a[(e.field, "data")], scale=a[(e.field, "scale")], mn=a[(e.field, "mn")],
                                 shape=e.shape, cfg=WEIGHT_QUANT)
-                tensors[e.field] = dequantize(packed, self.dtype)
+                key = (lay.spec.kind, e.field)
+                out = self._dequant_out.get(key)
+                if out is None or tuple(out.shape) != e.shape:
+                    out = self._dequant_out[key] = self.device.empty(e.shape, self.dtype)
+                    self.tracker.add(Tier.GPU, out.numel() * out.element_size())
+                tensors[e.field] = dequantize(packed, self.dtype, out=out)
         w = build_weights(lay.spec, tensors)
         if self.resident(loaded.idx) and not lay.compressed:
             self._resident_cache[loaded.idx] = w   # views of resident bytes: build once
@@ -184,6 +193,7 @@ class PlacedWeights:
         self.gpu_parts, self.cpu_parts, self._slots, self._staging = [], [], [None, None], [None, None]
         self._resident_cache.clear()
         self._resident_loaded.clear()
+        self._dequant_out.clear()
 
 
 def _view(flat: torch.Tensor, a) -> torch.Tensor:
