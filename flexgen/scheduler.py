@@ -145,7 +145,10 @@ class Scheduler:
             m = mask[:, :P]
             positions = (m.long().cumsum(1) * m - 1)   # as HF: padding gets -1
             causal = torch.ones(P, P, dtype=torch.bool, device=m.device).tril()
-            return _StepInputs(b.input_ids[rows], positions, causal[None] & m[:, None, :])
+            eye = torch.eye(P, dtype=torch.bool, device=m.device)
+            # Padding positions see themselves so their (unused) attention stays finite;
+            # real positions see themselves anyway. Decode masks always include the new token.
+            return _StepInputs(b.input_ids[rows], positions, (causal[None] & m[:, None, :]) | eye)
         t = P + i - 1
         m = mask[:, :t + 1]
         positions = m.long().sum(1, keepdim=True) - 1

@@ -46,19 +46,14 @@ POLICIES = {
 }
 
 
-@pytest.mark.parametrize("name", list(POLICIES))
-def test_matches_transformers(opt_dir, prompts, offload, name):
-    path, model = opt_dir
-    ids, mask = prompts
-    ref_seq, ref_logits = hf_reference(model, ids, mask)
-    seq, logits = run(path, POLICIES[name], ids, mask, offload)
-    assert torch.equal(seq, ref_seq)
-    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+POST_LN_POLICIES = ["all-gpu", "mixed-30-30-40", "cpu-cache-compute", "all-disk-ngb4-seq"]
+CASES = [("opt_dir", n) for n in POLICIES] + [("opt350_dir", n) for n in POST_LN_POLICIES]
 
 
-@pytest.mark.parametrize("name", ["all-gpu", "mixed-30-30-40", "cpu-cache-compute", "all-disk-ngb4-seq"])
-def test_post_layernorm_projection_model(opt350_dir, prompts, offload, name):
-    path, model = opt350_dir
+@pytest.mark.parametrize("checkpoint,name", CASES, ids=[f"{c.removesuffix('_dir')}-{n}" for c, n in CASES])
+def test_matches_transformers(request, prompts, offload, checkpoint, name):
+    """opt_dir: pre-LN; opt350_dir: the opt-350m shape (post-LN, project_in/out)."""
+    path, model = request.getfixturevalue(checkpoint)
     ids, mask = prompts
     ref_seq, ref_logits = hf_reference(model, ids, mask)
     seq, logits = run(path, POLICIES[name], ids, mask, offload)

@@ -306,17 +306,17 @@ class KVAccess(Protocol):
 
 
 def _attend(q, keys, values, mask, num_heads):
-    """q (r, s, h), already scaled; keys/values time-major (t, r, h); mask bool (r, s, t), True = visible."""
+    """q (r, s, h), already scaled; keys/values time-major (t, r, h); mask bool (r, s, t), True = visible.
+
+    Every query must see at least one key (the caller lets padding rows see themselves);
+    a fully masked row would come out NaN.
+    """
     r, s, h = q.shape
     t = keys.shape[0]
     d = h // num_heads
     qh = q.view(r, s, num_heads, d).transpose(1, 2)              # (r, nh, s, d)
     kh = keys.view(t, r, num_heads, d).permute(1, 2, 0, 3)       # (r, nh, t, d), a view
     vh = values.view(t, r, num_heads, d).permute(1, 2, 0, 3)
-    # Each query also sees its own key: a padding row would otherwise be fully masked
-    # and turn into NaN. Real rows already see themselves, so they are unchanged.
-    mask = mask.clone()
-    mask[:, torch.arange(s), torch.arange(t - s, t)] = True
     # Fused attention never materialises the (r, nh, s, t) scores on CUDA (memory-efficient
     # kernel) and runs the flash kernel on CPU.
     out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask[:, None], scale=1.0)

@@ -209,26 +209,25 @@ def disk_bandwidth(offload_dir: Path, nbytes: int) -> tuple[float, float, str]:
     note = "disk: O_DIRECT"
     direct = getattr(os, "O_DIRECT", 0)
     try:
+        def timed_write(flags: int) -> float:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flags, 0o600)
+            try:
+                t0 = time.perf_counter()
+                for _ in range(nbytes // block):
+                    os.write(fd, buf)
+                os.fsync(fd)
+                return time.perf_counter() - t0
+            finally:
+                os.close(fd)
+
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | direct, 0o600)
-            t0 = time.perf_counter()
-            for _ in range(nbytes // block):
-                os.write(fd, buf)
-            os.fsync(fd)
-            write_t = time.perf_counter() - t0
-            os.close(fd)
+            write_t = timed_write(direct)
         except OSError:
             if not direct:
                 raise
             direct = 0
             note = "disk: O_DIRECT unsupported here; buffered I/O with fsync and the file's pages dropped"
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            t0 = time.perf_counter()
-            for _ in range(nbytes // block):
-                os.write(fd, buf)
-            os.fsync(fd)
-            write_t = time.perf_counter() - t0
-            os.close(fd)
+            write_t = timed_write(0)
         fd = os.open(path, os.O_RDONLY | direct)
         if not direct and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
