@@ -24,7 +24,7 @@ import torch
 
 from flexgen.models.opt import AttendGroup
 from flexgen.placement import RowSplit
-from flexgen.tiers import ComputeDevice, DiskFile, MemoryTracker, Tier, align_up
+from flexgen.tiers import ComputeDevice, DiskFile, MemoryTracker, Tier, align_up, aligned_host_empty
 
 
 class PlainArray:
@@ -53,7 +53,11 @@ class PlainArray:
         if self.data is not None:
             out.copy_(self.data[t0:t1], non_blocking=True)
             return
-        host = torch.empty((t1 - t0, *self.shape[1:]), dtype=self.dtype, pin_memory=self.device.is_cuda)
+        if out.device.type == "cpu" and out.is_contiguous():
+            # Straight into the destination: O_DIRECT when it is page-aligned (see _buffer).
+            self.file.read(self.base + t0 * self.row_bytes, out)
+            return
+        host = aligned_host_empty((t1 - t0, *self.shape[1:]), self.dtype, pin=self.device.is_cuda)
         self.file.read(self.base + t0 * self.row_bytes, host)
         out.copy_(host, non_blocking=True)
 
@@ -71,6 +75,13 @@ def kv_array_specs(shape: tuple, dtype: torch.dtype, compress: bool) -> dict[str
         from flexgen.quant import CACHE_QUANT, packed_shapes
         return {k: (tuple(v[0]), v[1]) for k, v in packed_shapes(shape, CACHE_QUANT).items()}
     return {"": (tuple(shape), dtype)}
+
+
+def _buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A working buffer; in host memory page-aligned, so that disk reads land in it directly."""
+    if device.type == "cpu":
+        return aligned_host_empty(shape, dtype)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _nbytes(shape, dtype) -> int:
@@ -102,7 +113,7 @@ class KVArray:
         from flexgen.quant import CACHE_QUANT, Packed, dequantize
         arrays = {}
         for name, p in self.parts.items():
-            buf = torch.empty((t1, *p.shape[1:]), dtype=p.dtype, device=out.device)
+            buf = _buffer((t1, *p.shape[1:]), p.dtype, out.device)
             p.read(0, t1, buf)
             arrays[name] = buf
         packed = Packed(data=arrays["data"], scale=arrays["scale"], mn=arrays["mn"],
@@ -174,31 +185,33 @@ class KVSlot:
         self.resident = len(parts) == 1 and parts[0].tier is Tier.GPU and parts[0].k.view(1) is not None
 
     def begin(self, t: int, s: int) -> KVWork:
-        """Prepare attention over positions [0, t + s) (I/O thread)."""
+        """Prepare attention over positions [0, t + s) (I/O thread).
+
+        One attention group per part: a part that lives where its rows attend (the
+        compute device, or host memory with cpu_cache_compute) and is uncompressed is
+        used in place; every other part is read into a working buffer of its own rows
+        only, so that resident rows are never copied and disk rows land in their buffer
+        directly.
+        """
         work = KVWork(self, t)
         if t == 0:
             return work
         host = torch.device("cpu")
-        dev_parts = [p for p in self.parts if p.tier is Tier.GPU or not self.cpu_cache_compute]
-        host_parts = [p for p in self.parts if p not in dev_parts]
-        for parts, device, live_tier in ((dev_parts, self.device.device, Tier.GPU), (host_parts, host, Tier.CPU)):
-            if not parts:
-                continue
-            g0, g1 = parts[0].start, parts[-1].stop
-            g = _Group(slice(g0, g1), device, parts)
-            if len(parts) == 1 and parts[0].tier is live_tier and parts[0].k.view(1) is not None:
-                g.k, g.v, g.live = parts[0].k.view(t + s), parts[0].v.view(t + s), True
+        for p in self.parts:
+            on_host = self.cpu_cache_compute and p.tier is not Tier.GPU
+            device, home = (host, Tier.CPU) if on_host else (self.device.device, Tier.GPU)
+            g = _Group(slice(p.start, p.stop), device, [p])
+            if p.tier is home and p.k.view(1) is not None:
+                g.k, g.v, g.live = p.k.view(t + s), p.v.view(t + s), True
             else:
-                g.k = torch.empty((t + s, g1 - g0, self.hidden), dtype=self.dtype, device=device)
-                g.v = torch.empty_like(g.k)
+                g.k = _buffer((t + s, p.stop - p.start, self.hidden), self.dtype, device)
+                g.v = _buffer(g.k.shape, self.dtype, device)
                 with self.device.io_stream():
-                    for p in parts:
-                        p.k.read(t, g.k[:t, p.start - g0:p.stop - g0])
-                        p.v.read(t, g.v[:t, p.start - g0:p.stop - g0])
-                tier = Tier.GPU if parts is dev_parts else Tier.CPU
+                    p.k.read(t, g.k[:t])
+                    p.v.read(t, g.v[:t])
                 nbytes = 2 * g.k.numel() * g.k.element_size()
-                self.tracker.add(tier, nbytes)
-                work.tracked.append((tier, nbytes))
+                self.tracker.add(home, nbytes)
+                work.tracked.append((home, nbytes))
             work.groups.append(g)
         return work
 

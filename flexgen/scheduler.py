@@ -93,9 +93,11 @@ class Scheduler:
                     if overlap:
                         if k == 0:
                             self._issue_weight(pending, (j + 1) % self.num_layers)
-                        # The next step's hidden input is this step's output only when ngb == 1.
-                        if nxt is not None and not (nxt[1] == k):
-                            self._issue_loads(pending, i, *nxt)
+                        # With ngb == 1 the next step's hidden input is this step's output,
+                        # so only its cache load may start now; its hidden load follows the store.
+                        if nxt is not None:
+                            self._issue_loads(pending, i, *nxt, hidden=nxt[1] != k)
+                        self._prefetch_cache(pending, i, n, positions, block.max_new_tokens)
                     else:
                         if k == 0:
                             self._issue_weight(pending, j)
@@ -112,7 +114,7 @@ class Scheduler:
                         for f in stores:
                             f.result()
                     elif nxt is not None and nxt[1] == k:
-                        self._issue_loads(pending, i, *nxt)
+                        self._issue_loads(pending, i, *nxt, cache=False)
                 block.steps_done = i + 1
                 if i + 1 < block.max_new_tokens and not stopper.all_done and overlap:
                     self._issue_loads(pending, i + 1, 0, 0)
@@ -166,14 +168,30 @@ class Scheduler:
             after = None if inline else self.device.mark()
             pending.weights[j] = self._submit(inline, self.weights.load, j, j % 2, after)
 
-    def _issue_loads(self, pending: _Pending, i: int, j: int, k: int) -> None:
-        if self.specs[j].kind == "attention" and (j, k) not in pending.cache:
+    def _issue_loads(self, pending: _Pending, i: int, j: int, k: int, cache: bool = True,
+                     hidden: bool = True) -> None:
+        if cache and self.specs[j].kind == "attention" and (j, k) not in pending.cache:
             slot = self._cache.slot(self.attn_index[j], k)
             t, s = (0, self._block.prompt_len) if i == 0 else (self._block.prompt_len + i - 1, 1)
             pending.cache[(j, k)] = self._submit(slot.resident, _after(slot.last_store, slot.begin), t, s)
-        if j > 0 and (j, k) not in pending.hidden:
+        if hidden and j > 0 and (j, k) not in pending.hidden:
             slot = self._hidden[k]
             pending.hidden[(j, k)] = self._submit(slot.resident, _after(slot.last_store, slot.load))
+
+    def _prefetch_cache(self, pending: _Pending, i: int, n: int, positions: list, steps: int) -> None:
+        """When the next position has no cache to load (an MLP layer, or the next token's
+        input embedding), start the cache load of the position after it now, so that a
+        read from disk overlaps two compute steps instead of one short MLP step (the
+        cache load was the longest wait with one gpu batch)."""
+        n1 = n + 1
+        i1 = i + n1 // len(positions)
+        if i1 >= steps or self.specs[positions[n1 % len(positions)][0]].kind == "attention":
+            return
+        n2 = n + 2
+        i2 = i + n2 // len(positions)
+        j2, k2 = positions[n2 % len(positions)]
+        if i2 < steps and self.specs[j2].kind == "attention":
+            self._issue_loads(pending, i2, j2, k2, hidden=False)
 
     def _issue_stores(self, j: int, k: int, x, kv) -> list:
         futures = []
