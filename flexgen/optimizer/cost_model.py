@@ -396,9 +396,9 @@ class BlockModel:
                   with compression, the dequantized current and next layer.
         kv cache  resident rows, allocated for prompt + generation (kvcache.KVCache);
                   decode working K/V of (t+1, rows, h) for each (layer, batch) in flight,
-                  on the device for all rows unless the cache is wholly, uncompressed on
-                  the gpu tier; with cpu_cache_compute, for the host rows on the host unless
-                  they all sit uncompressed in host memory.
+                  one per cache part not used in place: the non-gpu rows on the device
+                  (every row when compressed); with cpu_cache_compute the disk rows (every
+                  host row when compressed) on the host.
         hidden    per gpu batch, the whole (gbs, s, h) output stays on the device while any
                   of its rows lives there (activations.HiddenSlot keeps a view); host and
                   disk rows are copies; while not resident, a loaded input, a prefetched
@@ -418,7 +418,10 @@ class BlockModel:
         B = b * nb
         hid = b * s_cur * h * dt                     # hidden of one gpu batch
         cuda = self.hw.compute_device == "cuda"
-        in_flight = min(e.max_cache_in_flight, nb + 1)
+        # With one gpu batch the scheduler starts the next attention layer's cache load
+        # two steps ahead, so three working sets (storing, computing, loading) can coexist
+        # for any number of gpu batches.
+        in_flight = e.max_cache_in_flight
 
         gpu: dict[str, Lin | Switched] = {
             "weights": V("wg") * self.weight_bytes,
@@ -457,19 +460,21 @@ class BlockModel:
             mlp = b * self.s * (h + 2 * f) * dt
             inp = 3 * b * self.s * h * dt
         else:
+            # One working buffer per cache part that is not used in place (kvcache.KVSlot.begin):
+            # every part when compressed; else the parts away from where their rows attend.
             work = in_flight * b * row_work
             if self.cpu_cache_compute:
-                gpu["cache buffers"] = V("cg") * work if self.compress_cache else Lin()
                 if self.compress_cache:
+                    gpu["cache buffers"] = V("cg") * work
                     cpu["cache buffers"] = (V("cc") + V("cd")) * work
                 else:
-                    cpu["cache buffers"] = Switched("cd>0", (V("cc") + V("cd")) * work, V("cd"))
+                    cpu["cache buffers"] = V("cd") * work
             else:
-                if self.compress_cache:
-                    gpu["cache buffers"] = Lin(work)
-                else:
-                    gpu["cache buffers"] = Switched("cg<1", work, 1 - V("cg"))
-            cpu["cache staging"] = V("cd") * (in_flight * b * row_cache)
+                gpu["cache buffers"] = Lin(work) if self.compress_cache else (V("cc") + V("cd")) * work
+            # Disk rows land in their working buffer directly when it is in host memory and
+            # uncompressed; otherwise they pass through a host buffer of their stored bytes.
+            if self.compress_cache or (cuda and not self.cpu_cache_compute):
+                cpu["cache staging"] = V("cd") * (in_flight * b * row_cache)
             score = b * t_max * (nh * e.attn_score_bytes + e.mask_bytes + nb)
             attn = 4 * b * h * dt + score
             mlp = b * (h + 2 * f) * dt
