@@ -46,8 +46,10 @@ class PlainArray:
     def view(self, t1: int) -> torch.Tensor:
         return self.data[:t1]
 
-    def read(self, t0: int, t1: int, out: torch.Tensor) -> None:
-        """Copy positions [t0, t1) into `out` (any device, may be strided)."""
+    def read(self, t0: int, t1: int, out: torch.Tensor, scratch_after: bool = False) -> None:
+        """Copy positions [t0, t1) into `out` (any device, may be strided).
+
+        `scratch_after`: out's storage after it may be overwritten (see DiskFile.read)."""
         if t1 <= t0:
             return
         if self.data is not None:
@@ -55,10 +57,10 @@ class PlainArray:
             return
         if out.device.type == "cpu" and out.is_contiguous():
             # Straight into the destination: O_DIRECT when it is page-aligned (see _buffer).
-            self.file.read(self.base + t0 * self.row_bytes, out)
+            self.file.read(self.base + t0 * self.row_bytes, out, scratch_after)
             return
         host = aligned_host_empty((t1 - t0, *self.shape[1:]), self.dtype, pin=self.device.is_cuda)
-        self.file.read(self.base + t0 * self.row_bytes, host)
+        self.file.read(self.base + t0 * self.row_bytes, host, scratch_after=True)
         out.copy_(host, non_blocking=True)
 
     def write(self, t0: int, x: torch.Tensor) -> None:
@@ -78,7 +80,8 @@ def kv_array_specs(shape: tuple, dtype: torch.dtype, compress: bool) -> dict[str
 
 
 def _buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A working buffer; in host memory page-aligned, so that disk reads land in it directly."""
+    """A working buffer; in host memory page-aligned and padded to a whole page, so that a
+    disk read lands in it directly with one operation (DiskFile.read's scratch_after)."""
     if device.type == "cpu":
         return aligned_host_empty(shape, dtype)
     return torch.empty(shape, dtype=dtype, device=device)
@@ -105,16 +108,17 @@ class KVArray:
         """A live view of positions [0, t1) when no conversion is needed."""
         return None if self.compress else self.parts[""].view(t1)
 
-    def read(self, t1: int, out: torch.Tensor) -> None:
-        """Positions [0, t1) into out (t1, rows, h), dequantized."""
+    def read(self, t1: int, out: torch.Tensor, scratch_after: bool = False) -> None:
+        """Positions [0, t1) into out (t1, rows, h), dequantized. `scratch_after`: out is
+        the head of a working buffer whose remaining positions are not yet filled."""
         if not self.compress:
-            self.parts[""].read(0, t1, out)
+            self.parts[""].read(0, t1, out, scratch_after)
             return
         from flexgen.quant import CACHE_QUANT, Packed, dequantize
         arrays = {}
         for name, p in self.parts.items():
             buf = _buffer((t1, *p.shape[1:]), p.dtype, out.device)
-            p.read(0, t1, buf)
+            p.read(0, t1, buf, scratch_after=True)   # _buffer pads to a whole page
             arrays[name] = buf
         packed = Packed(data=arrays["data"], scale=arrays["scale"], mn=arrays["mn"],
                         shape=(t1, *self.shape[1:]), cfg=CACHE_QUANT)
@@ -207,8 +211,9 @@ class KVSlot:
                 g.k = _buffer((t + s, p.stop - p.start, self.hidden), self.dtype, device)
                 g.v = _buffer(g.k.shape, self.dtype, device)
                 with self.device.io_stream():
-                    p.k.read(t, g.k[:t])
-                    p.v.read(t, g.v[:t])
+                    # Positions t.. of the buffer are filled by KVWork.update afterwards.
+                    p.k.read(t, g.k[:t], scratch_after=True)
+                    p.v.read(t, g.v[:t], scratch_after=True)
                 nbytes = 2 * g.k.numel() * g.k.element_size()
                 self.tracker.add(home, nbytes)
                 work.tracked.append((home, nbytes))

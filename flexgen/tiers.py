@@ -228,8 +228,13 @@ class DiskFile:
             except OSError as e:
                 raise FlexGenError(f"writing {self.path} failed: {e.strerror}") from None
 
-    def read(self, offset: int, dst: torch.Tensor) -> None:
-        """Fill a contiguous host tensor with the bytes at `offset`."""
+    def read(self, offset: int, dst: torch.Tensor, scratch_after: bool = False) -> None:
+        """Fill a contiguous host tensor with the bytes at `offset`.
+
+        `scratch_after`: the caller owns the bytes of dst's storage after dst up to the next
+        page boundary and does not need them (a working buffer's unfilled end), so an
+        aligned read may fill them too: one disk operation instead of two.
+        """
         out = as_bytes(dst)
         n = len(out)
         self.bytes_read += n
@@ -238,6 +243,13 @@ class DiskFile:
         if self.direct_fd is None:
             self._read_exact(self.fd, out, offset)
             return
+        if scratch_after and offset % ALIGN == 0 and dst.data_ptr() % ALIGN == 0:
+            storage = dst.untyped_storage()
+            begin = dst.data_ptr() - storage.data_ptr()
+            if storage.nbytes() - begin >= align_up(n):
+                whole = torch.empty(0, dtype=torch.uint8).set_(storage, begin, (align_up(n),))
+                self._read_exact(self.direct_fd, as_bytes(whole), offset)
+                return
         # O_DIRECT: aligned file range into an aligned buffer. When offset and `dst` are
         # aligned, the whole pages go straight into `dst` and only the last partial page
         # passes through a small bounce buffer (a KV cache read is rarely a page multiple).

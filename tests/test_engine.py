@@ -134,9 +134,9 @@ def test_disk_tier_really_reads_and_writes(opt_dir, prompts, offload, monkeypatc
     counts = {"read": 0, "write": 0}
     orig_read, orig_write = tiers.DiskFile.read, tiers.DiskFile.write
 
-    def read(self, offset, dst):
+    def read(self, offset, dst, *args, **kwargs):
         counts["read"] += dst.numel() * dst.element_size()
-        return orig_read(self, offset, dst)
+        return orig_read(self, offset, dst, *args, **kwargs)
 
     def write(self, offset, src):
         counts["write"] += src.numel() * src.element_size()

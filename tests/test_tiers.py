@@ -68,3 +68,25 @@ def test_direct_read_of_unaligned_length_into_aligned_buffer(tmp_path):
         assert f.bytes_read == data.numel() and f.bytes_written == data.numel()
     finally:
         f.close()
+
+
+def test_read_with_scratch_after_fills_only_the_owned_tail(tmp_path):
+    """With scratch_after, one aligned read may run past dst into the padding it owns."""
+    from flexgen.tiers import aligned_host_empty
+    f = DiskFile(tmp_path / "h.bin", 8 * ALIGN)
+    try:
+        data = torch.randint(0, 256, (8 * ALIGN,), dtype=torch.uint8)
+        f.write(0, data)
+        for n in (1, ALIGN - 1, ALIGN, 3 * ALIGN + 17):
+            buf = aligned_host_empty((n + 5,), torch.uint8)
+            buf.fill_(0)
+            f.read(ALIGN, buf[:n], scratch_after=True)
+            assert torch.equal(buf[:n], data[ALIGN:ALIGN + n])
+            assert f.bytes_read > 0
+        # Without ownership of the bytes after dst they stay untouched.
+        buf = aligned_host_empty((ALIGN + 10,), torch.uint8)
+        buf.fill_(0)
+        f.read(0, buf[:10])
+        assert torch.equal(buf[:10], data[:10]) and not buf[10:].any()
+    finally:
+        f.close()
