@@ -27,7 +27,7 @@ from flexgen.optimizer import HardwareProfile, estimate, measure_hardware  # noq
 # Components of the cost model that the engine's MemoryTracker counts (views of hidden
 # states, layer outputs, compute temporaries and transient copies it does not).
 TRACKED = {
-    "gpu": ("weights", "weight slots", "kv cache"),
+    "gpu": ("weights", "weight slots", "kv cache", "dequantized weights"),
     "cpu": ("weights", "weight staging", "kv cache", "hidden"),
     "disk": ("weights", "kv cache", "hidden"),
 }

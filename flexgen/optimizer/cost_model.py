@@ -238,19 +238,24 @@ def layer_costs(args: ModelArgs, compress_weight: bool, dtype: str) -> tuple[Lay
 
 @functools.lru_cache(maxsize=64)
 def _layer_table(args: ModelArgs, compress_weight: bool, dtype: str):
-    """Layer sizes, the largest layer and pair of consecutive layers, and the distinct
-    layer steps ((this layer, next layer, how many such steps per pass))."""
+    """Layer sizes, the largest layer, the values dequantized into persistent buffers, and
+    the distinct layer steps ((this layer, next layer, how many such steps per pass))."""
     layers = layer_costs(args, compress_weight, dtype)
     n = len(layers)
     pairs = [(layers[i], layers[(i + 1) % n]) for i in range(n)]
     max_slot = max(l.slot for l in layers)
-    pair_full = max(a.full + b.full for a, b in pairs)
+    # The engine dequantizes into one persistent buffer per (layer kind, tensor), for the
+    # compressed tensors only (embeddings stay 16-bit): the largest layer of each kind.
+    kinds: dict[str, int] = {}
+    for lay in layers:
+        kinds[lay.kind] = max(kinds.get(lay.kind, 0), lay.quantized_numel)
+    dequant_numel = sum(kinds.values())
     groups: dict[tuple[str, str], list] = {}
     for layer, nxt in pairs:
         g = groups.setdefault((layer.kind, nxt.kind), [layer, nxt, 0])
         g[2] += 1
     steps = tuple((a, b, c) for a, b, c in groups.values())
-    return layers, sum(l.stored for l in layers), max_slot, pair_full, steps
+    return layers, sum(l.stored for l in layers), max_slot, dequant_numel, steps
 
 
 @dataclass
@@ -284,7 +289,7 @@ class BlockModel:
         self.compress_weight, self.compress_cache = compress_weight, compress_cache
         self.cpu_cache_compute, self.overlap = cpu_cache_compute, overlap
         self.dt = hw.dtype_bytes
-        (self.layers, self.weight_bytes, self.max_slot, self.pair_full,
+        (self.layers, self.weight_bytes, self.max_slot, self.dequant_numel,
          self._steps) = _layer_table(args, compress_weight, hw.compute_dtype)
         self.decode_steps = gen_len - 1
         self.intervals = {p: self._intervals(p) for p in PHASES}
@@ -393,7 +398,8 @@ class BlockModel:
         weights   resident shares; two working slots of the largest layer on the device
                   as soon as any weight is off it (weights.PlacedWeights); on CUDA two
                   pinned staging slots in host memory as soon as any weight is on disk;
-                  with compression, the dequantized current and next layer.
+                  with compression, one dequantized copy of each layer kind's compressed
+                  tensors (weights.PlacedWeights reuses them).
         kv cache  resident rows, allocated for prompt + generation (kvcache.KVCache);
                   decode working K/V of (t+1, rows, h) for each (layer, batch) in flight,
                   one per cache part not used in place: the non-gpu rows on the device
@@ -446,7 +452,7 @@ class BlockModel:
         if cuda:
             cpu["weight staging"] = Switched("wd>0", e.weight_slots * self.max_slot, V("wd"))
         if self.compress_weight:
-            gpu["dequantized weights"] = Lin(self.pair_full)
+            gpu["dequantized weights"] = Lin(self.dequant_numel * self.dt)
         if prefill:
             # The previous batch's K, V wait for their store; disk rows pass through host memory.
             if self.compress_cache:
