@@ -153,6 +153,7 @@ class DiskFile:
         self.bytes_read = self.bytes_written = 0   # what the engine asked for, for reports
         self._pages: dict[int, torch.Tensor] = {}    # offset -> last partial page written there
         self._high = 0                               # end of the bytes ever written (below: zeros)
+        self._lock = threading.Lock()
         flags = os.O_RDWR | (os.O_CREAT if create else 0)
         try:
             self.fd = os.open(self.path, flags, 0o644)
@@ -182,7 +183,8 @@ class DiskFile:
         src = src.contiguous()
         buf = as_bytes(src)
         n = len(buf)
-        self.bytes_written += n
+        with self._lock:
+            self.bytes_written += n
         if n == 0:
             return
         if self.direct_fd is None:
@@ -201,20 +203,25 @@ class DiskFile:
                 page[-ALIGN:].copy_(self._page(last))   # zeros past the bytes ever written
             page[offset - start:end - start].copy_(src.view(torch.uint8).reshape(-1))
             out = as_bytes(page)
-        for off in [o for o in self._pages if start <= o < stop]:
-            del self._pages[off]
+        # I/O threads write other regions of the same file at the same time: the page
+        # bookkeeping is shared, the pages themselves are not.
+        with self._lock:
+            for off in [o for o in self._pages if start <= o < stop]:
+                del self._pages[off]
         self._write_exact(self.direct_fd, out, start)
-        if stop > end:
-            self._pages[stop - ALIGN] = page[-ALIGN:].clone()
-        self._high = max(self._high, end)
+        with self._lock:
+            if stop > end:
+                self._pages[stop - ALIGN] = page[-ALIGN:].clone()
+            self._high = max(self._high, end)
 
     def _page(self, offset: int) -> torch.Tensor:
         """The current bytes of the page at `offset`: the kept copy, else read from disk."""
-        kept = self._pages.get(offset)
+        with self._lock:
+            kept, high = self._pages.get(offset), self._high
         if kept is not None:
             return kept
         page = aligned_empty(ALIGN)
-        if offset < self._high:
+        if offset < high:
             self._read_exact(self.direct_fd, as_bytes(page), offset, allow_short=True)
         else:
             page.zero_()
@@ -237,7 +244,8 @@ class DiskFile:
         """
         out = as_bytes(dst)
         n = len(out)
-        self.bytes_read += n
+        with self._lock:
+            self.bytes_read += n
         if n == 0:
             return
         if self.direct_fd is None:

@@ -90,3 +90,35 @@ def test_read_with_scratch_after_fills_only_the_owned_tail(tmp_path):
         assert torch.equal(buf[:10], data[:10]) and not buf[10:].any()
     finally:
         f.close()
+
+
+def test_threads_appending_to_separate_regions_of_one_file(tmp_path):
+    """Like the KV arena: I/O threads append unaligned rows to their own page-aligned regions."""
+    import threading
+
+    regions, row, steps = 4, 3 * 1000 + 8, 40
+    region_bytes = -(-row * steps // ALIGN) * ALIGN
+    f = DiskFile(tmp_path / "kv.bin", regions * region_bytes)
+    errors = []
+
+    def append(r):
+        try:
+            for t in range(steps):
+                f.write(r * region_bytes + t * row, torch.full((row,), (r * steps + t) % 251, dtype=torch.uint8))
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=append, args=(r,)) for r in range(regions)]
+    try:
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert not errors
+        for r in range(regions):
+            out = torch.empty(row * steps, dtype=torch.uint8)
+            f.read(r * region_bytes, out)
+            want = torch.arange(r * steps, (r + 1) * steps).remainder(251).to(torch.uint8).repeat_interleave(row)
+            assert torch.equal(out, want), r
+    finally:
+        f.close()
