@@ -200,6 +200,14 @@ class KVSlot:
         work = KVWork(self, t)
         if t == 0:
             return work
+        try:
+            self._read_groups(work, t, s)
+        except BaseException:
+            self.discard(work)
+            raise
+        return work
+
+    def _read_groups(self, work: KVWork, t: int, s: int) -> None:
         host = torch.device("cpu")
         for p in self.parts:
             on_host = self.cpu_cache_compute and p.tier is not Tier.GPU
@@ -218,7 +226,6 @@ class KVSlot:
                 self.tracker.add(home, nbytes)
                 work.tracked.append((home, nbytes))
             work.groups.append(g)
-        return work
 
     def end(self, work: KVWork, after=None) -> None:
         """Write this step's new positions to every part not updated in place (I/O thread)."""
@@ -230,6 +237,11 @@ class KVSlot:
                     continue
                 p.k.write(t, work.new_k[:, p.start:p.stop])
                 p.v.write(t, work.new_v[:, p.start:p.stop])
+        self.discard(work)
+
+    def discard(self, work: KVWork) -> None:
+        """Release the working buffers of `work`: after `end`, or for a prefetched load
+        that is never computed (every sequence stopped first)."""
         for tier, nbytes in work.tracked:
             self.tracker.sub(tier, nbytes)
         work.tracked.clear()

@@ -219,12 +219,16 @@ class Scheduler:
         return self.weights.weights(loaded)
 
     def _drain(self, pending: _Pending) -> None:
+        """Wait for loads issued but never used (an early stop or an error), releasing
+        the working buffers of cache loads so the memory tracker stays exact."""
         for group in (pending.weights, pending.cache, pending.hidden):
             for fut in group.values():
                 try:
-                    fut.result()
+                    out = fut.result()
                 except Exception:
-                    pass
+                    continue
+                if group is pending.cache:
+                    out.slot.discard(out)
             group.clear()
 
     # -- compute ----------------------------------------------------------------------

@@ -86,6 +86,23 @@ def test_eos_stops_rows_and_pads(opt_dir, prompts, offload):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("policy", [P(cg=0, cc=0), P(cg=50, cc=0, num_gpu_batches=2, gpu_batch_size=1)],
+                         ids=["cache-disk-ngb1", "cache-mixed-ngb2"])
+def test_early_stop_releases_prefetched_cache(opt_dir, prompts, offload, policy):
+    """Every row stops at its first token: cache loads the scheduler prefetched for the
+    next token are never used, and their working buffers must not stay counted."""
+    path, model = opt_dir
+    ids, mask = prompts
+    ref_full, _ = hf_reference(model, ids, mask, gen=2)
+    eos = sorted({int(t) for t in ref_full[:, ids.shape[1]]})
+    with flexgen.load_model(str(path), policy, device="cpu", dtype=torch.float32, offload_dir=offload) as m:
+        held = dict(m.tracker.current)
+        for _ in range(2):
+            out = m.generate(ids, mask, max_new_tokens=8, eos_token_id=eos)
+            assert out.shape[1] == ids.shape[1] + 1
+            assert m.tracker.current == held
+
+
 def test_sampling_reproducible_with_seed(opt_dir, prompts, offload):
     path, _ = opt_dir
     ids, mask = prompts
