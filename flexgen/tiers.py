@@ -139,8 +139,8 @@ class DiskFile:
     Reads and writes use O_DIRECT when the file system allows it, so timings measure the
     disk and not the page cache; `direct` says which mode is in force. Writes are small
     and unaligned (one token of KV cache), so a write rewrites the pages it touches whole:
-    the bytes before it in its first page come from the copy kept of the last partial
-    page written (or are read back), and bytes after it are kept only if written before.
+    the other bytes of its first and last page come from the copy kept of the last
+    partial page written there, or are read back (zeros past the bytes ever written).
     Buffered writes would leave dirty pages that every later O_DIRECT read of the range
     must first flush to disk and wait for, on the critical path (measured: 2-8 ms per
     KV-cache read). Concurrent writes must not share a page (the engine's regions are
@@ -152,21 +152,21 @@ class DiskFile:
         self.nbytes = nbytes
         self.bytes_read = self.bytes_written = 0   # what the engine asked for, for reports
         self._pages: dict[int, torch.Tensor] = {}    # offset -> last partial page written there
-        self._high = 0                               # end of the bytes ever written (below: zeros)
         self._lock = threading.Lock()
         flags = os.O_RDWR | (os.O_CREAT if create else 0)
         try:
             self.fd = os.open(self.path, flags, 0o644)
         except OSError as e:
             raise FlexGenError(f"cannot open {self.path}: {e.strerror}") from None
+        existing = os.fstat(self.fd).st_size   # O_CREAT does not truncate: its bytes stay
         if create:
             try:
                 os.ftruncate(self.fd, align_up(nbytes))  # sparse until written
             except OSError as e:
                 os.close(self.fd)
                 raise FlexGenError(f"cannot size {self.path}: {e.strerror}") from None
-        if not create:
-            self._high = os.fstat(self.fd).st_size
+        self._size = os.fstat(self.fd).st_size
+        self._high = min(existing, self._size)       # end of the bytes ever written (past it: zeros)
         self.direct_fd = None
         if direct and hasattr(os, "O_DIRECT"):
             try:
@@ -254,7 +254,9 @@ class DiskFile:
         if scratch_after and offset % ALIGN == 0 and dst.data_ptr() % ALIGN == 0:
             storage = dst.untyped_storage()
             begin = dst.data_ptr() - storage.data_ptr()
-            if storage.nbytes() - begin >= align_up(n):
+            # Whole pages only where the file has them (a file opened with create=False
+            # may end mid-page).
+            if storage.nbytes() - begin >= align_up(n) and offset + align_up(n) <= self._size:
                 whole = torch.empty(0, dtype=torch.uint8).set_(storage, begin, (align_up(n),))
                 self._read_exact(self.direct_fd, as_bytes(whole), offset)
                 return

@@ -92,6 +92,38 @@ def test_read_with_scratch_after_fills_only_the_owned_tail(tmp_path):
         f.close()
 
 
+def test_scratch_read_at_the_end_of_a_file_ending_mid_page(tmp_path):
+    """A file opened without create may end mid-page: the read must not run past it."""
+    from flexgen.tiers import aligned_host_empty
+    path = tmp_path / "short.bin"
+    data = torch.randint(0, 256, (2 * ALIGN + 100,), dtype=torch.uint8)
+    path.write_bytes(data.numpy().tobytes())
+    f = DiskFile(path, data.numel(), create=False)
+    try:
+        buf = aligned_host_empty((ALIGN + 100 + ALIGN,), torch.uint8)
+        f.read(ALIGN, buf[:ALIGN + 100], scratch_after=True)
+        assert torch.equal(buf[:ALIGN + 100], data[ALIGN:])
+    finally:
+        f.close()
+
+
+def test_creating_over_an_existing_file_keeps_its_bytes_around_a_write(tmp_path):
+    """O_CREAT without O_TRUNC: bytes already in the file are not taken for zeros."""
+    path = tmp_path / "old.bin"
+    data = torch.randint(0, 256, (3 * ALIGN,), dtype=torch.uint8)
+    path.write_bytes(data.numpy().tobytes())
+    f = DiskFile(path, data.numel())
+    try:
+        f.write(ALIGN + 10, torch.tensor([1, 2, 3], dtype=torch.uint8))
+        expect = data.clone()
+        expect[ALIGN + 10:ALIGN + 13] = torch.tensor([1, 2, 3], dtype=torch.uint8)
+        out = torch.empty(data.numel(), dtype=torch.uint8)
+        f.read(0, out)
+        assert torch.equal(out, expect)
+    finally:
+        f.close()
+
+
 def test_threads_appending_to_separate_regions_of_one_file(tmp_path):
     """Like the KV arena: I/O threads append unaligned rows to their own page-aligned regions."""
     import threading
