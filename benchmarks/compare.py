@@ -73,6 +73,11 @@ WORKLOADS = {
 }
 
 
+# One optimisation off (or 4-bit on) at a time, on the optimizer's policy: the paper's ablations.
+ABLATIONS = (("overlap=false",), ("num_gpu_batches=1",), ("cpu_cache_compute=false",),
+             ("compress_weight=true",), ("compress_cache=true",))
+
+
 # -- checkpoints --------------------------------------------------------------------
 
 def hf_config(model: str) -> dict:
@@ -216,6 +221,16 @@ def child(a) -> dict:
             policy = flexgen.Policy(gpu_batch_size=a.policy_gbs, num_gpu_batches=a.policy_ngb,
                                     w_gpu_percent=p[0], w_cpu_percent=p[1], cache_gpu_percent=p[2],
                                     cache_cpu_percent=p[3], act_gpu_percent=p[4], act_cpu_percent=p[5])
+        if a.modify:
+            import dataclasses
+            changes = {}
+            for item in a.modify:
+                key, value = item.split("=", 1)
+                changes[key] = {"true": True, "false": False}.get(value.lower(), None)
+                if changes[key] is None:
+                    changes[key] = int(value) if value.isdigit() else float(value)
+            policy = dataclasses.replace(policy, **changes)
+            out["system"] = f"{a.system} ({', '.join(a.modify)})"
         out["policy"] = policy.to_dict()
         out["batch"] = policy.block_size
         ids = torch.randint(4, cfg["vocab_size"] - 1, (policy.block_size, a.prompt_len),
@@ -227,9 +242,28 @@ def child(a) -> dict:
             s = m.stats
             out.update(prefill_s=s.prefill_time, decode_s=s.decode_time, generated_tokens=s.generated_tokens,
                        timings=dict(s.timings), peak_memory=dict(s.peak_memory), direct_io=s.direct_io)
+        out["bound"] = phase_bounds(a, policy)
     out["total_s"] = out["prefill_s"] + out["decode_s"]
     out["throughput"] = out["generated_tokens"] / out["total_s"] if out["total_s"] else 0.0
     out["peak_rss"] = peak_rss()
+    return out
+
+
+def phase_bounds(a, policy) -> dict:
+    """Per phase, the time no schedule can beat on this hardware profile: the busiest
+    resource (each link's bytes / its measured bandwidth, matmul FLOPs / the measured
+    rate, host attention), from the cost model's accounting of this policy."""
+    from flexgen.optimizer.auto import hardware_profile
+    from flexgen.optimizer.cost_model import estimate
+    from flexgen.optimizer.cli import model_args_for
+
+    hw = hardware_profile(a.hardware, Path(a.offload_dir), log=lambda m: None)
+    est = estimate(model_args_for(a.ckpt), policy, a.prompt_len, a.gen_len, hw)
+    out = {}
+    for phase, busy in est.busy_time.items():
+        resource = max(busy, key=busy.get)
+        out[phase] = {"seconds": busy[resource], "resource": resource, "busy": dict(busy)}
+    out["predicted_tok_s"] = est.throughput
     return out
 
 
@@ -360,6 +394,7 @@ def main(argv=None) -> int:
         ap.add_argument("--policy-percent", type=float, nargs=6, default=[100, 0, 100, 0, 100, 0])
         ap.add_argument("--policy-gbs", type=int, default=8)
         ap.add_argument("--policy-ngb", type=int, default=1)
+        ap.add_argument("--modify", nargs="*", default=[], help="policy field=value changes (ablations)")
         a = ap.parse_args(argv[1:])
         Path(a.out).write_text(json.dumps(child(a)))
         return 0
@@ -375,6 +410,8 @@ def main(argv=None) -> int:
     ap.add_argument("--policy-gbs", type=int, default=8)
     ap.add_argument("--policy-ngb", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per system run")
+    ap.add_argument("--ablations", action="store_true",
+                    help="also run the optimizer's policy with one optimisation off (or 4-bit on) at a time")
     ap.add_argument("--json-out", help="write all figures as JSON")
     ap.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     a = ap.parse_args(argv)
@@ -419,6 +456,13 @@ def main(argv=None) -> int:
                     extra += ["--policy-percent", *map(str, a.policy_percent), "--policy-gbs", str(a.policy_gbs),
                               "--policy-ngb", str(a.policy_ngb)]
                 rows.append(run_child(base + extra, w.limit_gib, a.timeout))
+        if a.ablations:
+            for change in ABLATIONS:
+                drop_page_cache()
+                extra = ["--system", "flexgen-auto", "--budget", *map(str, w.flexgen_budget), "--modify", *change]
+                if a.hardware:
+                    extra += ["--hardware", a.hardware]
+                rows.append(run_child(base + extra, w.limit_gib, a.timeout))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     ref = next((r["throughput"] for r in rows if r.get("system", "").startswith("flexgen") and "failed" not in r),
@@ -427,12 +471,12 @@ def main(argv=None) -> int:
             f"{w.limit_gib or 'none'} GiB (RSS + page cache), page cache dropped between systems: "
             f"{'yes' if dropped else 'no (not root)'}")
     lines = [head, "",
-             "| system | batch (block) | placement | prefill s | decode s | token/s | peak RSS GiB | "
-             "peak RSS+cache GiB | vs flexgen |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| system | batch (block) | placement | prefill s | decode s | token/s | of bound (prefill / decode) | "
+             "peak RSS GiB | peak RSS+cache GiB | vs flexgen |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "failed" in r:
-            lines.append(f"| {r.get('system', '?')} | - | - | - | - | failed: {r['failed']} | - | - | - |")
+            lines.append(f"| {r.get('system', '?')} | - | - | - | - | failed: {r['failed']} | - | - | - | - |")
             continue
         if "policy" in r:
             p = r["policy"]
@@ -442,8 +486,14 @@ def main(argv=None) -> int:
         else:
             place = ", ".join(f"{k}: {v}" for k, v in sorted(r.get("device_map", {}).items())) or "in memory"
         ratio = f"{r['throughput'] / ref:.2f}" if ref else "-"
+        bound = "-"
+        if "bound" in r:
+            b = r["bound"]
+            bound = " / ".join(f"{b[ph]['seconds'] / max(r[ph + '_s'], 1e-9):.0%} ({b[ph]['resource']})"
+                               for ph in ("prefill", "decode") if ph in b)
         lines.append(f"| {r['system']} | {r['batch']} | {place} | {r['prefill_s']:.2f} | {r['decode_s']:.2f} | "
-                     f"{r['throughput']:.3f} | {_fmt_gib(r['peak_rss'])} | {_fmt_gib(r['cgroup_peak'])} | {ratio} |")
+                     f"{r['throughput']:.3f} | {bound} | {_fmt_gib(r['peak_rss'])} | {_fmt_gib(r['cgroup_peak'])} | "
+                     f"{ratio} |")
     for r in rows:
         if "tried" in r:
             lines.append(f"\n{r['system']} throughput by batch: " + ", ".join(f"{b}: {v}" for b, v in r["tried"].items()))
