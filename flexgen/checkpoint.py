@@ -192,7 +192,7 @@ def _normalize(key: str) -> str:
     # The one place names are mapped: OPTForCausalLM saves "model.decoder.*", OPTModel "decoder.*".
     key = key.removeprefix("model.")
     if key == "lm_head.weight":
-        return "lm_head.weight"  # tied to decoder.embed_tokens.weight; we use that one
+        return "lm_head.weight"  # used only when untied; a tied head reads decoder.embed_tokens
     return key
 
 

@@ -241,7 +241,7 @@ class Scheduler:
             return opt.self_attention(w, x, inp.mask, kv, self.args)
         if kind == "mlp":
             return opt.mlp(w, x, self.args)
-        logits = opt.output_embed(w, x[:, -1])
+        logits = opt.output_embed(w, x[:, -1], self.args)
         gbs = self.policy.gpu_batch_size
         rows = slice(k * gbs, (k + 1) * gbs)
         b = self._block

@@ -52,6 +52,7 @@ class ModelArgs:
     enable_bias: bool = True
     layer_norm_elementwise_affine: bool = True
     activation_function: str = "relu"
+    tie_word_embeddings: bool = True
     pad_token_id: int = 1
     bos_token_id: int = 2
     eos_token_id: int = 2
@@ -108,6 +109,7 @@ class ModelArgs:
                 enable_bias=config.get("enable_bias", True),
                 layer_norm_elementwise_affine=config.get("layer_norm_elementwise_affine", True),
                 activation_function=config.get("activation_function", "relu"),
+                tie_word_embeddings=config.get("tie_word_embeddings", True),
                 pad_token_id=config.get("pad_token_id") if config.get("pad_token_id") is not None else 1,
                 bos_token_id=config.get("bos_token_id") if config.get("bos_token_id") is not None else 2,
                 eos_token_id=eos if eos is not None else 2,
@@ -130,12 +132,13 @@ class ModelArgs:
                     word_embed_proj_dim=self.word_embed_proj_dim, do_layer_norm_before=self.do_layer_norm_before,
                     _remove_final_layer_norm=self.remove_final_layer_norm, enable_bias=self.enable_bias,
                     layer_norm_elementwise_affine=self.layer_norm_elementwise_affine,
-                    activation_function=self.activation_function, pad_token_id=self.pad_token_id,
+                    activation_function=self.activation_function,
+                    tie_word_embeddings=self.tie_word_embeddings, pad_token_id=self.pad_token_id,
                     bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id)
 
     def num_parameters(self) -> int:
         return sum(e.numel for spec in layer_specs(self) for e in spec.entries
-                   if not (spec.kind == "output" and e.field == "lm_head"))
+                   if not (spec.kind == "output" and e.field == "lm_head" and self.tie_word_embeddings))
 
 
 # ---------------------------------------------------------------------------------------
@@ -203,9 +206,10 @@ def layer_specs(args: ModelArgs) -> list[LayerSpec]:
         out += norm("final_layer_norm", "decoder.final_layer_norm", h)
     if args.has_projection:
         out.append(E("project_out", "decoder.project_out.weight", (p, h)))
-    # The LM head is tied to the input embedding; this layer keeps its own copy so each
-    # layer streams independently.
-    out.append(E("lm_head", "decoder.embed_tokens.weight", (v, p)))
+    # A tied LM head is the input embedding; this layer keeps its own copy so each layer
+    # streams independently. An untied one is the checkpoint's lm_head.weight.
+    head = "decoder.embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight"
+    out.append(E("lm_head", head, (v, p)))
     specs.append(LayerSpec("output", -1, tuple(out)))
     return specs
 
@@ -362,9 +366,10 @@ def mlp(w: MLPWeights, x: torch.Tensor, args: ModelArgs) -> torch.Tensor:
     return x
 
 
-def output_embed(w: OutputEmbedWeights, x: torch.Tensor) -> torch.Tensor:
+def output_embed(w: OutputEmbedWeights, x: torch.Tensor, args: ModelArgs) -> torch.Tensor:
     """Hidden of the last position (b, h) -> logits (b, vocab) in float32."""
-    if w.final_layer_norm_weight is not None:
+    # A non-affine final LayerNorm has no weights but is still applied.
+    if args.has_final_layer_norm:
         x = _layer_norm(x, w.final_layer_norm_weight, w.final_layer_norm_bias)
     if w.project_out is not None:
         x = F.linear(x, w.project_out)
