@@ -20,7 +20,7 @@ import torch
 
 from flexgen.activations import HiddenSlot
 from flexgen.kvcache import KVCache
-from flexgen.models import opt
+from flexgen.models.registry import family_of
 from flexgen.policy import Policy
 from flexgen.sampling import SamplingParams, StopCriteria, sample
 from flexgen.tiers import ComputeDevice, IOPool, done_future
@@ -58,10 +58,11 @@ class _Pending:
 
 
 class Scheduler:
-    def __init__(self, args: opt.ModelArgs, weights: PlacedWeights, policy: Policy, device: ComputeDevice,
+    def __init__(self, args, weights: PlacedWeights, policy: Policy, device: ComputeDevice,
                  io: IOPool, hook: Optional[TimingHook] = None):
         self.args, self.weights, self.policy, self.device, self.io = args, weights, policy, device, io
         self.hook = hook or (lambda name, seconds: None)
+        self.family = family_of(args)   # the model's pure layer functions
         self.specs = [lay.spec for lay in weights.layouts]
         self.num_layers = len(self.specs)
         self.attn_index = {j: s.block for j, s in enumerate(self.specs) if s.kind == "attention"}
@@ -236,12 +237,12 @@ class Scheduler:
     def _compute(self, i, j, k, w, inp: _StepInputs, x, kv):
         kind = self.specs[j].kind
         if kind == "input":
-            return opt.input_embed(w, inp.ids, inp.positions)
+            return self.family.input_embed(w, inp.ids, inp.positions, self.args)
         if kind == "attention":
-            return opt.self_attention(w, x, inp.mask, kv, self.args)
+            return self.family.self_attention(w, x, inp.mask, inp.positions, kv, self.args)
         if kind == "mlp":
-            return opt.mlp(w, x, self.args)
-        logits = opt.output_embed(w, x[:, -1], self.args)
+            return self.family.mlp(w, x, self.args)
+        logits = self.family.output_embed(w, x[:, -1], self.args)
         gbs = self.policy.gpu_batch_size
         rows = slice(k * gbs, (k + 1) * gbs)
         b = self._block

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from flexgen.errors import FlexGenError
-from flexgen.models.opt import ModelArgs
+from flexgen.models.base import ModelArgs
+from flexgen.models.registry import args_from_config_file, args_from_name
 from flexgen.optimizer.cost_model import GIB, estimate
 from flexgen.optimizer.hardware import HardwareProfile, default_profile_path, load_hardware
 from flexgen.optimizer.report import format_estimate
@@ -26,14 +27,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def model_args_for(model: str) -> ModelArgs:
-    """A named size (opt-30b, facebook/opt-30b) or a checkpoint directory with config.json."""
+    """A named size (opt-30b, facebook/opt-30b, llama-3-70b) or a checkpoint directory with config.json."""
     p = Path(model)
     if p.is_dir():
         cfg = p / "config.json"
         if not cfg.is_file():
             raise FlexGenError(f"{model}: no config.json in this directory")
-        return ModelArgs.from_config_file(cfg, name=p.name)
-    return ModelArgs.from_name(model)
+        return args_from_config_file(cfg, name=p.name)
+    return args_from_name(model)
 
 
 def _gib_arg(text: str) -> float:

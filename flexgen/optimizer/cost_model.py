@@ -39,7 +39,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from flexgen.models.opt import ModelArgs, layer_specs
+from flexgen.models.base import ModelArgs
+from flexgen.models.registry import layer_specs
 from flexgen.optimizer.hardware import HardwareProfile
 from flexgen.placement import split_rows as engine_split_rows
 from flexgen.policy import Policy

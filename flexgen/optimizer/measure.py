@@ -181,7 +181,7 @@ def engine_layer_overhead(hw: HardwareProfile, offload_dir: Path) -> float:
     futures, cache bookkeeping, kernel launches) to each layer step.
     """
     from flexgen.engine import load_model
-    from flexgen.models.opt import ModelArgs
+    from flexgen.models.registry import args_from_name
     from flexgen.optimizer.cost_model import estimate
     from flexgen.policy import Policy
 
@@ -192,7 +192,7 @@ def engine_layer_overhead(hw: HardwareProfile, offload_dir: Path) -> float:
         model.generate(ids, max_new_tokens=4, eos_token_id=[])          # warm up
         model.generate(ids, max_new_tokens=steps + 1, eos_token_id=[])
         measured = model.stats.decode_time / steps
-    args = ModelArgs.from_name("opt-125m")
+    args = args_from_name("opt-125m")
     bare = estimate(args, policy, 16, steps + 1, hw.replace(layer_overhead=0.0)).decode_time / steps
     layers = 2 * args.num_hidden_layers + 2
     return max(0.0, (measured - bare) / layers)

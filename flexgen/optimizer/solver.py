@@ -25,7 +25,7 @@ from typing import Iterable
 import pulp
 
 from flexgen.errors import FlexGenError
-from flexgen.models.opt import ModelArgs
+from flexgen.models.base import ModelArgs
 from flexgen.optimizer.cost_model import (DEFAULT_ENGINE, GIB, PHASES, TIERS, VARS, BlockModel,
                                           EngineConstants, Estimate, Lin, evaluate, fractions_of,
                                           split_rows)
