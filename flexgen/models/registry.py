@@ -16,6 +16,7 @@ from flexgen.errors import FlexGenError
 # family module -> the config.json model_type values and architectures it loads.
 FAMILIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "opt": (("opt",), ("OPTForCausalLM", "OPTModel")),
+    "llama": (("llama",), ("LlamaForCausalLM",)),
 }
 
 
