@@ -272,9 +272,9 @@ def _merge_direct(*flags):
 
 def load_model(model: str, policy: Optional[Policy] = None, *, device=None, dtype=None, offload_dir=None,
                dummy: bool = False, seed: int = 0, progress: bool = False) -> FlexGenModel:
-    """Place a model (OPT, ...: see models/registry.py) for generation.
+    """Place a model (OPT, LLaMA, Mistral, Qwen2: see models/registry.py) for generation.
 
-    model: a named size (opt-1.3b, with dummy=True), a Hugging Face checkpoint directory,
+    model: a named size (opt-1.3b, llama-3-8b, ..., with dummy=True), a Hugging Face checkpoint directory,
     or a Hugging Face id already in the local cache. device: "cuda" or "cpu" (default:
     cuda when available). dtype: default fp16 on CUDA, bf16 on a CPU that supports it,
     else fp32. offload_dir: where the weight store and run files go (default

@@ -24,6 +24,9 @@ CHECKPOINTS = {
     "llama-tied-rope3": ("llama", dict(num_key_value_heads=4, tie_word_embeddings=True,
                                        rope_scaling=dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0,
                                                          high_freq_factor=4.0, original_max_position_embeddings=16))),
+    "mistral-window": ("mistral", dict(num_key_value_heads=2, sliding_window=8)),
+    "qwen2-tied": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen2-untied-mha": ("qwen2", dict(num_key_value_heads=4, tie_word_embeddings=False, rope_theta=1e6)),
 }
 
 
@@ -87,7 +90,7 @@ def test_kv_cache_is_gqa_sized(checkpoints, offload):
 
 
 def test_score_matches_transformers_logprobs(checkpoints, prompts, offload):
-    path, model = checkpoints("llama-tied-rope3")
+    path, model = checkpoints("qwen2-tied")
     ids = prompts[0][[0, 4]]
     with torch.no_grad():
         ref = torch.log_softmax(model(ids).logits.float(), dim=-1)
@@ -143,7 +146,8 @@ def test_named_sizes_parameter_counts():
     """Named sizes have the published parameter counts (within 1 %)."""
     from flexgen.models.registry import args_from_name
     expected = {"llama-2-7b": 6.74e9, "llama-2-70b": 68.98e9, "llama-3-8b": 8.03e9, "llama-3.1-70b": 70.55e9,
-                "llama-3.1-405b": 405.85e9}
+                "llama-3.1-405b": 405.85e9, "mistral-7b": 7.24e9, "qwen2.5-7b": 7.62e9, "qwen2.5-72b": 72.71e9,
+                "qwen2.5-0.5b": 0.494e9}
     for name, n in expected.items():
         got = args_from_name(name).num_parameters()
         assert abs(got - n) / n < 0.01, (name, got, n)
@@ -159,3 +163,25 @@ def test_dummy_weights_are_sane(offload):
     norms = [e for lay in model_layouts(args, torch.float32, False) for e in lay.spec.entries if "norm" in e.field]
     assert norms and all(e.init == "ones" for e in norms)
     assert torch.equal(DummySource(args).get(norms[0].name, norms[0].shape, norms[0].init), torch.ones(4096))
+
+
+def test_qwen2_layer_sliding_window_refused():
+    from flexgen.models.registry import args_from_config
+    cfg = dict(TINY, model_type="qwen2", use_sliding_window=True, sliding_window=8)
+    with pytest.raises(FlexGenError, match="use_sliding_window"):
+        args_from_config(cfg, "x")
+
+
+def test_mistral_window_matters(checkpoints, prompts, offload, monkeypatch):
+    """Guards the sliding-window reference: attending over the whole cache differs."""
+    from flexgen.models import llama
+    path, model = checkpoints("mistral-window")
+    ids, mask = prompts
+    _, ref_logits = hf_reference(model, ids, mask)
+    real = llama.self_attention
+    monkeypatch.setattr(llama, "self_attention", lambda w, x, m, p, kv, a: real(w, x, m, p, kv, a.__class__(
+        **{**a.__dict__, "sliding_window": 0})))
+    import flexgen.models.mistral as mistral
+    monkeypatch.setattr(mistral, "self_attention", llama.self_attention)
+    _, logits = run(path, POLICIES["all-gpu"], ids, mask, offload)
+    assert (logits - ref_logits).abs().max() > 1e-3

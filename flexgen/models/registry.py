@@ -17,6 +17,8 @@ from flexgen.errors import FlexGenError
 FAMILIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "opt": (("opt",), ("OPTForCausalLM", "OPTModel")),
     "llama": (("llama",), ("LlamaForCausalLM",)),
+    "mistral": (("mistral",), ("MistralForCausalLM",)),
+    "qwen2": (("qwen2",), ("Qwen2ForCausalLM",)),
 }
 
 
