@@ -66,7 +66,8 @@ def policy_parser() -> argparse.ArgumentParser:
                "The hardware profile's reserves (CUDA context, the process itself) are taken off the "
                "gpu and cpu budgets. Without --hardware, the profile measured by `flexgen profile` "
                f"({default_profile_path()}) is used.")
-    p.add_argument("--model", required=True, help="opt-125m ... opt-175b, or a checkpoint directory")
+    p.add_argument("--model", required=True, help="a named size (opt-125m ... opt-175b, llama-3-70b, "
+                   "qwen2.5-72b, mistral-7b; see README) or a checkpoint directory")
     p.add_argument("--prompt-len", type=_positive_int, default=512)
     p.add_argument("--gen-len", type=_positive_int, default=32)
     p.add_argument("--gpu-mem", type=_gib_arg, help="GiB of accelerator memory to use (default: the profile's)")
