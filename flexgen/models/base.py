@@ -155,10 +155,10 @@ def attend(q, keys, values, mask, num_heads: int, num_kv_heads: Optional[int] = 
     kh = keys.view(t, r, nkv, d).permute(1, 2, 0, 3)             # (r, nkv, t, d), a view
     vh = values.view(t, r, nkv, d).permute(1, 2, 0, 3)
     # Fused attention never materialises the (r, nh, s, t) scores on CUDA (memory-efficient
-    # kernel) and runs the flash kernel on CPU; enable_gqa shares each K/V head among
-    # nh / nkv query heads without copying it.
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask[:, None], scale=1.0,
-                                         enable_gqa=nkv != num_heads)
+    # kernel) and runs the flash kernel on CPU; enable_gqa (torch >= 2.5) shares each K/V
+    # head among nh / nkv query heads without copying it.
+    gqa = {"enable_gqa": True} if nkv != num_heads else {}
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask[:, None], scale=1.0, **gqa)
     return out.transpose(1, 2).reshape(r, s, hq)
 
 
