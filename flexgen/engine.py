@@ -136,7 +136,7 @@ class FlexGenModel:
         if int(input_ids.max()) >= self.args.vocab_size or int(input_ids.min()) < 0:
             raise FlexGenError(f"token ids must be within [0, {self.args.vocab_size})")
         params = SamplingParams(do_sample, temperature, top_p, top_k)
-        eos = [self.args.eos_token_id] if eos_token_id is None else (
+        eos = list(self.args.eos_token_ids) if eos_token_id is None else (
             [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         pad = self.args.pad_token_id if pad_token_id is None else pad_token_id
 

@@ -13,7 +13,7 @@ import torch
 import flexgen
 from conftest import VOCAB
 from flexgen.errors import FlexGenError
-from test_engine import POLICIES, hf_reference, run
+from test_engine import GEN, POLICIES, hf_reference, run
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=VOCAB,
             max_position_embeddings=96, pad_token_id=1, bos_token_id=0, eos_token_id=2)
@@ -185,3 +185,18 @@ def test_mistral_window_matters(checkpoints, prompts, offload, monkeypatch):
     monkeypatch.setattr(mistral, "self_attention", llama.self_attention)
     _, logits = run(path, POLICIES["all-gpu"], ids, mask, offload)
     assert (logits - ref_logits).abs().max() > 1e-3
+
+
+def test_every_config_eos_ends_a_row(tmp_path, prompts, offload):
+    """Llama 3.1 instruct lists several EOS tokens in config.json: any of them ends a row."""
+    ids, mask = prompts
+    base = make_family_checkpoint(tmp_path / "a", "llama", seed=11, num_key_value_heads=2)
+    first, _ = hf_reference(base, ids, mask)
+    eos = [int(first[0, ids.shape[1]]), int(first[3, ids.shape[1] + 1])]   # row 0's 1st, row 3's 2nd token
+    model = make_family_checkpoint(tmp_path / "b", "llama", seed=11, num_key_value_heads=2, eos_token_id=eos)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=GEN, do_sample=False, pad_token_id=1)
+    with flexgen.load_model(str(tmp_path / "b"), POLICIES["all-gpu"], device="cpu", dtype=torch.float32,
+                            offload_dir=offload) as m:
+        assert m.args.eos_token_ids == tuple(eos)
+        out = m.generate(ids, mask, max_new_tokens=GEN, pad_token_id=1)
+    assert torch.equal(out, ref)

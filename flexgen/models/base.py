@@ -45,6 +45,9 @@ class ModelArgs(Protocol):
     eos_token_id: int
 
     @property
+    def eos_token_ids(self) -> tuple[int, ...]: ...
+
+    @property
     def num_key_value_heads(self) -> int: ...
 
     @property

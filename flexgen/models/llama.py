@@ -78,6 +78,7 @@ class ModelArgs:
     pad_token_id: int = -1                # -1: the EOS token
     bos_token_id: int = 1
     eos_token_id: int = 2
+    eos_token_ids: tuple[int, ...] = ()   # every token that ends a sequence (Llama 3.1 instruct has 3)
 
     def __post_init__(self):
         if self.num_key_value_heads == 0:
@@ -89,6 +90,8 @@ class ModelArgs:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.pad_token_id < 0:
             object.__setattr__(self, "pad_token_id", self.eos_token_id)
+        if not self.eos_token_ids:
+            object.__setattr__(self, "eos_token_ids", (self.eos_token_id,))
         if self.num_attention_heads % self.num_key_value_heads:
             raise FlexGenError(f"{self.name}: num_attention_heads {self.num_attention_heads} is not a multiple of "
                                f"num_key_value_heads {self.num_key_value_heads}")
@@ -141,7 +144,7 @@ class ModelArgs:
                     rope_theta=self.rope_theta, rope_scaling=rope, attention_bias=self.qkv_bias,
                     mlp_bias=self.mlp_bias, tie_word_embeddings=self.tie_word_embeddings,
                     hidden_act=self.hidden_act, pad_token_id=self.pad_token_id, bos_token_id=self.bos_token_id,
-                    eos_token_id=self.eos_token_id)
+                    eos_token_id=list(self.eos_token_ids) if len(self.eos_token_ids) > 1 else self.eos_token_id)
 
     def num_parameters(self) -> int:
         return sum(e.numel for spec in layer_specs(self) for e in spec.entries
@@ -177,6 +180,7 @@ def _common_config(config: dict, name: str) -> dict:
             hidden_act=config.get("hidden_act", "silu"),
             bos_token_id=first_token_id(config.get("bos_token_id"), 1),
             eos_token_id=first_token_id(config.get("eos_token_id"), 2),
+            eos_token_ids=tuple(int(t) for t in eos) if isinstance(eos := config.get("eos_token_id"), list) else (),
         )
     except KeyError as e:
         raise FlexGenError(f"{name}: config.json lacks {e.args[0]!r}") from None

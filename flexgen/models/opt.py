@@ -75,6 +75,10 @@ class ModelArgs:
         return self.hidden_size // self.num_attention_heads
 
     @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return (self.eos_token_id,)
+
+    @property
     def num_key_value_heads(self) -> int:
         return self.num_attention_heads
 
