@@ -119,6 +119,7 @@ class CostFigures:
     kv_width: int           # values of K (and of V) per token per layer in the cache
     attn_temp_width: int    # values per row the attention layer holds at its peak (q, k, v, output)
     mlp_temp_width: int     # values per row the MLP holds at its peak (input copy + intermediates)
+    query_groups: int = 1   # query heads per K/V head: attention's mask is repeated this many times
 
 
 # ---------------------------------------------------------------------------------------
@@ -154,15 +155,25 @@ def attend(q, keys, values, mask, num_heads: int, num_kv_heads: Optional[int] = 
     r, s, hq = q.shape
     t = keys.shape[0]
     d = hq // num_heads
-    qh = q.view(r, s, num_heads, d).transpose(1, 2)              # (r, nh, s, d)
     kh = keys.view(t, r, nkv, d).permute(1, 2, 0, 3)             # (r, nkv, t, d), a view
     vh = values.view(t, r, nkv, d).permute(1, 2, 0, 3)
+    m = mask[:, None]                                             # (r, 1, s, t)
+    g = num_heads // nkv
+    if g == 1:
+        qh = q.view(r, s, num_heads, d).transpose(1, 2)          # (r, nh, s, d)
+    else:
+        # Grouped-query attention: the g query heads of each K/V head are stacked along the
+        # query axis, so every fused kernel applies (SDPA's enable_gqa with a mask falls back
+        # to the math kernel on CUDA, which materialises the scores) and K/V are never copied.
+        # Query head i * g + j uses K/V head i, as transformers' repeat_kv.
+        qh = q.view(r, s, nkv, g, d).permute(0, 2, 3, 1, 4).reshape(r, nkv, g * s, d)
+        m = m[:, :, None].expand(r, 1, g, s, t).reshape(r, 1, g * s, t)
     # Fused attention never materialises the (r, nh, s, t) scores on CUDA (memory-efficient
-    # kernel) and runs the flash kernel on CPU; enable_gqa (torch >= 2.5) shares each K/V
-    # head among nh / nkv query heads without copying it.
-    gqa = {"enable_gqa": True} if nkv != num_heads else {}
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask[:, None], scale=1.0, **gqa)
-    return out.transpose(1, 2).reshape(r, s, hq)
+    # kernel) and runs the flash kernel on CPU.
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=m, scale=1.0)
+    if g == 1:
+        return out.transpose(1, 2).reshape(r, s, hq)
+    return out.view(r, nkv, g, s, d).permute(0, 3, 1, 2, 4).reshape(r, s, hq)
 
 
 def attend_groups(q, groups: Sequence[AttendGroup], mask, num_heads: int, num_kv_heads: Optional[int] = None):

@@ -345,4 +345,5 @@ def cost_figures(args: ModelArgs) -> CostFigures:
     h, f = args.hidden_size, args.intermediate_size
     # attention: the normed input, q, k, v and the output; MLP: the normed input, gate and up.
     return CostFigures(q_width=args.q_width, kv_width=args.kv_width,
-                       attn_temp_width=2 * h + args.q_width + 2 * args.kv_width, mlp_temp_width=h + 2 * f)
+                       attn_temp_width=2 * h + args.q_width + 2 * args.kv_width, mlp_temp_width=h + 2 * f,
+                       query_groups=args.num_attention_heads // args.num_key_value_heads)
