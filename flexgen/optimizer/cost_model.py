@@ -41,15 +41,14 @@ from typing import Mapping
 
 from flexgen.models.base import ModelArgs
 from flexgen.models.registry import cost_figures, layer_specs
-from flexgen.optimizer.hardware import HardwareProfile
+from flexgen.optimizer.budgets import TIERS, check_budgets
+from flexgen.optimizer.hardware import GIB, HardwareProfile  # noqa: F401 (GIB re-exported)
 from flexgen.placement import split_rows as engine_split_rows
 from flexgen.policy import Policy
 
 VARS = ("wg", "wc", "wd", "cg", "cc", "cd", "hg", "hc", "hd")
 LINKS = ("disk->cpu", "cpu->gpu", "gpu->cpu", "cpu->disk")
-TIERS = ("gpu", "cpu", "disk")
 PHASES = ("prefill", "decode")
-GIB = 1 << 30
 
 
 class Lin:
@@ -143,6 +142,8 @@ class EngineConstants:
     A materialised fp32 softmax would cost 4 to 10.
     mask_bytes: bytes per (gbs, s, t) element of the attention mask while attending: the
     mask, its clone with the diagonal set, and the additive bias the kernel makes of it.
+    Under grouped-query attention the mask is repeated for each query head of a K/V head
+    (models/base.attend), so it counts `CostFigures.query_groups` times.
     """
 
     weight_slots: int = 2          # working copies of a layer on the compute device: current + next
@@ -465,7 +466,7 @@ class BlockModel:
                 gpu["cache buffers"] = Switched("cg<1", 2 * b * self.s * kv * dt, 1 - V("cg"))
             cpu["cache staging"] = V("cd") * (b * self.s * kv * dt)
             # Scores (if materialised), the mask while attending, and every batch's step mask.
-            score = b * self.s * self.s * (nh * e.attn_score_bytes + e.mask_bytes + nb)
+            score = b * self.s * self.s * (nh * e.attn_score_bytes + e.mask_bytes * fig.query_groups + nb)
             attn = b * self.s * fig.attn_temp_width * dt + score
             mlp = b * self.s * fig.mlp_temp_width * dt
             inp = 3 * b * self.s * h * dt
@@ -485,7 +486,7 @@ class BlockModel:
             # uncompressed; otherwise they pass through a host buffer of their stored bytes.
             if self.compress_cache or (cuda and not self.cpu_cache_compute):
                 cpu["cache staging"] = V("cd") * (in_flight * b * row_cache)
-            score = b * t_max * (nh * e.attn_score_bytes + e.mask_bytes + nb)
+            score = b * t_max * (nh * e.attn_score_bytes + e.mask_bytes * fig.query_groups + nb)
             attn = b * fig.attn_temp_width * dt + score
             mlp = b * fig.mlp_temp_width * dt
             inp = 3 * b * h * dt
@@ -628,12 +629,11 @@ def estimate(model_args: ModelArgs, policy: Policy, prompt_len: int, gen_len: in
              hw: HardwareProfile, budgets=None, engine: EngineConstants = DEFAULT_ENGINE) -> Estimate:
     """Predict throughput, time, I/O and peak memory of `policy`.
 
-    `budgets` (a `solver.Budgets`, optional) fills `Estimate.budgets` and `shortfalls`:
+    `budgets` (a `budgets.Budgets`, optional) fills `Estimate.budgets` and `shortfalls`:
     one sentence per tier whose peak exceeds its usable budget.
     """
     model = block_model_for(model_args, policy, prompt_len, gen_len, hw, engine)
     est = evaluate(model, fractions_of(policy), policy)
     if budgets is not None:
-        from flexgen.optimizer.solver import check_budgets
         check_budgets(est, budgets)
     return est
