@@ -111,20 +111,17 @@ def transfer_bandwidth(device, nbytes: int) -> tuple[float, float]:
     return nbytes / t_h2d, nbytes / t_d2h
 
 
-def _attention(q, k, v):
-    """The engine's attention: scores in fp32, softmax, weighted sum. q (r, s, d); k, v (r, t, d)."""
-    scores = torch.bmm(q, k.transpose(1, 2)).float()
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    return torch.bmm(probs, v)
-
-
 def attention_flops(device, dtype, rows: int, heads: int, head_dim: int, s: int, t: int) -> float:
-    """flop/s of attention for `rows` sequences: s queries over t keys (4 * s * t * hidden)."""
-    r = rows * heads
-    q = torch.randn(r, s, head_dim, device=device, dtype=dtype)
-    k = torch.randn(r, t, head_dim, device=device, dtype=dtype)
-    v = torch.randn(r, t, head_dim, device=device, dtype=dtype)
-    tm = _best_time(lambda: _attention(q, k, v), device)
+    """flop/s of the engine's own attention (models.base.attend: fused scaled_dot_product_attention
+    with a boolean mask, causal in prefill) for `rows` sequences: s queries over t keys
+    (4 * s * t * hidden)."""
+    from flexgen.models.base import attend
+    h = heads * head_dim
+    q = torch.randn(rows, s, h, device=device, dtype=dtype)
+    k = torch.randn(t, rows, h, device=device, dtype=dtype)      # time-major, as the KV cache
+    v = torch.randn(t, rows, h, device=device, dtype=dtype)
+    mask = torch.ones(rows, s, t, dtype=torch.bool, device=device).tril(t - s)
+    tm = _best_time(lambda: attend(q, k, v, mask, heads), device)
     return 4 * rows * s * t * heads * head_dim / tm
 
 
