@@ -81,14 +81,14 @@ ABLATIONS = (("overlap=false",), ("num_gpu_batches=1",), ("cpu_cache_compute=fal
 # -- checkpoints --------------------------------------------------------------------
 
 def hf_config(model: str) -> dict:
-    from flexgen.models.opt import ModelArgs
+    from flexgen.models.registry import args_from_name
 
     if model == "tiny":
         return dict(model_type="opt", architectures=["OPTForCausalLM"], hidden_size=64, num_hidden_layers=2,
                     num_attention_heads=4, ffn_dim=256, vocab_size=1000, max_position_embeddings=256,
                     word_embed_proj_dim=64, do_layer_norm_before=True, pad_token_id=1, bos_token_id=2,
                     eos_token_id=2, activation_function="relu", enable_bias=True, tie_word_embeddings=True)
-    cfg = ModelArgs.from_name(model).to_hf_config()
+    cfg = args_from_name(model).to_hf_config()
     cfg.setdefault("model_type", "opt")
     cfg.setdefault("architectures", ["OPTForCausalLM"])
     return cfg
