@@ -24,30 +24,37 @@ import torch
 
 from flexgen.models.base import AttendGroup
 from flexgen.placement import RowSplit
-from flexgen.tiers import ComputeDevice, DiskFile, MemoryTracker, Tier, align_up, aligned_host_empty
+from flexgen.tiers import ComputeDevice, DiskFile, MemoryTracker, PinnedStaging, Tier, align_up, aligned_host_empty
 
 
 class PlainArray:
-    """A time-major (T, rows, *trailing) array on one tier."""
+    """A time-major (T, rows, *trailing) array on one tier.
+
+    `pin`: page-lock a host-tier array (on CUDA), for one that is copied to the device at
+    every step; a cache that only host attention reads stays pageable (page-locked memory
+    that large would starve the host). `staging`: where disk reads bound for the device
+    pass through."""
 
     def __init__(self, tier: Tier, shape: tuple, dtype: torch.dtype, device: ComputeDevice,
-                 disk: Optional[tuple[DiskFile, int]] = None):
+                 disk: Optional[tuple[DiskFile, int]] = None, pin: bool = False,
+                 staging: Optional[PinnedStaging] = None):
         self.tier, self.shape, self.dtype, self.device = tier, tuple(shape), dtype, device
+        self.staging = staging
         self.row_bytes = int(torch.Size(shape[1:]).numel()) * torch.empty((), dtype=dtype).element_size()
         self.nbytes = self.row_bytes * shape[0]
         self.data = None
         if tier is Tier.GPU:
             self.data = device.empty(shape, dtype)
         elif tier is Tier.CPU:
-            self.data = device.host_empty(shape, dtype)
+            self.data = device.host_empty(shape, dtype, pin=pin)
         else:
             self.file, self.base = disk
 
     def view(self, t1: int) -> torch.Tensor:
         return self.data[:t1]
 
-    def read(self, t0: int, t1: int, out: torch.Tensor, scratch_after: bool = False) -> None:
-        """Copy positions [t0, t1) into `out` (any device, may be strided).
+    def read(self, t0: int, t1: int, out: torch.Tensor, scratch_after: bool = False, host: bool = True) -> None:
+        """Copy positions [t0, t1) into `out` (may be strided); `host`: out is in host memory.
 
         `scratch_after`: out's storage after it may be overwritten (see DiskFile.read)."""
         if t1 <= t0:
@@ -55,13 +62,19 @@ class PlainArray:
         if self.data is not None:
             out.copy_(self.data[t0:t1], non_blocking=True)
             return
-        if out.device.type == "cpu" and out.is_contiguous():
+        if (host or not self.device.is_cuda) and out.is_contiguous():
             # Straight into the destination: O_DIRECT when it is page-aligned (see _buffer).
             self.file.read(self.base + t0 * self.row_bytes, out, scratch_after)
             return
-        host = aligned_host_empty((t1 - t0, *self.shape[1:]), self.dtype, pin=self.device.is_cuda)
-        self.file.read(self.base + t0 * self.row_bytes, host, scratch_after=True)
-        out.copy_(host, non_blocking=True)
+        shape = (t1 - t0, *self.shape[1:])
+        nbytes = _nbytes(shape, self.dtype)
+        buf = self.staging.take(nbytes)
+        try:
+            stage = buf[:nbytes].view(self.dtype).view(shape)
+            self.file.read(self.base + t0 * self.row_bytes, stage, scratch_after=True)
+            out.copy_(stage, non_blocking=True)
+        finally:
+            self.staging.give(buf)
 
     def write(self, t0: int, x: torch.Tensor) -> None:
         """Store x (s, rows, ...) at positions [t0, t0+s)."""
@@ -79,12 +92,15 @@ def kv_array_specs(shape: tuple, dtype: torch.dtype, compress: bool) -> dict[str
     return {"": (tuple(shape), dtype)}
 
 
-def _buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _buffer(shape, dtype: torch.dtype, device: ComputeDevice, host: bool) -> torch.Tensor:
     """A working buffer; in host memory page-aligned and padded to a whole page, so that a
-    disk read lands in it directly with one operation (DiskFile.read's scratch_after)."""
-    if device.type == "cpu":
+    disk read lands in it directly with one operation (DiskFile.read's scratch_after).
+
+    On the device it is allocated on the calling I/O thread's side stream, never from the
+    compute stream's pool, where a block compute has just freed may still be in use."""
+    if host or device.device.type == "cpu":
         return aligned_host_empty(shape, dtype)
-    return torch.empty(shape, dtype=dtype, device=device)
+    return device.empty(shape, dtype)
 
 
 def _nbytes(shape, dtype) -> int:
@@ -95,34 +111,35 @@ class KVArray:
     """K or V of one part: plain, or 4-bit packed as three plain arrays (data, scale, mn)."""
 
     def __init__(self, tier: Tier, max_len: int, rows: int, hidden: int, dtype: torch.dtype,
-                 device: ComputeDevice, compress: bool, disk_alloc=None):
-        self.dtype, self.compress, self.hidden = dtype, compress, hidden
+                 device: ComputeDevice, compress: bool, disk_alloc=None, pin: bool = False, staging=None):
+        self.dtype, self.compress, self.hidden, self.device = dtype, compress, hidden, device
         self.shape = (max_len, rows, hidden)
         self.parts = {}
         for name, (shape, dt) in kv_array_specs(self.shape, dtype, compress).items():
             disk = disk_alloc(_nbytes(shape, dt)) if tier is Tier.DISK else None
-            self.parts[name] = PlainArray(tier, tuple(shape), dt, device, disk)
+            self.parts[name] = PlainArray(tier, tuple(shape), dt, device, disk, pin, staging)
         self.nbytes = sum(p.nbytes for p in self.parts.values())
 
     def view(self, t1: int) -> Optional[torch.Tensor]:
         """A live view of positions [0, t1) when no conversion is needed."""
         return None if self.compress else self.parts[""].view(t1)
 
-    def read(self, t1: int, out: torch.Tensor, scratch_after: bool = False) -> None:
-        """Positions [0, t1) into out (t1, rows, h), dequantized. `scratch_after`: out is
-        the head of a working buffer whose remaining positions are not yet filled."""
+    def read(self, t1: int, out: torch.Tensor, scratch_after: bool = False, host: bool = True) -> None:
+        """Positions [0, t1) into out (t1, rows, h), dequantized; `host`: out is in host
+        memory. `scratch_after`: out is the head of a working buffer whose remaining
+        positions are not yet filled."""
         if not self.compress:
-            self.parts[""].read(0, t1, out, scratch_after)
+            self.parts[""].read(0, t1, out, scratch_after, host)
             return
         from flexgen.quant import CACHE_QUANT, Packed, dequantize
         arrays = {}
         for name, p in self.parts.items():
-            buf = _buffer((t1, *p.shape[1:]), p.dtype, out.device)
-            p.read(0, t1, buf, scratch_after=True)   # _buffer pads to a whole page
+            buf = _buffer((t1, *p.shape[1:]), p.dtype, self.device, host)
+            p.read(0, t1, buf, scratch_after=True, host=host)   # _buffer pads to a whole page
             arrays[name] = buf
         packed = Packed(data=arrays["data"], scale=arrays["scale"], mn=arrays["mn"],
                         shape=(t1, *self.shape[1:]), cfg=CACHE_QUANT)
-        out.copy_(dequantize(packed, out.dtype))
+        dequantize(packed, out.dtype, out=out)   # straight into the working buffer
 
     def write(self, t0: int, x: torch.Tensor) -> None:
         if not self.compress:
@@ -216,27 +233,29 @@ class KVSlot:
             if p.tier is home and p.k.view(1) is not None:
                 g.k, g.v, g.live = p.k.view(t + s), p.v.view(t + s), True
             else:
-                g.k = _buffer((t + s, p.stop - p.start, self.hidden), self.dtype, device)
-                g.v = _buffer(g.k.shape, self.dtype, device)
-                with self.device.io_stream():
-                    # Positions t.. of the buffer are filled by KVWork.update afterwards.
-                    p.k.read(t, g.k[:t], scratch_after=True)
-                    p.v.read(t, g.v[:t], scratch_after=True)
+                g.k = _buffer((t + s, p.stop - p.start, self.hidden), self.dtype, self.device, on_host)
+                g.v = _buffer(g.k.shape, self.dtype, self.device, on_host)
+                # Positions t.. of the buffer are filled by KVWork.update afterwards.
+                p.k.read(t, g.k[:t], scratch_after=True, host=on_host)
+                p.v.read(t, g.v[:t], scratch_after=True, host=on_host)
+                if not on_host:   # compute writes, reads and frees them
+                    self.device.hand_off(g.k)
+                    self.device.hand_off(g.v)
                 nbytes = 2 * g.k.numel() * g.k.element_size()
                 self.tracker.add(home, nbytes)
                 work.tracked.append((home, nbytes))
             work.groups.append(g)
 
-    def end(self, work: KVWork, after=None) -> None:
-        """Write this step's new positions to every part not updated in place (I/O thread)."""
+    def end(self, work: KVWork) -> None:
+        """Write this step's new positions to every part not updated in place (I/O thread,
+        on its side stream after compute's mark; the caller waits for the copies)."""
         t = work.t
         live = {id(p) for g in work.groups if g.live for p in g.parts}
-        with self.device.io_stream(after):
-            for p in self.parts:
-                if id(p) in live:
-                    continue
-                p.k.write(t, work.new_k[:, p.start:p.stop])
-                p.v.write(t, work.new_v[:, p.start:p.stop])
+        for p in self.parts:
+            if id(p) in live:
+                continue
+            p.k.write(t, work.new_k[:, p.start:p.stop])
+            p.v.write(t, work.new_v[:, p.start:p.stop])
         self.discard(work)
 
     def discard(self, work: KVWork) -> None:
@@ -258,6 +277,17 @@ class KVCache:
         self.slots: dict[tuple[int, int], KVSlot] = {}
         self.held = {t: 0 for t in Tier}
         disk_rows = rows.disk
+        # Host-tier cache is page-locked only when it is copied to the device every step.
+        pin = not cpu_cache_compute
+        self.staging, self.staging_bytes = None, 0
+        if disk_rows and device.is_cuda and not cpu_cache_compute:
+            # Disk rows bound for the device: one read in flight per load thread, the
+            # largest being one K or V array.
+            biggest = max(_nbytes(sh, dt) for sh, dt in
+                          kv_array_specs((max_len, disk_rows, hidden), dtype, compress).values())
+            self.staging = PinnedStaging(device, biggest, count=2)
+            self.staging_bytes = 2 * align_up(biggest)
+            tracker.add(Tier.CPU, self.staging_bytes)
         per_array = sum(align_up(_nbytes(sh, dt)) for sh, dt in
                         kv_array_specs((max_len, disk_rows, hidden), dtype, compress).values())
         for layer in range(num_layers):
@@ -269,8 +299,10 @@ class KVCache:
                 parts = []
                 for tier, start, stop in rows.ranges():
                     alloc = arena.alloc if tier is Tier.DISK else None
-                    k = KVArray(tier, max_len, stop - start, hidden, dtype, device, compress, alloc)
-                    v = KVArray(tier, max_len, stop - start, hidden, dtype, device, compress, alloc)
+                    k = KVArray(tier, max_len, stop - start, hidden, dtype, device, compress, alloc, pin,
+                                self.staging)
+                    v = KVArray(tier, max_len, stop - start, hidden, dtype, device, compress, alloc, pin,
+                                self.staging)
                     parts.append(_Part(tier, start, stop, k, v))
                     self.held[tier] += k.nbytes + v.nbytes
                 self.slots[(layer, b)] = KVSlot(parts, device, dtype, hidden, cpu_cache_compute, tracker)
@@ -291,6 +323,8 @@ class KVCache:
         for tier, n in self.held.items():
             self.tracker.sub(tier, n)
         self.held = {t: 0 for t in Tier}
+        self.tracker.sub(Tier.CPU, self.staging_bytes)
+        self.staging, self.staging_bytes = None, 0
         self.slots.clear()
 
 

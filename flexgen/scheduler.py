@@ -7,7 +7,9 @@ another order: at the start of layer j the weights of the next layer are request
 before computing (j, k) the cache and hidden of the next (j, k) are requested; stores of
 (j, k) run while the next step computes. Loads and stores run on the I/O pool; every
 dependency is an explicit future (a load of a slot waits for the last store to it), and
-on CUDA a mark on the compute stream guards buffers the compute may still read.
+on CUDA a mark on the compute stream guards buffers the compute may still read, and the
+compute stream waits on each load's event (ComputeDevice.io_task): no host sync per layer.
+A step that moves no bytes runs inline, on no stream of its own.
 """
 
 from __future__ import annotations
@@ -161,15 +163,21 @@ class Scheduler:
 
     # -- issuing loads and stores ---------------------------------------------------------
 
-    def _submit(self, inline: bool, fn, *args):
-        """Run fn on the I/O pool, or here when it moves no bytes (a thread hop costs more)."""
-        return done_future(fn(*args)) if inline else self.io.submit(fn, *args)
+    def _submit(self, inline: bool, fn, *args, after=None, store: bool = False):
+        """Run fn on the I/O pool, or here when it moves no bytes (a thread hop costs more,
+        and so would entering a side stream). The future holds (result, ready event).
+
+        Stores wait for their copies on their own worker (the host may need the bytes:
+        a disk write, the next load of the slot); loads hand compute an event instead."""
+        if inline:
+            return done_future((fn(*args), None))
+        return self.io.submit(self.device.io_task(fn, after, sync=store), *args, store=store)
 
     def _issue_weight(self, pending: _Pending, j: int) -> None:
         if j not in pending.weights:
             inline = self.weights.resident(j)
             after = None if inline else self.device.mark()
-            pending.weights[j] = self._submit(inline, self.weights.load, j, j % 2, after)
+            pending.weights[j] = self._submit(inline, self.weights.load, j, j % 2, after=after)
 
     def _issue_loads(self, pending: _Pending, i: int, j: int, k: int, cache: bool = True,
                      hidden: bool = True) -> None:
@@ -179,7 +187,9 @@ class Scheduler:
             pending.cache[(j, k)] = self._submit(slot.resident, _after(slot.last_store, slot.begin), t, s)
         if hidden and j > 0 and (j, k) not in pending.hidden:
             slot = self._hidden[k]
-            pending.hidden[(j, k)] = self._submit(slot.resident, _after(slot.last_store, slot.load))
+            # The load may read gpu rows that compute wrote: after a mark taken now.
+            after = None if slot.resident else self.device.mark()
+            pending.hidden[(j, k)] = self._submit(slot.resident, _after(slot.last_store, slot.load), after=after)
 
     def _prefetch_cache(self, pending: _Pending, i: int, n: int, positions: list, steps: int) -> None:
         """When the next position has no cache to load (an MLP layer, or the next token's
@@ -197,23 +207,24 @@ class Scheduler:
             self._issue_loads(pending, i2, j2, k2, hidden=False)
 
     def _issue_stores(self, j: int, k: int, x, kv) -> list:
-        futures = []
-        after = self.device.mark()
+        stores = []
         if kv is not None:
             slot = self._cache.slot(self.attn_index[j], k)
-            slot.last_store = self._submit(slot.resident, slot.end, kv, after)
-            futures.append(slot.last_store)
+            stores.append((slot, slot.end, kv))
         if j < self.num_layers - 1:
             slot = self._hidden[k]
-            slot.last_store = self._submit(slot.resident, slot.store, x, after)
-            futures.append(slot.last_store)
-        return futures
+            stores.append((slot, slot.store, x))
+        after = None if all(s.resident for s, _, _ in stores) else self.device.mark()
+        for slot, fn, value in stores:
+            slot.last_store = self._submit(slot.resident, fn, value, after=after, store=True)
+        return [slot.last_store for slot, _, _ in stores]
 
     def _wait(self, fut, i: int):
         if fut is None:
             return None
         w0 = time.perf_counter()
-        out = fut.result()
+        out, ready = fut.result()
+        self.device.wait(ready)
         self.hook("prefill.wait" if i == 0 else "decode.wait", time.perf_counter() - w0)
         return out
 
@@ -227,7 +238,7 @@ class Scheduler:
         for group in (pending.weights, pending.cache, pending.hidden):
             for fut in group.values():
                 try:
-                    out = fut.result()
+                    out, _ = fut.result()
                 except Exception:
                     continue
                 if group is pending.cache:

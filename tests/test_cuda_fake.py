@@ -1,0 +1,141 @@
+"""The CUDA branches, run on the CPU under a fake CUDA runtime (tests/fakecuda.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import flexgen
+from fakecuda import fake_cuda  # noqa: F401  (fixture)
+from test_engine import P
+
+GEN = 4
+
+POLICIES = {
+    "all-gpu": P(),
+    "weights-cpu": P(0, 100),
+    "weights-disk": P(0, 0),
+    "cache-cpu": P(cg=0, cc=100),
+    "cache-disk": P(cg=0, cc=0),
+    "act-cpu-disk": P(hg=0, hc=50),
+    "mixed-ngb2": P(30, 30, 30, 30, 30, 30, num_gpu_batches=2),
+    "no-overlap-disk": P(0, 0, 0, 0, 0, 0, overlap=False, num_gpu_batches=2),
+    "cpu-cache-compute": P(50, 50, 25, 50, 100, 0, gpu_batch_size=4, cpu_cache_compute=True, num_gpu_batches=2),
+    "cpu-cache-compute-disk": P(0, 0, 0, 50, cpu_cache_compute=True, num_gpu_batches=2),
+    "compressed-mixed": P(30, 30, 30, 30, 30, 30, compress_weight=True, compress_cache=True, num_gpu_batches=2),
+    "compressed-cpu-cache-compute": P(0, 50, 0, 50, 50, 50, compress_cache=True, cpu_cache_compute=True),
+}
+
+
+def generate(path, policy, ids, mask, offload, gen=GEN):
+    with flexgen.load_model(str(path), policy, device="cpu", dtype=torch.float32, offload_dir=offload) as m:
+        out = m.generate(ids, mask, max_new_tokens=gen, eos_token_id=[])
+        return out, m
+
+
+@pytest.fixture(scope="module")
+def cpu_tokens(opt_dir, prompts, tmp_path_factory):
+    path, _ = opt_dir
+    ids, mask = prompts
+    return {name: generate(path, p, ids, mask, tmp_path_factory.mktemp("cpu"))[0] for name, p in POLICIES.items()}
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_cuda_branches_match_cpu_and_hand_offs_are_stream_safe(fake_cuda, opt_dir, prompts, offload, cpu_tokens,
+                                                               name):
+    path, _ = opt_dir
+    ids, mask = prompts
+    out, _ = generate(path, POLICIES[name], ids, mask, offload)
+    assert torch.equal(out, cpu_tokens[name])
+    assert fake_cuda.violations == []
+
+
+def test_no_host_sync_on_the_compute_thread_when_nothing_is_copied(fake_cuda, opt_dir, prompts, offload):
+    """All resident: the only host sync is the one that ends each token step (timing)."""
+    path, _ = opt_dir
+    ids, mask = prompts
+    generate(path, P(gpu_batch_size=5), ids, mask, offload)
+    assert len(fake_cuda.syncs) <= GEN, fake_cuda.syncs[:8]
+
+
+def test_host_to_device_loads_do_not_block_io_threads(fake_cuda, opt_dir, prompts, offload):
+    """Weights and hidden states streamed from host memory: the copies are ordered by an
+    event the compute stream waits on, so no thread waits for the GPU per layer."""
+    path, _ = opt_dir
+    ids, mask = prompts
+    generate(path, P(0, 100, hg=0, hc=100, gpu_batch_size=5), ids, mask, offload)
+    loads = [s for t, s in fake_cuda.syncs if t != fake_cuda.compute_thread and "load" in t]
+    assert loads == []
+    on_compute = fake_cuda.syncs_on(fake_cuda.compute_thread)
+    assert len(on_compute) <= GEN, on_compute[:8]
+    # The compute stream waited for the loads on the GPU instead.
+    assert any(e[0] == "wait_event" and e[2] == "compute" for e in fake_cuda.log)
+
+
+def test_stores_and_loads_run_on_separate_workers(fake_cuda, opt_dir, prompts, offload):
+    """A store that waits for its device-to-host copy must not hold up the next prefetch."""
+    import threading
+
+    from flexgen.tiers import IOPool
+    names = {}
+    real_submit = IOPool.submit
+
+    def spy(self, fn, *args, **kw):
+        def run(*a):
+            names.setdefault(kw.get("store", False), set()).add(threading.current_thread().name)
+            return fn(*a)
+        return real_submit(self, run, *args, **kw)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(IOPool, "submit", spy)
+    try:
+        path, _ = opt_dir
+        ids, mask = prompts
+        generate(path, P(0, 100, hg=0, hc=100), ids, mask, offload)
+    finally:
+        mp.undo()
+    assert set(names) == {False, True}
+    assert not names[False] & names[True]
+
+
+@pytest.mark.parametrize("name", ["weights-cpu", "cache-cpu", "act-cpu-disk", "cpu-cache-compute",
+                                  "compressed-mixed", "weights-disk"])
+def test_pinned_reservation_close_to_request(fake_cuda, opt_dir, prompts, offload, name):
+    path, _ = opt_dir
+    ids, mask = prompts
+    generate(path, POLICIES[name], ids, mask, offload)
+    assert fake_cuda.pinned_requested_peak > 0
+    assert fake_cuda.pinned_reserved_peak <= 1.1 * fake_cuda.pinned_requested_peak, fake_cuda.pinned_requests[:6]
+
+
+def test_cache_read_only_by_host_attention_is_not_pinned(fake_cuda, opt_dir, prompts, offload):
+    path, _ = opt_dir
+    ids, mask = prompts
+    with flexgen.load_model(str(path), P(100, 0, 0, 100, cpu_cache_compute=True), device="cpu",
+                            dtype=torch.float32, offload_dir=offload) as m:
+        before = fake_cuda.pinned_requested_peak
+        m.generate(ids, mask, max_new_tokens=GEN, eos_token_id=[])
+        cache = sum(v for k, v in m.stats.cache_bytes.items() if k == "cpu")
+    assert cache > 0
+    assert fake_cuda.pinned_requested_peak - before < cache / 2
+
+
+@pytest.mark.parametrize("name", ["weights-cpu", "cache-cpu", "act-cpu-disk", "weights-disk", "compressed-mixed",
+                                  "cpu-cache-compute"])
+def test_optimizer_host_memory_covers_pinned_reservation(fake_cuda, opt_dir, prompts, offload, name):
+    """The cost model's host-memory prediction (CUDA profile) holds what is really pinned.
+
+    Each pinned buffer is page-locked in whole pages: at this model's size (a few KiB per
+    buffer) that is allowed for; at real sizes it is noise."""
+    from fakecuda import PAGE
+    from flexgen.optimizer import estimate, load_hardware
+    path, _ = opt_dir
+    ids, mask = prompts
+    out, m = generate(path, POLICIES[name], ids, mask, offload)
+    hw = dataclasses.replace(load_hardware("t4"), compute_dtype="float32")   # as the run
+    est = estimate(m.args, POLICIES[name], ids.shape[1], GEN, hw)
+    pages = PAGE * len(fake_cuda.pinned_requests)
+    assert est.memory["cpu"] + pages >= fake_cuda.pinned_reserved_peak
+    assert est.pinned_bytes + pages >= fake_cuda.pinned_reserved_peak
