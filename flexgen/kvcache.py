@@ -168,6 +168,7 @@ class _Group:
     k: torch.Tensor = None          # (t + s, n, h) working buffer or a live view
     v: torch.Tensor = None
     live: bool = False              # k/v are views of the part's own storage
+    host: bool = False              # these rows attend on the host (cpu_cache_compute)
 
 
 @dataclass
@@ -188,7 +189,11 @@ class KVWork:
             self.new_k, self.new_v = kt, vt
             return [AttendGroup(slice(None), kt, vt)]
         out = []
+        host = self.slot.host_attention
         for g in self.groups:
+            if host is not None and g.host:
+                out.append(AttendGroup(g.rows, g.k, g.v, host.prepare(g, self.t, kt[:, g.rows], vt[:, g.rows])))
+                continue
             g.k[self.t:self.t + s].copy_(kt[:, g.rows])
             g.v[self.t:self.t + s].copy_(vt[:, g.rows])
             out.append(AttendGroup(g.rows, g.k, g.v))
@@ -196,11 +201,79 @@ class KVWork:
         return out
 
 
+# Host attention runs in fp32: a CPU has no fast fp16 kernels (1.2-2x slower than fp32
+# here), and the hardware profile measures host attention in fp32.
+HOST_ATTN_DTYPE = torch.float32
+
+
+class HostAttention:
+    """Attention on the host for rows whose cache stays in host memory (cpu_cache_compute
+    on CUDA), on the compute thread.
+
+    The new k/v, q and the mask go down through page-locked buffers with non-blocking
+    copies and one event (a single host wait per group), instead of four blocking
+    transfers; the cache is attended in HOST_ATTN_DTYPE through a workspace reused by
+    every layer; the result goes back up from page-locked memory without blocking. Every
+    buffer is reused: the next write to one follows an event recorded after the copy
+    that last read it (all on the compute stream).
+    """
+
+    def __init__(self, device: ComputeDevice, tracker: MemoryTracker):
+        self.device, self.tracker = device, tracker
+        self._bufs: dict[str, torch.Tensor] = {}
+        self.held = 0
+
+    def _buf(self, name: str, shape, dtype, pin: bool) -> torch.Tensor:
+        nbytes = _nbytes(shape, dtype)
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < nbytes:
+            if buf is not None:
+                self.tracker.sub(Tier.CPU, buf.numel())
+                self.held -= buf.numel()
+            buf = self._bufs[name] = self.device.host_bytes(nbytes, pin=pin)
+            self.tracker.add(Tier.CPU, buf.numel())
+            self.held += buf.numel()
+        return buf[:nbytes].view(dtype).view(shape)
+
+    def _down(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        out = self._buf(name, x.shape, x.dtype, pin=True)
+        out.copy_(x, non_blocking=True)
+        return out
+
+    def prepare(self, g: "_Group", t: int, k: torch.Tensor, v: torch.Tensor):
+        """Start this step's k/v (s, r, h) down to the host; returns the group's `attend`."""
+        nk, nv = self._down("k", k), self._down("v", v)
+
+        def attend(q: torch.Tensor, mask: torch.Tensor, fn):
+            hq, hm = self._down("q", q), self._down("mask", mask)
+            done = torch.cuda.Event()
+            done.record(self.device.stream)
+            done.synchronize()          # the one wait: q, mask, k, v are on the host
+            s = nk.shape[0]
+            g.k[t:t + s].copy_(nk)
+            g.v[t:t + s].copy_(nv)
+            keys, values = g.k[:t + s], g.v[:t + s]
+            if keys.dtype != HOST_ATTN_DTYPE:
+                keys = self._buf("wk", keys.shape, HOST_ATTN_DTYPE, pin=False).copy_(keys)
+                values = self._buf("wv", values.shape, HOST_ATTN_DTYPE, pin=False).copy_(values)
+            out = fn(hq.to(HOST_ATTN_DTYPE), keys, values, hm)
+            up = self._buf("out", out.shape, q.dtype, pin=True)
+            up.copy_(out)
+            return up.to(q.device, non_blocking=True)
+        return attend
+
+    def close(self):
+        self.tracker.sub(Tier.CPU, self.held)
+        self.held = 0
+        self._bufs.clear()
+
+
 class KVSlot:
     def __init__(self, parts: list[_Part], device: ComputeDevice, dtype: torch.dtype, hidden: int,
                  cpu_cache_compute: bool, tracker: MemoryTracker):
         self.parts, self.device, self.dtype, self.hidden = parts, device, dtype, hidden
         self.cpu_cache_compute, self.tracker = cpu_cache_compute, tracker
+        self.host_attention: Optional[HostAttention] = None   # set by KVCache on CUDA
         self.last_store = None   # future of the last `end`; the next `begin` waits for it
         # Wholly on the gpu tier and uncompressed: begin/end only take views, no I/O.
         self.resident = len(parts) == 1 and parts[0].tier is Tier.GPU and parts[0].k.view(1) is not None
@@ -229,7 +302,7 @@ class KVSlot:
         for p in self.parts:
             on_host = self.cpu_cache_compute and p.tier is not Tier.GPU
             device, home = (host, Tier.CPU) if on_host else (self.device.device, Tier.GPU)
-            g = _Group(slice(p.start, p.stop), device, [p])
+            g = _Group(slice(p.start, p.stop), device, [p], host=on_host)
             if p.tier is home and p.k.view(1) is not None:
                 g.k, g.v, g.live = p.k.view(t + s), p.v.view(t + s), True
             else:
@@ -279,6 +352,10 @@ class KVCache:
         disk_rows = rows.disk
         # Host-tier cache is page-locked only when it is copied to the device every step.
         pin = not cpu_cache_compute
+        # On CUDA host rows attend through one HostAttention (compute thread, reused buffers).
+        self.host_attention = None
+        if cpu_cache_compute and device.is_cuda and (rows.cpu or rows.disk):
+            self.host_attention = HostAttention(device, tracker)
         self.staging, self.staging_bytes = None, 0
         if disk_rows and device.is_cuda and not cpu_cache_compute:
             # Disk rows bound for the device: one read in flight per load thread, the
@@ -306,6 +383,7 @@ class KVCache:
                     parts.append(_Part(tier, start, stop, k, v))
                     self.held[tier] += k.nbytes + v.nbytes
                 self.slots[(layer, b)] = KVSlot(parts, device, dtype, hidden, cpu_cache_compute, tracker)
+                self.slots[(layer, b)].host_attention = self.host_attention
         for tier, n in self.held.items():
             tracker.add(tier, n)
 
@@ -325,6 +403,9 @@ class KVCache:
         self.held = {t: 0 for t in Tier}
         self.tracker.sub(Tier.CPU, self.staging_bytes)
         self.staging, self.staging_bytes = None, 0
+        if self.host_attention is not None:
+            self.host_attention.close()
+            self.host_attention = None
         self.slots.clear()
 
 

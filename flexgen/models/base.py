@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -129,11 +129,15 @@ class CostFigures:
 class AttendGroup:
     """Rows of a gpu batch and the keys/values they attend over, on one device.
 
-    keys/values are time-major (t, r, kv_width). `rows` indexes the batch.
+    keys/values are time-major (t, r, kv_width). `rows` indexes the batch. `attend`, when
+    set, attends for these rows itself (the cache's host attention: staging, dtype,
+    workspace): attend(q_rows, mask_rows, fn) with fn(q, keys, values, mask) the layer's
+    attention.
     """
     rows: slice
     keys: torch.Tensor
     values: torch.Tensor
+    attend: Optional[Callable] = None
 
 
 class KVAccess(Protocol):
@@ -179,10 +183,14 @@ def attend(q, keys, values, mask, num_heads: int, num_kv_heads: Optional[int] = 
 def attend_groups(q, groups: Sequence[AttendGroup], mask, num_heads: int, num_kv_heads: Optional[int] = None):
     """Attention of q (b, s, nh * d) over every row group, each on the device that holds
     its keys (the host for rows whose cache stays there with cpu_cache_compute)."""
-    if len(groups) == 1 and groups[0].keys.device == q.device:
+    if len(groups) == 1 and groups[0].attend is None and groups[0].keys.device == q.device:
         return attend(q, groups[0].keys, groups[0].values, mask, num_heads, num_kv_heads)
     out = torch.empty_like(q)
     for g in groups:
+        if g.attend is not None:
+            out[g.rows] = g.attend(q[g.rows], mask[g.rows],
+                                   lambda q, k, v, m: attend(q, k, v, m, num_heads, num_kv_heads))
+            continue
         dev = g.keys.device
         o = attend(q[g.rows].to(dev), g.keys, g.values, mask[g.rows].to(dev), num_heads, num_kv_heads)
         out[g.rows] = o.to(q.device)

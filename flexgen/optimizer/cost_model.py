@@ -493,6 +493,11 @@ class BlockModel:
                     cpu["cache buffers"] = V("cd") * work
             else:
                 gpu["cache buffers"] = Lin(work) if self.compress_cache else (V("cc") + V("cd")) * work
+            if cuda and self.cpu_cache_compute:
+                # kvcache.HostAttention: an fp32 copy of one group's K/V (when the dtype is
+                # narrower) and page-locked q, k, v, output and mask of one gpu batch.
+                cpu["host attention"] = (1 - V("cg")) * (2 * t_max * b * h * 4 * (dt < 4))
+                cpu["host attention staging"] = Lin(4 * b * h * dt + b * t_max)
             # Disk rows land in their working buffer directly when it is in host memory and
             # uncompressed; otherwise they pass through a host buffer of their stored bytes.
             if cuda and not self.cpu_cache_compute:
@@ -508,7 +513,7 @@ class BlockModel:
         gpu["compute"] = Lin(max(attn, mlp, out, inp))
         pinned = {}
         if cuda:
-            names = ["weight staging", "hidden", "hidden staging"]
+            names = ["weight staging", "hidden", "hidden staging", "host attention staging"]
             names += ["weights"] if self.pin_weight else []
             names += [] if self.cpu_cache_compute else ["kv cache", "cache staging"]
             pinned = {k: cpu[k] for k in names if k in cpu}
