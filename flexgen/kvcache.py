@@ -84,6 +84,9 @@ class PlainArray:
         self.file.write(self.base + t0 * self.row_bytes, x.to("cpu").contiguous())
 
 
+QUANT_CHUNK_ELEMS = 1 << 22   # values quantized per step when storing a prefill's K/V
+
+
 def kv_array_specs(shape: tuple, dtype: torch.dtype, compress: bool) -> dict[str, tuple[tuple, torch.dtype]]:
     """The plain arrays (name -> (shape, dtype)) that hold one K or V of `shape`."""
     if compress:
@@ -146,9 +149,14 @@ class KVArray:
             self.parts[""].write(t0, x)
             return
         from flexgen.quant import CACHE_QUANT, quantize
-        p = quantize(x, CACHE_QUANT)  # only the new positions: the cache is never re-quantized
-        for name, arr in (("data", p.data), ("scale", p.scale), ("mn", p.mn)):
-            self.parts[name].write(t0, arr)
+        # Only the new positions: the cache is never re-quantized. A prefill's K/V is
+        # quantized a few positions at a time (groups run along the hidden dimension),
+        # so its fp32 temporaries stay small.
+        step = max(1, QUANT_CHUNK_ELEMS // max(1, x[0].numel()))
+        for t in range(0, x.shape[0], step):
+            p = quantize(x[t:t + step], CACHE_QUANT)
+            for name, arr in (("data", p.data), ("scale", p.scale), ("mn", p.mn)):
+                self.parts[name].write(t0 + t, arr)
 
 
 @dataclass
@@ -245,7 +253,8 @@ class HostAttention:
         nk, nv = self._down("k", k), self._down("v", v)
 
         def attend(q: torch.Tensor, mask: torch.Tensor, fn):
-            hq, hm = self._down("q", q), self._down("mask", mask)
+            hq = self._down("q", q)
+            hm = None if mask is None else self._down("mask", mask)
             done = torch.cuda.Event()
             done.record(self.device.stream)
             done.synchronize()          # the one wait: q, mask, k, v are on the host

@@ -52,7 +52,7 @@ class Block:
 class _StepInputs:
     ids: torch.Tensor          # (gbs, s)
     positions: torch.Tensor    # (gbs, s)
-    mask: torch.Tensor         # (gbs, s, t + s) bool
+    mask: Optional[torch.Tensor]  # (gbs, s, t + s) bool; None: every position visible
 
 
 @dataclass
@@ -82,12 +82,19 @@ class Scheduler:
             block.logits = torch.zeros((gbs * ngb, block.max_new_tokens, self.args.vocab_size), device="cpu")
         self._block, self._cache, self._hidden = block, cache, hidden
         stopper = block.stopper
+        # Decode attends without a mask where no row of the gpu batch is padded: a boolean
+        # mask rules out the flash kernel. Generated positions are always visible.
+        # (A sliding window masks old positions itself: it keeps the mask.)
+        prompt = block.attention_mask[:, :block.prompt_len].cpu()
+        windowed = bool(getattr(self.args, "sliding_window", None))
+        self._unpadded = [not windowed and bool(prompt[k * gbs:(k + 1) * gbs].all()) for k in range(ngb)]
         pending = _Pending()
         overlap = self.policy.overlap
         positions = [(j, k) for j in range(self.num_layers) for k in range(ngb)]
         try:
             for i in range(block.max_new_tokens):
                 t0 = time.perf_counter()
+                clocks = []   # compute intervals, read once the step has synchronised
                 inputs = [self._step_inputs(i, k) for k in range(ngb)]
                 layer_weights = None
                 if overlap and i == 0:
@@ -111,9 +118,9 @@ class Scheduler:
                         layer_weights = self._wait_weights(pending, j, i)
                     kv = self._wait(pending.cache.pop((j, k), None), i)
                     x = self._wait(pending.hidden.pop((j, k), None), i)
-                    c0 = time.perf_counter()
+                    c0 = self.device.clock()
                     x = self._compute(i, j, k, layer_weights, inputs[k], x, kv)
-                    self.hook("prefill.compute" if i == 0 else "decode.compute", time.perf_counter() - c0)
+                    clocks.append((c0, self.device.clock()))
                     stores = self._issue_stores(j, k, x, kv)
                     if not overlap:
                         for f in stores:
@@ -125,6 +132,8 @@ class Scheduler:
                     self._issue_loads(pending, i + 1, 0, 0)
                 self.device.synchronize()
                 self.hook("prefill" if i == 0 else "decode", time.perf_counter() - t0)
+                self.hook("prefill.compute" if i == 0 else "decode.compute",
+                          sum(self.device.elapsed(a, b) for a, b in clocks))
                 if stopper.all_done:
                     break
         finally:
@@ -158,6 +167,9 @@ class Scheduler:
             return _StepInputs(b.input_ids[rows], positions, (causal[None] & m[:, None, :]) | eye)
         t = P + i - 1
         m = mask[:, :t + 1]
+        if self._unpadded[k]:
+            positions = torch.full((gbs, 1), t, dtype=torch.long, device=m.device)
+            return _StepInputs(b.output[rows, i - 1:i], positions, None)
         positions = m.long().sum(1, keepdim=True) - 1
         return _StepInputs(b.output[rows, i - 1:i], positions, m[:, None, :])
 

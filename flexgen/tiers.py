@@ -15,9 +15,11 @@ import contextlib
 import enum
 import os
 import threading
+import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -143,7 +145,32 @@ class ComputeDevice:
     def empty(self, shape, dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype, device=self.device)
 
+    def limit_memory(self, nbytes: Optional[float]) -> None:
+        """Cap what torch's allocator may reserve on this device at `nbytes` (--gpu-mem), so
+        a run on a larger card behaves like the card its policy was chosen for. CUDA only:
+        on a CPU the gpu tier is budgeted by the policy alone."""
+        if not self.is_cuda or nbytes is None:
+            return
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        if nbytes < total:
+            torch.cuda.set_per_process_memory_fraction(nbytes / total, self.device)
+
     # -- streams ----------------------------------------------------------------------
+
+    def clock(self):
+        """A point in compute time: an event on the compute stream on CUDA (host time
+        would only measure kernel launches), else the host clock. See `elapsed`."""
+        if not self.is_cuda:
+            return time.perf_counter()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(self.stream)
+        return ev
+
+    def elapsed(self, start, end) -> float:
+        """Seconds between two clocks; on CUDA only once the stream has passed `end`."""
+        if not self.is_cuda:
+            return end - start
+        return start.elapsed_time(end) / 1000.0
 
     def mark(self):
         """A point on the compute stream (None on CPU, where compute is synchronous)."""

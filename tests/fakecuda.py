@@ -122,6 +122,9 @@ class FakeCuda:
     pinned_reserved_peak: int = 0
     pinned_requests: list = field(default_factory=list)  # (requested, reserved, how)
     memory_fraction: float = None
+    set_device_threads: set = field(default_factory=set)   # threads that called set_device
+    timing_events: int = 0
+    total_memory: int = 80 << 30
 
     def __post_init__(self):
         self._lock = threading.Lock()
@@ -136,7 +139,16 @@ class FakeCuda:
         return FakeStream(device, priority, fake=self)
 
     def Event(self, enable_timing=False, blocking=False, interprocess=False):
+        self.timing_events += bool(enable_timing)
         return FakeEvent(enable_timing, blocking, interprocess, fake=self)
+
+    def set_device(self, device):
+        with self._lock:
+            self.set_device_threads.add(threading.current_thread().name)
+
+    def get_device_properties(self, device=None):
+        from types import SimpleNamespace
+        return SimpleNamespace(name="FakeGPU", total_memory=self.total_memory)
 
     @contextlib.contextmanager
     def stream(self, s):
@@ -265,7 +277,8 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(cuda, "is_available", lambda: True)
     monkeypatch.setattr(cuda, "current_device", lambda: 0)
     monkeypatch.setattr(cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(cuda, "set_device", lambda d: None)
+    monkeypatch.setattr(cuda, "set_device", fake.set_device)
+    monkeypatch.setattr(cuda, "get_device_properties", fake.get_device_properties)
     monkeypatch.setattr(cuda, "Stream", fake.Stream)
     monkeypatch.setattr(cuda, "Event", fake.Event)
     monkeypatch.setattr(cuda, "stream", fake.stream)

@@ -170,3 +170,48 @@ def test_host_attention_stages_once_and_attends_in_fp32(fake_cuda, opt_dir, prom
     assert sum(1 for q, k in seen if q == k == torch.float32) == host_groups
     waits = [w for w in fake_cuda.syncs_on(fake_cuda.compute_thread) if w.startswith("event on compute")]
     assert len(waits) == host_groups
+
+
+def test_io_threads_set_the_engine_device(fake_cuda, opt_dir, prompts, offload):
+    """I/O threads start on device 0: with cuda:N their streams and allocations would land there."""
+    import threading
+
+    from flexgen.tiers import IOPool
+    ran = set()
+    real = IOPool.submit
+
+    def spy(self, fn, *args, **kw):
+        def run(*a):
+            ran.add(threading.current_thread().name)
+            return fn(*a)
+        return real(self, run, *args, **kw)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(IOPool, "submit", spy)
+    try:
+        path, _ = opt_dir
+        ids, mask = prompts
+        generate(path, POLICIES["mixed-ngb2"], ids, mask, offload)
+    finally:
+        mp.undo()
+    assert ran and ran <= fake_cuda.set_device_threads
+
+
+def test_gpu_mem_caps_the_allocator_on_a_larger_card(fake_cuda, opt_dir, prompts, offload):
+    path, _ = opt_dir
+    ids, mask = prompts
+    with flexgen.load_model(str(path), P(), device="cpu", dtype=torch.float32, offload_dir=offload,
+                            gpu_mem=16 << 30) as m:
+        m.generate(ids, mask, max_new_tokens=2, eos_token_id=[])
+        assert m.stats.cuda_peak_reserved is not None
+    assert fake_cuda.memory_fraction == pytest.approx(16 / 80)
+
+
+def test_compute_time_is_measured_with_cuda_events(fake_cuda, opt_dir, prompts, offload):
+    """Host time around a layer measures only its kernel launches."""
+    path, _ = opt_dir
+    ids, mask = prompts
+    _, m = generate(path, P(gpu_batch_size=5), ids, mask, offload)
+    layers = 2 * m.args.num_hidden_layers + 2
+    assert fake_cuda.timing_events >= 2 * layers * GEN
+    assert m.stats.timings["decode.compute"] > 0

@@ -150,7 +150,8 @@ class KVAccess(Protocol):
 
 def attend(q, keys, values, mask, num_heads: int, num_kv_heads: Optional[int] = None):
     """q (r, s, nh * d), already scaled; keys/values time-major (t, r, nkv * d); mask bool
-    (r, s, t), True = visible. Grouped-query attention when num_kv_heads < num_heads.
+    (r, s, t), True = visible, or None when every key is visible (lets SDPA pick the flash
+    kernel). Grouped-query attention when num_kv_heads < num_heads.
 
     Every query must see at least one key (the caller lets padding rows see themselves);
     a fully masked row would come out NaN.
@@ -161,7 +162,7 @@ def attend(q, keys, values, mask, num_heads: int, num_kv_heads: Optional[int] = 
     d = hq // num_heads
     kh = keys.view(t, r, nkv, d).permute(1, 2, 0, 3)             # (r, nkv, t, d), a view
     vh = values.view(t, r, nkv, d).permute(1, 2, 0, 3)
-    m = mask[:, None]                                             # (r, 1, s, t)
+    m = None if mask is None else mask[:, None]                   # (r, 1, s, t)
     g = num_heads // nkv
     if g == 1:
         qh = q.view(r, s, num_heads, d).transpose(1, 2)          # (r, nh, s, d)
@@ -171,7 +172,8 @@ def attend(q, keys, values, mask, num_heads: int, num_kv_heads: Optional[int] = 
         # to the math kernel on CUDA, which materialises the scores) and K/V are never copied.
         # Query head i * g + j uses K/V head i, as transformers' repeat_kv.
         qh = q.view(r, s, nkv, g, d).permute(0, 2, 3, 1, 4).reshape(r, nkv, g * s, d)
-        m = m[:, :, None].expand(r, 1, g, s, t).reshape(r, 1, g * s, t)
+        if m is not None:
+            m = m[:, :, None].expand(r, 1, g, s, t).reshape(r, 1, g * s, t)
     # Fused attention never materialises the (r, nh, s, t) scores on CUDA (memory-efficient
     # kernel) and runs the flash kernel on CPU.
     out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=m, scale=1.0)
@@ -188,11 +190,12 @@ def attend_groups(q, groups: Sequence[AttendGroup], mask, num_heads: int, num_kv
     out = torch.empty_like(q)
     for g in groups:
         if g.attend is not None:
-            out[g.rows] = g.attend(q[g.rows], mask[g.rows],
+            out[g.rows] = g.attend(q[g.rows], None if mask is None else mask[g.rows],
                                    lambda q, k, v, m: attend(q, k, v, m, num_heads, num_kv_heads))
             continue
         dev = g.keys.device
-        o = attend(q[g.rows].to(dev), g.keys, g.values, mask[g.rows].to(dev), num_heads, num_kv_heads)
+        m = None if mask is None else mask[g.rows].to(dev)
+        o = attend(q[g.rows].to(dev), g.keys, g.values, m, num_heads, num_kv_heads)
         out[g.rows] = o.to(q.device)
     return out
 
