@@ -250,7 +250,8 @@ class HostAttention:
 
     def prepare(self, g: "_Group", t: int, k: torch.Tensor, v: torch.Tensor):
         """Start this step's k/v (s, r, h) down to the host; returns the group's `attend`."""
-        nk, nv = self._down("k", k), self._down("v", v)
+        # Staged per group: every group's k/v is down before any group attends.
+        nk, nv = self._down(f"k{g.rows.start}", k), self._down(f"v{g.rows.start}", v)
 
         def attend(q: torch.Tensor, mask: torch.Tensor, fn):
             hq = self._down("q", q)

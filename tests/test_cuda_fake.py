@@ -29,9 +29,9 @@ POLICIES = {
 }
 
 
-def generate(path, policy, ids, mask, offload, gen=GEN):
+def generate(path, policy, ids, mask, offload, gen=GEN, logits=False):
     with flexgen.load_model(str(path), policy, device="cpu", dtype=torch.float32, offload_dir=offload) as m:
-        out = m.generate(ids, mask, max_new_tokens=gen, eos_token_id=[])
+        out = m.generate(ids, mask, max_new_tokens=gen, eos_token_id=[], output_logits=logits)
         return out, m
 
 
@@ -39,7 +39,8 @@ def generate(path, policy, ids, mask, offload, gen=GEN):
 def cpu_tokens(opt_dir, prompts, tmp_path_factory):
     path, _ = opt_dir
     ids, mask = prompts
-    return {name: generate(path, p, ids, mask, tmp_path_factory.mktemp("cpu"))[0] for name, p in POLICIES.items()}
+    return {name: generate(path, p, ids, mask, tmp_path_factory.mktemp("cpu"), logits=True)[0]
+            for name, p in POLICIES.items()}
 
 
 @pytest.mark.parametrize("name", list(POLICIES))
@@ -47,8 +48,9 @@ def test_cuda_branches_match_cpu_and_hand_offs_are_stream_safe(fake_cuda, opt_di
                                                                name):
     path, _ = opt_dir
     ids, mask = prompts
-    out, _ = generate(path, POLICIES[name], ids, mask, offload)
-    assert torch.equal(out, cpu_tokens[name])
+    (out, logits), _ = generate(path, POLICIES[name], ids, mask, offload, logits=True)
+    assert torch.equal(out, cpu_tokens[name][0])
+    torch.testing.assert_close(logits, cpu_tokens[name][1], rtol=1e-5, atol=1e-5)
     assert fake_cuda.violations == []
 
 
