@@ -30,14 +30,14 @@ from flexgen.tiers import ComputeDevice, DiskFile, MemoryTracker, PinnedStaging,
 class PlainArray:
     """A time-major (T, rows, *trailing) array on one tier.
 
-    `pin`: page-lock a host-tier array (on CUDA), for one that is copied to the device at
-    every step; a cache that only host attention reads stays pageable (page-locked memory
-    that large would starve the host). `staging`: where disk reads bound for the device
-    pass through."""
+    A host-tier array is never page-locked: the host KV cache can be most of host memory
+    (OPT-30B, 4-bit cache on the host: 160 GiB of a 208 GB machine), and page-locked
+    memory that large is refused or starves the host. Its copies to the device go
+    through the driver's own staging. `staging`: where disk reads bound for the device
+    pass through (small, reused, page-locked)."""
 
     def __init__(self, tier: Tier, shape: tuple, dtype: torch.dtype, device: ComputeDevice,
-                 disk: Optional[tuple[DiskFile, int]] = None, pin: bool = False,
-                 staging: Optional[PinnedStaging] = None):
+                 disk: Optional[tuple[DiskFile, int]] = None, staging: Optional[PinnedStaging] = None):
         self.tier, self.shape, self.dtype, self.device = tier, tuple(shape), dtype, device
         self.staging = staging
         self.row_bytes = int(torch.Size(shape[1:]).numel()) * torch.empty((), dtype=dtype).element_size()
@@ -46,7 +46,7 @@ class PlainArray:
         if tier is Tier.GPU:
             self.data = device.empty(shape, dtype)
         elif tier is Tier.CPU:
-            self.data = device.host_empty(shape, dtype, pin=pin)
+            self.data = device.host_empty(shape, dtype)
         else:
             self.file, self.base = disk
 
@@ -114,13 +114,13 @@ class KVArray:
     """K or V of one part: plain, or 4-bit packed as three plain arrays (data, scale, mn)."""
 
     def __init__(self, tier: Tier, max_len: int, rows: int, hidden: int, dtype: torch.dtype,
-                 device: ComputeDevice, compress: bool, disk_alloc=None, pin: bool = False, staging=None):
+                 device: ComputeDevice, compress: bool, disk_alloc=None, staging=None):
         self.dtype, self.compress, self.hidden, self.device = dtype, compress, hidden, device
         self.shape = (max_len, rows, hidden)
         self.parts = {}
         for name, (shape, dt) in kv_array_specs(self.shape, dtype, compress).items():
             disk = disk_alloc(_nbytes(shape, dt)) if tier is Tier.DISK else None
-            self.parts[name] = PlainArray(tier, tuple(shape), dt, device, disk, pin, staging)
+            self.parts[name] = PlainArray(tier, tuple(shape), dt, device, disk, staging)
         self.nbytes = sum(p.nbytes for p in self.parts.values())
 
     def view(self, t1: int) -> Optional[torch.Tensor]:
@@ -360,8 +360,6 @@ class KVCache:
         self.slots: dict[tuple[int, int], KVSlot] = {}
         self.held = {t: 0 for t in Tier}
         disk_rows = rows.disk
-        # Host-tier cache is page-locked only when it is copied to the device every step.
-        pin = not cpu_cache_compute
         # On CUDA host rows attend through one HostAttention (compute thread, reused buffers).
         self.host_attention = None
         if cpu_cache_compute and device.is_cuda and (rows.cpu or rows.disk):
@@ -386,10 +384,8 @@ class KVCache:
                 parts = []
                 for tier, start, stop in rows.ranges():
                     alloc = arena.alloc if tier is Tier.DISK else None
-                    k = KVArray(tier, max_len, stop - start, hidden, dtype, device, compress, alloc, pin,
-                                self.staging)
-                    v = KVArray(tier, max_len, stop - start, hidden, dtype, device, compress, alloc, pin,
-                                self.staging)
+                    k = KVArray(tier, max_len, stop - start, hidden, dtype, device, compress, alloc, self.staging)
+                    v = KVArray(tier, max_len, stop - start, hidden, dtype, device, compress, alloc, self.staging)
                     parts.append(_Part(tier, start, stop, k, v))
                     self.held[tier] += k.nbytes + v.nbytes
                 self.slots[(layer, b)] = KVSlot(parts, device, dtype, hidden, cpu_cache_compute, tracker)

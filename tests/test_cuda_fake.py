@@ -102,7 +102,7 @@ def test_stores_and_loads_run_on_separate_workers(fake_cuda, opt_dir, prompts, o
     assert not names[False] & names[True]
 
 
-@pytest.mark.parametrize("name", ["weights-cpu", "cache-cpu", "act-cpu-disk", "cpu-cache-compute",
+@pytest.mark.parametrize("name", ["weights-cpu", "cache-disk", "act-cpu-disk", "cpu-cache-compute",
                                   "compressed-mixed", "weights-disk"])
 def test_pinned_reservation_close_to_request(fake_cuda, opt_dir, prompts, offload, name):
     path, _ = opt_dir
@@ -112,10 +112,12 @@ def test_pinned_reservation_close_to_request(fake_cuda, opt_dir, prompts, offloa
     assert fake_cuda.pinned_reserved_peak <= 1.1 * fake_cuda.pinned_requested_peak, fake_cuda.pinned_requests[:6]
 
 
-def test_cache_read_only_by_host_attention_is_not_pinned(fake_cuda, opt_dir, prompts, offload):
+@pytest.mark.parametrize("ccc", [True, False], ids=["host-attention", "copied-to-device"])
+def test_host_kv_cache_is_not_pinned(fake_cuda, opt_dir, prompts, offload, ccc):
+    """The host cache can be most of host memory: never page-locked (the original's choice)."""
     path, _ = opt_dir
     ids, mask = prompts
-    with flexgen.load_model(str(path), P(100, 0, 0, 100, gpu_batch_size=5, cpu_cache_compute=True), device="cpu",
+    with flexgen.load_model(str(path), P(100, 0, 0, 100, gpu_batch_size=5, cpu_cache_compute=ccc), device="cpu",
                             dtype=torch.float32, offload_dir=offload) as m:
         before = len(fake_cuda.pinned_requests)
         m.generate(ids, mask, max_new_tokens=GEN, eos_token_id=[])
@@ -126,7 +128,7 @@ def test_cache_read_only_by_host_attention_is_not_pinned(fake_cuda, opt_dir, pro
     assert all(req < cache // arrays for req, _, _ in fake_cuda.pinned_requests[before:])
 
 
-@pytest.mark.parametrize("name", ["weights-cpu", "cache-cpu", "act-cpu-disk", "weights-disk", "compressed-mixed",
+@pytest.mark.parametrize("name", ["weights-cpu", "cache-disk", "act-cpu-disk", "weights-disk", "compressed-mixed",
                                   "cpu-cache-compute"])
 def test_optimizer_host_memory_covers_pinned_reservation(fake_cuda, opt_dir, prompts, offload, name):
     """The cost model's host-memory prediction (CUDA profile) holds what is really pinned.

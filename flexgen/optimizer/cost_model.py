@@ -419,9 +419,9 @@ class BlockModel:
                   while not resident, a loaded input, a prefetched one and one being
                   stored are in flight on the device.
         pinned    on CUDA, the host memory that is page-locked: host weights (pin_weight),
-                  the weight and cache staging buffers, the hidden buffers, and the host
-                  KV cache unless only host attention reads it (cpu_cache_compute); counted
-                  once more by `pinned_headroom`.
+                  the weight and cache staging buffers, the hidden buffers and host
+                  attention's staging (never the host KV cache); counted once more by
+                  `pinned_headroom`.
         compute   the largest layer's temporaries (attention: see `EngineConstants`).
         """
         a, e = self.args, self.engine
@@ -515,7 +515,7 @@ class BlockModel:
         if cuda:
             names = ["weight staging", "hidden", "hidden staging", "host attention staging"]
             names += ["weights"] if self.pin_weight else []
-            names += [] if self.cpu_cache_compute else ["kv cache", "cache staging"]
+            names += [] if self.cpu_cache_compute else ["cache staging"]
             pinned = {k: cpu[k] for k in names if k in cpu}
             lins = [v for v in pinned.values() if isinstance(v, Lin)]
             cpu["pinned headroom"] = sum(lins, Lin()) * e.pinned_headroom
