@@ -56,18 +56,20 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def aligned_empty(nbytes: int, pin: bool = False) -> torch.Tensor:
-    """A host uint8 buffer whose data pointer and length are ALIGN-aligned (for O_DIRECT)."""
+def aligned_empty(nbytes: int) -> torch.Tensor:
+    """A pageable host uint8 buffer whose data pointer and length are ALIGN-aligned (for
+    O_DIRECT). Page-locked memory comes from ComputeDevice.host_bytes, never from torch's
+    pinned allocator (which rounds every block up to a power of two)."""
     n = align_up(max(nbytes, 1))
-    raw = torch.empty(n + ALIGN, dtype=torch.uint8, pin_memory=pin)
+    raw = torch.empty(n + ALIGN, dtype=torch.uint8)
     start = (-raw.data_ptr()) % ALIGN
     return raw[start:start + n]
 
 
-def aligned_host_empty(shape, dtype: torch.dtype, pin: bool = False) -> torch.Tensor:
+def aligned_host_empty(shape, dtype: torch.dtype) -> torch.Tensor:
     """A host tensor that starts on an ALIGN boundary, so a disk read can land in it directly."""
     nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
-    return aligned_empty(nbytes, pin)[:nbytes].view(dtype).view(shape)
+    return aligned_empty(nbytes)[:nbytes].view(dtype).view(shape)
 
 
 class ComputeDevice:
@@ -138,7 +140,10 @@ class ComputeDevice:
         weakref.finalize(raw, self._unregister, ptr, n)
 
     def _unregister(self, ptr: int, n: int) -> None:
-        torch.cuda.cudart().cudaHostUnregister(ptr)
+        try:
+            torch.cuda.cudart().cudaHostUnregister(ptr)
+        except Exception:   # at interpreter exit CUDA may be gone; the process ends anyway
+            pass
         with self._lock:
             self.pinned_bytes -= n
 
