@@ -235,10 +235,12 @@ class HostAttention:
         nbytes = _nbytes(shape, dtype)
         buf = self._bufs.get(name)
         if buf is None or buf.numel() < nbytes:
-            if buf is not None:
+            grow = nbytes
+            if buf is not None:   # the mask and workspace grow by a position per step: double
+                grow = max(nbytes, 2 * buf.numel())
                 self.tracker.sub(Tier.CPU, buf.numel())
                 self.held -= buf.numel()
-            buf = self._bufs[name] = self.device.host_bytes(nbytes, pin=pin)
+            buf = self._bufs[name] = self.device.host_bytes(grow, pin=pin)
             self.tracker.add(Tier.CPU, buf.numel())
             self.held += buf.numel()
         return buf[:nbytes].view(dtype).view(shape)

@@ -167,9 +167,10 @@ def test_host_attention_stages_once_and_attends_in_fp32(fake_cuda, opt_dir, prom
     path, _ = opt_dir
     ids, mask = prompts
     policy = P(100, 0, 0, 50, gpu_batch_size=5, cpu_cache_compute=True)   # rows: cpu + disk groups
+    steps = 12
     with flexgen.load_model(str(path), policy, device="cpu", dtype=torch.bfloat16, offload_dir=offload) as m:
-        m.generate(ids, mask, max_new_tokens=GEN, eos_token_id=[])
-    host_groups = (GEN - 1) * m.args.num_hidden_layers * 2
+        m.generate(ids, mask, max_new_tokens=steps, eos_token_id=[])
+    host_groups = (steps - 1) * m.args.num_hidden_layers * 2
     assert len(prepared) == host_groups
     assert sum(1 for q, k in seen if q == k == torch.float32) == host_groups
     waits = [w for w in fake_cuda.syncs_on(fake_cuda.compute_thread) if w.startswith("event on compute")]

@@ -495,9 +495,10 @@ class BlockModel:
                 gpu["cache buffers"] = Lin(work) if self.compress_cache else (V("cc") + V("cd")) * work
             if cuda and self.cpu_cache_compute:
                 # kvcache.HostAttention: an fp32 copy of one group's K/V (when the dtype is
-                # narrower) and page-locked q, k, v, output and mask of one gpu batch.
-                cpu["host attention"] = (1 - V("cg")) * (2 * t_max * b * h * 4 * (dt < 4))
-                cpu["host attention staging"] = Lin(4 * b * h * dt + b * t_max)
+                # narrower) and page-locked q, k, v, output and mask of one gpu batch; the
+                # buffers that grow with the sequence double, so up to twice their size.
+                cpu["host attention"] = (1 - V("cg")) * (2 * 2 * t_max * b * h * 4 * (dt < 4))
+                cpu["host attention staging"] = Lin(4 * b * h * dt + 2 * b * t_max)
             # Disk rows land in their working buffer directly when it is in host memory and
             # uncompressed; otherwise they pass through a host buffer of their stored bytes.
             if cuda and not self.cpu_cache_compute:
