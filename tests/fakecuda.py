@@ -266,8 +266,8 @@ def _walk_handoff(fake: FakeCuda, value, where: str):
             fake.check_handoff(f"{where} kv working V", g.v)
 
 
-@pytest.fixture
-def fake_cuda(monkeypatch):
+@pytest.fixture(name="fake_cuda")
+def fake_cuda_fixture(monkeypatch):
     """Runs the engine's CUDA branches on the CPU (load models with device="cpu")."""
     from flexgen import scheduler, tiers
 

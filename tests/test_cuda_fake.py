@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import flexgen
-from fakecuda import fake_cuda  # noqa: F401  (fixture)
+from fakecuda import fake_cuda_fixture  # noqa: F401  (the fake_cuda fixture)
 from test_engine import P
 
 GEN = 4
