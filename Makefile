@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.flexgen-installed
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench gpu-suite clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_vs_hf.py
+
+# One call on a GPU machine: OK/FAIL per check, figures in gpu_suite.json (see README).
+gpu-suite:
+	PYTHONPATH=. $(PYTHON) benchmarks/gpu_suite.py --out gpu_suite.json
 
 clean:
 	$(PY) -m flexgen clean --offload-dir ./offload || true
