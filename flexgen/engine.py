@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from flexgen import offload, preflight
 from flexgen.activations import HiddenSlot
 from flexgen.checkpoint import CheckpointSource, DummySource, WeightStore, model_layouts, resolve_source
 from flexgen.errors import FlexGenError
@@ -67,15 +67,17 @@ class FlexGenModel:
     """An OPT model placed across gpu / cpu / disk by a Policy. Create with `load_model`."""
 
     def __init__(self, args: ModelArgs, policy: Policy, device: ComputeDevice, dtype: torch.dtype,
-                 offload_dir: Path, source, progress: bool = True):
+                 offload_dir: Path, source, progress: bool = True, verify_store: bool = False):
         self.args, self.policy, self.device, self.dtype = args, policy, device, dtype
         self.offload_dir = offload_dir
         self.tracker = MemoryTracker()
         self.stats = GenerationStats()
         self.io = IOPool(num_threads=2)
+        self.store = None
         try:
             offload_dir.mkdir(parents=True, exist_ok=True)
-            self.run_dir = Path(tempfile.mkdtemp(prefix=f"run-{os.getpid()}-", dir=offload_dir))
+            offload.remove_stale_runs(offload_dir)  # left by runs that were killed (SIGKILL, OOM)
+            self.run_dir = offload.make_run_dir(offload_dir)
         except OSError as e:
             raise FlexGenError(f"offload directory {offload_dir} is not writable: {e.strerror}") from None
         # Run files (dummy disk weights, KV cache, activations) go with the run, also on
@@ -86,8 +88,11 @@ class FlexGenModel:
             self.placement: Placement = plan([lay.nbytes for lay in layouts], policy)
             store = None
             if isinstance(source, CheckpointSource):
-                store = WeightStore.open_or_build(source, dtype, policy.compress_weight, offload_dir, progress)
+                store = self.store = WeightStore.open_or_build(source, dtype, policy.compress_weight,
+                                                               offload_dir, progress)
                 source.close()
+                if verify_store:
+                    store.verify()
             from tqdm import tqdm
             with tqdm(total=len(layouts), desc="placing weights", unit="layer", disable=not progress,
                       leave=False) as bar:
@@ -120,9 +125,14 @@ class FlexGenModel:
         are filled with pad_token_id, and generation stops when every row has ended.
         With output_logits=True returns (sequences, logits (n, new, vocab) float32).
         """
+        if getattr(self, "weights", None) is None:
+            raise FlexGenError("this model is closed; load it again with load_model")
         input_ids = torch.as_tensor(input_ids)
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise FlexGenError(f"input_ids must be (batch, prompt_len) with prompt_len >= 1, got {tuple(input_ids.shape)}")
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
+            raise FlexGenError(f"input_ids must be (batch, prompt_len) with batch >= 1 and prompt_len >= 1, "
+                               f"got {tuple(input_ids.shape)}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise FlexGenError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
         n, P = input_ids.shape
         if max_new_tokens < 1:
             raise FlexGenError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -134,6 +144,14 @@ class FlexGenModel:
         attention_mask = torch.as_tensor(attention_mask)
         if attention_mask.shape != input_ids.shape:
             raise FlexGenError("attention_mask must have the shape of input_ids")
+        # Padding after a row's tokens would sit between its prompt and its new tokens.
+        m = attention_mask.bool()
+        right = (~m[:, 1:] & m[:, :-1]).any(dim=1) | ~m.any(dim=1)
+        if bool(right.any()):
+            row = int(right.nonzero()[0])
+            raise FlexGenError(f"prompts must be left-padded (padding before the tokens, as with a tokenizer's "
+                               f"padding_side='left'); row {row} of attention_mask has padding after its tokens "
+                               "or no tokens at all")
         if int(input_ids.max()) >= self.args.vocab_size or int(input_ids.min()) < 0:
             raise FlexGenError(f"token ids must be within [0, {self.args.vocab_size})")
         params = SamplingParams(do_sample, temperature, top_p, top_k)
@@ -256,6 +274,8 @@ class FlexGenModel:
         if getattr(self, "io", None) is not None:
             self.io.shutdown()
             self.io = None
+        if getattr(self, "store", None) is not None:
+            self.store.release()
         if getattr(self, "_finalizer", None) is not None:
             self._finalizer()
 
@@ -272,14 +292,18 @@ def _merge_direct(*flags):
 
 
 def load_model(model: str, policy: Optional[Policy] = None, *, device=None, dtype=None, offload_dir=None,
-               dummy: bool = False, seed: int = 0, progress: bool = False) -> FlexGenModel:
+               dummy: bool = False, seed: int = 0, progress: bool = False, prompt_len: int = 1,
+               gen_len: int = 1, verify_store: bool = False) -> FlexGenModel:
     """Place an OPT model for generation.
 
     model: a named size (opt-1.3b, with dummy=True), a Hugging Face checkpoint directory,
     or a Hugging Face id already in the local cache. device: "cuda" or "cpu" (default:
     cuda when available). dtype: default fp16 on CUDA, bf16 on a CPU that supports it,
     else fp32. offload_dir: where the weight store and run files go (default
-    $FLEXGEN_OFFLOAD_DIR or ~/.cache/flexgen).
+    $FLEXGEN_OFFLOAD_DIR or ~/.cache/flexgen). prompt_len, gen_len: the longest run
+    planned; memory (host, device, disk) is checked for them before anything is placed.
+    verify_store: check every checksum of the weight store first (each array is always
+    checked when it is first read).
     """
     policy = policy or Policy()
     dev = ComputeDevice(device)
@@ -293,8 +317,19 @@ def load_model(model: str, policy: Optional[Policy] = None, *, device=None, dtyp
     if dtype == torch.float16 and not dev.is_cuda:
         raise FlexGenError("float16 compute on the CPU is about 1000x slower than bfloat16; use bfloat16 or float32")
     source = resolve_source(model, dummy, seed)
-    offload = Path(offload_dir).expanduser() if offload_dir else default_offload_dir()
-    return FlexGenModel(source.args, policy, dev, dtype, offload, source, progress=progress)
+    if prompt_len + gen_len > source.args.max_position_embeddings:
+        raise FlexGenError(f"prompt ({prompt_len}) + new tokens ({gen_len}) exceed the model's "
+                           f"{source.args.max_position_embeddings} positions")
+    root = Path(offload_dir).expanduser() if offload_dir else default_offload_dir()
+    store_bytes = None
+    if isinstance(source, CheckpointSource):
+        key = WeightStore.key(source, dtype, policy.compress_weight)
+        built = (root / "weights" / key / "manifest.json").is_file()
+        store_bytes = 0 if built else sum(lay.file_bytes for lay in model_layouts(source.args, dtype,
+                                                                                  policy.compress_weight))
+    preflight.check(source.args, policy, prompt_len, gen_len, dev, dtype, root, store_bytes)
+    return FlexGenModel(source.args, policy, dev, dtype, root, source, progress=progress,
+                        verify_store=verify_store)
 
 
 __all__ = ["FlexGenModel", "GenerationStats", "load_model", "default_offload_dir"]

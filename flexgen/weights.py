@@ -39,6 +39,8 @@ class PlacedWeights:
         self.cpu_parts: list[Optional[torch.Tensor]] = []
         self.disk_files: list[Optional[DiskFile]] = []
         self._own_files: list[DiskFile] = []
+        self.store = store
+        self._unchecked: dict[int, dict[int, int]] = {}  # layer -> running CRCs, until its disk part is read
         for idx, (lay, seg) in enumerate(zip(layouts, segments)):
             if store is not None:
                 self._place_from_store(store, idx, lay, seg, pin)
@@ -82,10 +84,13 @@ class PlacedWeights:
         f = DiskFile(store.layer_path(idx), lay.file_bytes, create=False)
         head = torch.empty(seg.cpu_end, dtype=torch.uint8)
         f.read(0, head)  # only what stays in memory; the disk part is read on use
+        carry = store.check_range(idx, head, 0, {})
         self._keep(head, seg, pin)
         self.disk_files.append(f if seg.cpu_end < seg.total else None)
         if seg.cpu_end == seg.total:
             f.close()
+        else:
+            self._unchecked[idx] = carry
 
     def _place_dummy(self, source, run_dir: Path, idx: int, lay: LayerLayout, seg: Segments, pin: bool):
         flat = dummy_layer_bytes(source, lay)
@@ -138,10 +143,12 @@ class PlacedWeights:
                 if self.device.is_cuda:
                     staging = self._staging_buf(slot)[: lay.file_bytes - start]
                     self.disk_files[idx].read(start, staging)
+                    self._check_once(idx, staging, start)
                     flat[seg.cpu_end:seg.total].copy_(staging[seg.cpu_end - start: seg.total - start],
                                                       non_blocking=True)
                 else:
                     self.disk_files[idx].read(start, flat[start:lay.file_bytes])
+                    self._check_once(idx, flat[start:lay.file_bytes], start)
             # After the disk read: its aligned start may have covered the cpu part's tail.
             if seg.cpu_end > seg.gpu_end:
                 flat[seg.gpu_end:seg.cpu_end].copy_(self.cpu_parts[idx], non_blocking=True)
@@ -150,6 +157,13 @@ class PlacedWeights:
                 flat[straddle:seg.gpu_end].copy_(gpu[straddle:seg.gpu_end])
         arrays = {(a.field, a.part): _view(gpu if a.end <= seg.gpu_end else flat, a) for a in lay.arrays}
         return LoadedLayer(idx, arrays)
+
+    def _check_once(self, idx: int, host: torch.Tensor, start: int) -> None:
+        """Checksums of the arrays in a layer's disk part, the first time they are read."""
+        carry = self._unchecked.pop(idx, None)
+        if carry is not None:
+            cpu_end = self.segments[idx].cpu_end  # bytes before it were checked at placement
+            self.store.check_range(idx, host[cpu_end - start:self.layouts[idx].nbytes - start], cpu_end, carry)
 
     def _staging_buf(self, slot: int) -> torch.Tensor:
         if self._staging[slot] is None:
