@@ -349,7 +349,7 @@ class WeightStore:
             manifest["fingerprint"] = source.fingerprint()
         total = sum(lay.nbytes for lay in self.layouts)
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"writing weight store {name or self.dir.name}",
-                   disable=not progress, leave=False)
+                   disable=None if progress else True, leave=False)
         try:
             for idx, lay in enumerate(self.layouts):
                 entries = []

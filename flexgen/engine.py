@@ -70,6 +70,8 @@ class FlexGenModel:
                  offload_dir: Path, source, progress: bool = True, verify_store: bool = False):
         self.args, self.policy, self.device, self.dtype = args, policy, device, dtype
         self.offload_dir = offload_dir
+        self.progress = progress
+        self._bar, self._bar_rows = None, 0
         self.tracker = MemoryTracker()
         self.stats = GenerationStats()
         self.io = IOPool(num_threads=2)
@@ -94,8 +96,8 @@ class FlexGenModel:
                 if verify_store:
                     store.verify()
             from tqdm import tqdm
-            with tqdm(total=len(layouts), desc="placing weights", unit="layer", disable=not progress,
-                      leave=False) as bar:
+            with tqdm(total=len(layouts), desc="placing weights", unit="layer",
+                      disable=None if progress else True, leave=False) as bar:
                 self.weights = PlacedWeights(
                     layouts, self.placement.weights, device, dtype, self.tracker, store=store,
                     dummy=source if isinstance(source, DummySource) else None, run_dir=self.run_dir,
@@ -167,6 +169,7 @@ class FlexGenModel:
         if self.device.is_cuda:
             torch.cuda.reset_peak_memory_stats(dev)
         outputs, logits = [], []
+        self._bar = _progress_bar(n * max_new_tokens, self.progress)
         for start in range(0, n, B):
             ids = input_ids[start:start + B].to(dev)
             mask = attention_mask[start:start + B].to(dev).bool()
@@ -182,12 +185,14 @@ class FlexGenModel:
                 block.forced = torch.cat([forced, forced[:1].expand(B - real, -1)]) if real < B else forced
             stopper = StopCriteria(B, eos, stop or [], pad, dev)
             stopper.done[real:] = True   # padding rows never hold generation back
+            self._bar_rows = real
             self._run_block(block, params, stopper, generator)
             outputs.append(block.output[:real])
             if output_logits:
                 logits.append(block.logits[:real])
             self.stats.generated_tokens += real * block.steps_done
             self.stats.prompt_tokens += real * P
+        self._bar.close()
         width = max(o.shape[1] for o in outputs)
         new = torch.full((n, width), pad, dtype=torch.long)
         row = 0
@@ -257,6 +262,8 @@ class FlexGenModel:
             self.stats.prefill_time += seconds
         elif name == "decode":
             self.stats.decode_time += seconds
+        if name in ("prefill", "decode") and self._bar is not None:
+            self._bar.update(self._bar_rows)
 
     def _collect_memory(self):
         self.stats.peak_memory = self.tracker.report()
@@ -284,6 +291,12 @@ class FlexGenModel:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _progress_bar(total: int, progress: bool):
+    """Generated tokens over all blocks, with rate and ETA; on a terminal only (tqdm's None)."""
+    from tqdm import tqdm
+    return tqdm(total=total, unit="tok", desc="generating", leave=False, disable=None if progress else True)
 
 
 def _merge_direct(*flags):

@@ -341,3 +341,39 @@ def test_budget_within_reserve_is_said(tmp_path):
     res = cli("--model", "opt-125m", "--dummy", "--gpu-mem", 1, "--cpu-mem", 2, "--hardware", f, "--dry-run",
               "--prompt-len", 64, "--gen-len", 8, "--offload-dir", tmp_path / "off")
     assert "--cpu-mem 2 leaves nothing for tensors" in res.stderr and "reserves 2.0 GiB" in res.stderr, res.stderr
+
+
+# -- 11: progress --------------------------------------------------------------------------
+
+def _run_on_tty(args) -> str:
+    import pty
+    import select
+    import fcntl
+    import struct
+    import termios
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))  # a new pty is 0 wide
+    proc = subprocess.Popen([PY, "-m", "flexgen", *map(str, args)], stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)
+    out = b""
+    while True:
+        r, _, _ = select.select([master], [], [], 120)
+        try:
+            chunk = os.read(master, 4096) if r else b""
+        except OSError:  # the child closed its end
+            chunk = b""
+        if not chunk:
+            break
+        out += chunk
+    proc.wait(timeout=120)
+    os.close(master)
+    return out.decode(errors="replace")
+
+
+def test_progress_bar_on_a_terminal_only(opt_dir, tmp_path):
+    args = ["--model", opt_dir[0], "--percent", 100, 0, 100, 0, 100, 0, "--gpu-batch-size", 2,
+            "--prompt-len", 8, "--gen-len", 6, "--dtype", "float32", "--offload-dir", tmp_path]
+    shown = _run_on_tty(args)
+    assert "generating" in shown and "tok/s" in shown and "/12 [" in shown, shown
+    assert "generating" not in _run_on_tty(args + ["--quiet"])
+    assert "generating" not in cli(*args).stderr     # not a terminal
