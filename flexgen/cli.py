@@ -212,8 +212,16 @@ def report(model, stats, a) -> dict:
         "process_peak_rss_bytes": stats.process_peak_rss,
         "cuda_peak_allocated_bytes": stats.cuda_peak_allocated,
         "disk_io_mode": {True: "O_DIRECT", False: "buffered (page cache)", None: "no disk tier used"}[stats.direct_io],
-        "timings_s": dict(stats.timings),
+        "timings_s": _with_other(dict(stats.timings)),
     }
+
+
+def _with_other(t: dict) -> dict:
+    """Name every second of a phase: what is neither compute nor a wait is scheduling overhead."""
+    for phase in ("prefill", "decode"):
+        if phase in t:
+            t[f"{phase}.other"] = max(0.0, t[phase] - t.get(f"{phase}.compute", 0.0) - t.get(f"{phase}.wait", 0.0))
+    return t
 
 
 def print_report(r: dict) -> None:

@@ -27,6 +27,7 @@ class LoadedLayer:
     """A layer's stored arrays on the compute device, keyed by (field, part)."""
     idx: int
     arrays: dict[tuple[str, str], torch.Tensor]
+    built: object = None       # the weight dataclass, when the loader already made it
 
 
 class PlacedWeights:
@@ -56,15 +57,18 @@ class PlacedWeights:
         self._staging: list[Optional[torch.Tensor]] = [None, None]
         self._resident_cache: dict[int, object] = {}       # idx -> weight dataclass
         self._resident_loaded: dict[int, LoadedLayer] = {}
-        # Dequantized weights: one buffer per (layer kind, field), reused layer after layer.
-        # Only one layer's weights are in use at a time (the next is dequantized after the
-        # previous one's compute, in stream order), and fresh buffers cost page faults.
-        self._dequant_out: dict[tuple[str, str], torch.Tensor] = {}
+        # Dequantized weights: one buffer per (layer kind, field), reused layer after layer
+        # (fresh buffers cost page faults). The loader dequantizes the next layer on an I/O
+        # thread while this one computes: neighbours differ in kind (attention, mlp), so
+        # they never share a buffer; a kind that follows itself gets one per working slot.
+        kinds = [lay.spec.kind for lay in layouts]
+        self._repeats = {kinds[i] for i in range(len(kinds)) if kinds[i] == kinds[i - 1]}
+        self._dequant_out: dict[tuple, torch.Tensor] = {}
 
     def resident(self, idx: int) -> bool:
-        """Wholly on the gpu tier: loading it moves no bytes."""
+        """Wholly on the gpu tier and stored uncompressed: loading it costs nothing."""
         seg = self.segments[idx]
-        return seg.gpu_end == seg.total
+        return seg.gpu_end == seg.total and not self.layouts[idx].compressed
 
     # -- placement --------------------------------------------------------------------
 
@@ -126,10 +130,17 @@ class PlacedWeights:
         return self._slots[i]
 
     def load(self, idx: int, slot: int, after=None) -> LoadedLayer:
-        """Bring layer `idx` to the compute device (runs on an I/O thread).
+        """Bring layer `idx` to the compute device, dequantized (runs on an I/O thread).
 
         `after` is a mark on the compute stream after which the slot is free to overwrite.
         """
+        loaded = self._load_bytes(idx, slot, after)
+        if not self.layouts[idx].compressed:
+            return loaded
+        with self.device.io_stream(after):
+            return LoadedLayer(idx, loaded.arrays, self._build(loaded, slot))
+
+    def _load_bytes(self, idx: int, slot: int, after=None) -> LoadedLayer:
         lay, seg = self.layouts[idx], self.segments[idx]
         gpu = self.gpu_parts[idx]
         if seg.gpu_end == seg.total:
@@ -172,9 +183,17 @@ class PlacedWeights:
         return self._staging[slot]
 
     def weights(self, loaded: LoadedLayer):
-        """The layer's weight dataclass, dequantizing packed arrays (on the compute thread)."""
+        """The layer's weight dataclass (built by the loader, or here from plain arrays)."""
+        if loaded.built is not None:
+            return loaded.built
         if loaded.idx in self._resident_cache:
             return self._resident_cache[loaded.idx]
+        w = self._build(loaded, 0)
+        if self.resident(loaded.idx):
+            self._resident_cache[loaded.idx] = w   # views of resident bytes: build once
+        return w
+
+    def _build(self, loaded: LoadedLayer, slot: int):
         lay = self.layouts[loaded.idx]
         tensors = {}
         for e in lay.spec.entries:
@@ -185,16 +204,13 @@ class PlacedWeights:
                 a = loaded.arrays
                 packed = Packed(data=a[(e.field, "data")], scale=a[(e.field, "scale")], mn=a[(e.field, "mn")],
                                 shape=e.shape, cfg=WEIGHT_QUANT)
-                key = (lay.spec.kind, e.field)
+                key = (lay.spec.kind, e.field) + ((slot,) if lay.spec.kind in self._repeats else ())
                 out = self._dequant_out.get(key)
                 if out is None or tuple(out.shape) != e.shape:
                     out = self._dequant_out[key] = self.device.empty(e.shape, self.dtype)
                     self.tracker.add(Tier.GPU, out.numel() * out.element_size())
                 tensors[e.field] = dequantize(packed, self.dtype, out=out)
-        w = build_weights(lay.spec, tensors)
-        if self.resident(loaded.idx) and not lay.compressed:
-            self._resident_cache[loaded.idx] = w   # views of resident bytes: build once
-        return w
+        return build_weights(lay.spec, tensors)
 
     def close(self):
         for f in self.disk_files:

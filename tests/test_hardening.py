@@ -377,3 +377,31 @@ def test_progress_bar_on_a_terminal_only(opt_dir, tmp_path):
     assert "generating" in shown and "tok/s" in shown and "/12 [" in shown, shown
     assert "generating" not in _run_on_tty(args + ["--quiet"])
     assert "generating" not in cli(*args).stderr     # not a terminal
+
+
+# -- 10: compressed weights are dequantized off the compute thread -------------------------
+
+@pytest.mark.parametrize("percent", [(100, 0), (20, 30)], ids=["gpu", "mixed"])
+def test_dequantize_runs_on_the_loader_not_the_compute_thread(opt_dir, tmp_path, monkeypatch, percent):
+    import threading
+
+    from flexgen import Policy, load_model, quant
+    path, _ = opt_dir
+    threads = []
+    orig = quant.dequantize
+
+    def spy(p, *a, **kw):
+        threads.append(threading.current_thread().name)
+        return orig(p, *a, **kw)
+
+    monkeypatch.setattr(quant, "dequantize", spy)
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=2, w_gpu_percent=percent[0], w_cpu_percent=percent[1],
+                    compress_weight=True)
+    with load_model(str(path), policy, device="cpu", dtype="float32", offload_dir=tmp_path) as m:
+        m.generate(torch.randint(4, 300, (4, 8)), max_new_tokens=3, eos_token_id=[])
+        t = m.stats.timings
+    layers = 2 * 2  # attention + mlp per block
+    assert len(threads) >= 3 * layers and all(n.startswith("flexgen-io") for n in threads), set(threads)
+    # Each layer once per token step, not once per gpu batch.
+    assert len(threads) <= 3 * (layers + 2) * 4
+    assert set(t) >= {"prefill.compute", "prefill.wait", "decode.compute", "decode.wait"}
