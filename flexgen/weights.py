@@ -27,6 +27,7 @@ class LoadedLayer:
     """A layer's stored arrays on the compute device, keyed by (field, part)."""
     idx: int
     arrays: dict[tuple[str, str], torch.Tensor]
+    built: object = None       # the weight dataclass, when the loader already made it
 
 
 class PlacedWeights:
@@ -39,6 +40,8 @@ class PlacedWeights:
         self.cpu_parts: list[Optional[torch.Tensor]] = []
         self.disk_files: list[Optional[DiskFile]] = []
         self._own_files: list[DiskFile] = []
+        self.store = store
+        self._unchecked: dict[int, dict[int, int]] = {}  # layer -> running CRCs, until its disk part is read
         for idx, (lay, seg) in enumerate(zip(layouts, segments)):
             if store is not None:
                 self._place_from_store(store, idx, lay, seg, pin)
@@ -65,15 +68,18 @@ class PlacedWeights:
             self.tracker.add(Tier.CPU, 2 * self.slot_bytes)
         self._resident_cache: dict[int, object] = {}       # idx -> weight dataclass
         self._resident_loaded: dict[int, LoadedLayer] = {}
-        # Dequantized weights: one buffer per (layer kind, field), reused layer after layer.
-        # Only one layer's weights are in use at a time (the next is dequantized after the
-        # previous one's compute, in stream order), and fresh buffers cost page faults.
-        self._dequant_out: dict[tuple[str, str], torch.Tensor] = {}
+        # Dequantized weights: one buffer per (layer kind, field), reused layer after layer
+        # (fresh buffers cost page faults). The loader dequantizes the next layer on an I/O
+        # thread while this one computes: neighbours differ in kind (attention, mlp), so
+        # they never share a buffer; a kind that follows itself gets one per working slot.
+        kinds = [lay.spec.kind for lay in layouts]
+        self._repeats = {kinds[i] for i in range(len(kinds)) if kinds[i] == kinds[i - 1]}
+        self._dequant_out: dict[tuple, torch.Tensor] = {}
 
     def resident(self, idx: int) -> bool:
-        """Wholly on the gpu tier: loading it moves no bytes."""
+        """Wholly on the gpu tier and stored uncompressed: loading it costs nothing."""
         seg = self.segments[idx]
-        return seg.gpu_end == seg.total
+        return seg.gpu_end == seg.total and not self.layouts[idx].compressed
 
     # -- placement --------------------------------------------------------------------
 
@@ -93,10 +99,13 @@ class PlacedWeights:
         f = DiskFile(store.layer_path(idx), lay.file_bytes, create=False)
         head = torch.empty(seg.cpu_end, dtype=torch.uint8)
         f.read(0, head)  # only what stays in memory; the disk part is read on use
+        carry = store.check_range(idx, head, 0, {})
         self._keep(head, seg, pin)
         self.disk_files.append(f if seg.cpu_end < seg.total else None)
         if seg.cpu_end == seg.total:
             f.close()
+        else:
+            self._unchecked[idx] = carry
 
     def _place_dummy(self, source, run_dir: Path, idx: int, lay: LayerLayout, seg: Segments, pin: bool):
         flat = dummy_layer_bytes(source, lay)
@@ -129,11 +138,17 @@ class PlacedWeights:
         return aligned_empty(self.slot_bytes)   # host memory: aligned so disk reads land in it directly
 
     def load(self, idx: int, slot: int) -> LoadedLayer:
-        """Bring layer `idx` to the compute device (runs on an I/O thread).
+        """Bring layer `idx` to the compute device, dequantized (runs on an I/O thread).
 
         On CUDA it runs on the I/O thread's side stream, which first waits for the mark
         after which the slot is free to overwrite (ComputeDevice.io_task).
         """
+        loaded = self._load_bytes(idx, slot)
+        if not self.layouts[idx].compressed:
+            return loaded
+        return LoadedLayer(idx, loaded.arrays, self._build(loaded, slot))
+
+    def _load_bytes(self, idx: int, slot: int) -> LoadedLayer:
         lay, seg = self.layouts[idx], self.segments[idx]
         gpu = self.gpu_parts[idx]
         if seg.gpu_end == seg.total:
@@ -148,12 +163,14 @@ class PlacedWeights:
                     self._staging_done[slot].synchronize()   # the copy two layers ago, long done
                 staging = self._staging[slot][: lay.file_bytes - start]
                 self.disk_files[idx].read(start, staging)
+                self._check_once(idx, staging, start)
                 flat[seg.cpu_end:seg.total].copy_(staging[seg.cpu_end - start: seg.total - start],
                                                   non_blocking=True)
                 self._staging_done[slot] = torch.cuda.Event()
                 self._staging_done[slot].record(torch.cuda.current_stream(self.device.device))
             else:
                 self.disk_files[idx].read(start, flat[start:lay.file_bytes])
+                self._check_once(idx, flat[start:lay.file_bytes], start)
         # After the disk read: its aligned start may have covered the cpu part's tail.
         if seg.cpu_end > seg.gpu_end:
             flat[seg.gpu_end:seg.cpu_end].copy_(self.cpu_parts[idx], non_blocking=True)
@@ -163,10 +180,25 @@ class PlacedWeights:
         arrays = {(a.field, a.part): _view(gpu if a.end <= seg.gpu_end else flat, a) for a in lay.arrays}
         return LoadedLayer(idx, arrays)
 
+    def _check_once(self, idx: int, host: torch.Tensor, start: int) -> None:
+        """Checksums of the arrays in a layer's disk part, the first time they are read."""
+        carry = self._unchecked.pop(idx, None)
+        if carry is not None:
+            cpu_end = self.segments[idx].cpu_end  # bytes before it were checked at placement
+            self.store.check_range(idx, host[cpu_end - start:self.layouts[idx].nbytes - start], cpu_end, carry)
+
     def weights(self, loaded: LoadedLayer):
-        """The layer's weight dataclass, dequantizing packed arrays (on the compute thread)."""
+        """The layer's weight dataclass (built by the loader, or here from plain arrays)."""
+        if loaded.built is not None:
+            return loaded.built
         if loaded.idx in self._resident_cache:
             return self._resident_cache[loaded.idx]
+        w = self._build(loaded, 0)
+        if self.resident(loaded.idx):
+            self._resident_cache[loaded.idx] = w   # views of resident bytes: build once
+        return w
+
+    def _build(self, loaded: LoadedLayer, slot: int):
         lay = self.layouts[loaded.idx]
         tensors = {}
         for e in lay.spec.entries:
@@ -177,16 +209,13 @@ class PlacedWeights:
                 a = loaded.arrays
                 packed = Packed(data=a[(e.field, "data")], scale=a[(e.field, "scale")], mn=a[(e.field, "mn")],
                                 shape=e.shape, cfg=WEIGHT_QUANT)
-                key = (lay.spec.kind, e.field)
+                key = (lay.spec.kind, e.field) + ((slot,) if lay.spec.kind in self._repeats else ())
                 out = self._dequant_out.get(key)
                 if out is None or tuple(out.shape) != e.shape:
                     out = self._dequant_out[key] = self.device.empty(e.shape, self.dtype)
                     self.tracker.add(Tier.GPU, out.numel() * out.element_size())
                 tensors[e.field] = dequantize(packed, self.dtype, out=out)
-        w = build_weights(lay.spec, tensors)
-        if self.resident(loaded.idx) and not lay.compressed:
-            self._resident_cache[loaded.idx] = w   # views of resident bytes: build once
-        return w
+        return build_weights(lay.spec, tensors)
 
     def close(self):
         for f in self.disk_files:
