@@ -15,7 +15,7 @@ from typing import Optional
 
 from flexgen.errors import FlexGenError
 
-SUBCOMMANDS = ("policy", "profile", "clean")
+SUBCOMMANDS = ("policy", "profile", "clean", "helm")
 DEFAULT_PROMPT = "Paris is the capital city of"
 
 
@@ -294,6 +294,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             cmd, rest = argv[0], argv[1:]
             if cmd == "clean":
                 return clean_main(rest)
+            if cmd == "helm":
+                from flexgen.helm.cli import helm_main
+                return helm_main(rest)
             from flexgen.optimizer import cli as opt_cli
             return opt_cli.policy_main(rest) if cmd == "policy" else opt_cli.profile_main(rest)
         return run_main(argv)

@@ -1,0 +1,150 @@
+"""HELM batch runner and client (flexgen.helm), offline, on a tiny random OPT.
+
+The `helm` tests need the helm extra (crfm-helm); outside CI they are skipped when it is not
+installed, in CI (CI=true) its absence fails them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+RUNS = ["synthetic_reasoning:mode=pattern_match", "dyck_language:num_parenthesis_pairs=2"]
+
+
+def _have_helm() -> bool:
+    try:
+        import helm.benchmark.runner  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def needs_helm(test):
+    skip = pytest.mark.skipif(not _have_helm() and os.environ.get("CI") != "true",
+                              reason="crfm-helm not installed (pip install 'flexgen[helm]')")
+    return pytest.mark.helm(skip(test))
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    for k, v in OFFLINE.items():
+        monkeypatch.setenv(k, v)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("opt-helm")
+    model = make_checkpoint(d, max_position_embeddings=256)
+    return d, model
+
+
+def _env():
+    env = dict(os.environ, **OFFLINE)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_import_flexgen_does_not_import_helm():
+    code = "import sys, flexgen, flexgen.cli; assert not any(m == 'helm' or m.startswith('helm.') " \
+           "for m in sys.modules), sorted(m for m in sys.modules if m.startswith('helm'))"
+    subprocess.run([sys.executable, "-c", code], check=True, env=_env())
+
+
+def test_missing_helm_is_one_line_naming_the_extra(tmp_path):
+    code = ("import sys; sys.modules['helm'] = None; from flexgen.cli import main; "
+            "sys.exit(main(['helm', '--model', 'x', '--description', 'simple1:']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env())
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("flexgen: error:"), r.stderr
+    assert "pip install 'flexgen[helm]'" in lines[0] and "torch" in lines[0]
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--model", "m"], "--description"),
+    (["--model", "m", "--description", "simple1:", "--max-eval-instances", "0"], "--max-eval-instances"),
+    (["--model", "m", "--description", "simple1:", "--gpu-mem", "-1"], "--gpu-mem"),
+])
+def test_cli_user_mistakes(argv, msg):
+    from flexgen.errors import FlexGenError
+    from flexgen.helm.cli import helm_main
+
+    with pytest.raises(FlexGenError, match=msg):
+        helm_main(argv)
+
+
+@pytest.fixture
+def engine(monkeypatch):
+    """flexgen.LLM, with a record of the number of prompts in every generate call."""
+    import flexgen
+
+    if not hasattr(flexgen, "LLM"):  # TEMPORARY: until the batch API is merged
+        import _fake_llm
+        monkeypatch.setattr(flexgen, "LLM", _fake_llm.LLM, raising=False)
+        monkeypatch.setattr(flexgen, "SamplingParams", _fake_llm.SamplingParams, raising=False)
+    calls: list[int] = []
+    original = flexgen.LLM.generate
+
+    def generate(self, prompts, params=None, **kw):
+        calls.append(len(prompts))
+        return original(self, prompts, params, **kw)
+
+    monkeypatch.setattr(flexgen.LLM, "generate", generate)
+    return calls
+
+
+def _run_dir(out: Path, suite: str, prefix: str) -> Path:
+    dirs = [d for d in (out / "runs" / suite).iterdir() if d.name.startswith(prefix)]
+    assert len(dirs) == 1, list((out / "runs" / suite).iterdir())
+    return dirs[0]
+
+
+def _stat_names(run: Path) -> set[str]:
+    return {s["name"]["name"] for s in json.loads((run / "stats.json").read_text())}
+
+
+def _batch_sizes(run: Path) -> list[int]:
+    states = json.loads((run / "scenario_state.json").read_text())["request_states"]
+    assert states and all(s["result"]["batch_request_time"] > 0 for s in states)
+    return [s["result"]["batch_size"] for s in states]
+
+
+@needs_helm
+def test_batch_runner_end_to_end(ckpt, engine, tmp_path, capsys):
+    from flexgen.cli import main
+
+    out = tmp_path / "out"
+    argv = ["helm", "--model", str(ckpt[0]), "--model-name", "flexgen/tiny-e2e", "--max-eval-instances", "6",
+            "--output-path", str(out), "--suite", "ci", "--gpu-batch-size", "4", "--num-gpu-batches", "2",
+            "--device", "cpu", "--dtype", "float32", "--offload-dir", str(tmp_path / "offload"), "--quiet"]
+    for d in RUNS:
+        argv += ["--description", d]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "exact_match" in printed and "helm-summarize --suite ci" in printed
+
+    # one batch job per run, each holding every request of the run
+    assert len(engine) == 2 and all(n > 1 for n in engine), engine
+    for prefix, metric in (("synthetic_reasoning", "exact_match"), ("dyck_language", "exact_match_indicator")):
+        run = _run_dir(out, "ci", prefix)
+        for f in ("run_spec.json", "scenario_state.json", "stats.json", "per_instance_stats.json"):
+            assert (run / f).is_file(), f
+        assert metric in _stat_names(run)
+        assert "num_instances" in _stat_names(run)
+        assert max(_batch_sizes(run)) > 1
+
+    summarize = Path(sys.executable).with_name("helm-summarize")
+    r = subprocess.run([str(summarize), "--suite", "ci", "--output-path", str(out)], capture_output=True, text=True, env=_env(), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "runs" / "ci" / "summary.json").is_file()
