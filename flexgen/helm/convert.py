@@ -111,6 +111,12 @@ def generate(llm, requests: Sequence, *, max_sequence_length: Optional[int] = No
 
     tok = llm.tokenizer
     prepared = [prepare(r, tok, max_sequence_length) for r in requests]
+    cut = sum(p.truncated > 0 for p in prepared)
+    if cut:
+        from helm.common.hierarchical_logger import hwarn
+
+        hwarn(f"flexgen: {cut} prompt(s) cut on the left to fit {max_sequence_length} positions with their "
+              "max_tokens (the engine's tokenization is longer than HELM's window count)")
     flat = [(i, j) for i, p in enumerate(prepared) if p.error is None for j in range(len(p.params))]
     flat.sort(key=lambda ij: (prepared[ij[0]].params[ij[1]].max_new_tokens, len(prepared[ij[0]].prompt_ids)))
     started = time.time()
