@@ -85,52 +85,19 @@ def _policy_from_args(a):
 
 def _auto_policy(a):
     """Search a policy for the budgets (GiB); unspecified budgets come from this machine."""
-    import shutil as _shutil
-
     from flexgen.engine import default_offload_dir
-    from flexgen.optimizer import GIB, format_estimate, load_hardware, search
+    from flexgen.optimizer import format_estimate
+    from flexgen.optimizer.auto import choose_policy
     from flexgen.optimizer.cli import model_args_for
-    from flexgen.optimizer.hardware import default_profile_path
 
-    for name in ("gpu_mem", "cpu_mem", "disk_mem"):
-        v = getattr(a, name)
-        if v is not None and not v >= 0:
-            raise FlexGenError(f"--{name.replace('_', '-')} must be a size in GiB >= 0, got {v}")
-    if a.hardware:
-        hw = load_hardware(a.hardware)
-    elif default_profile_path().is_file():
-        hw = load_hardware(None)
-    else:
-        from flexgen.optimizer import measure_hardware
-        print(f"measuring this machine once (saved to {default_profile_path()}; "
-              "`python -m flexgen profile` re-measures) ...", file=sys.stderr)
-        hw = measure_hardware(Path(a.offload_dir or default_offload_dir()))
-        default_profile_path().parent.mkdir(parents=True, exist_ok=True)
-        hw.save(default_profile_path())
-    cpu = a.cpu_mem * GIB if a.cpu_mem is not None else _available_memory()
-    if a.disk_mem is not None:
-        disk = a.disk_mem * GIB
-    else:
-        off = Path(a.offload_dir or default_offload_dir())
-        probe = off if off.exists() else next((q for q in off.parents if q.exists()), Path("/"))
-        disk = _shutil.disk_usage(probe).free
-    policy, est = search(model_args_for(a.model), a.prompt_len, a.gen_len, hw,
-                         gpu_mem=a.gpu_mem * GIB if a.gpu_mem is not None else None, cpu_mem=cpu, disk_mem=disk,
-                         allow_compress_weight=bool(a.compress_weight), allow_compress_cache=bool(a.compress_cache),
-                         cpu_cache_compute=a.cpu_cache_compute, overlap=a.overlap is not False,
-                         gpu_batch_size=a.gpu_batch_size, num_gpu_batches=a.num_gpu_batches)
-    print(format_estimate(est, title=f"chosen policy for {a.model} ({hw.name})"))
+    policy, est = choose_policy(
+        model_args_for(a.model), a.prompt_len, a.gen_len, offload_dir=Path(a.offload_dir or default_offload_dir()),
+        gpu_mem=a.gpu_mem, cpu_mem=a.cpu_mem, disk_mem=a.disk_mem, hardware=a.hardware,
+        compress_weight=bool(a.compress_weight), compress_cache=bool(a.compress_cache),
+        cpu_cache_compute=a.cpu_cache_compute, overlap=a.overlap is not False,
+        gpu_batch_size=a.gpu_batch_size, num_gpu_batches=a.num_gpu_batches)
+    print(format_estimate(est, title=f"chosen policy for {a.model} ({est.hardware})"))
     return policy
-
-
-def _available_memory() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _prompts(model, a, tokenizer):

@@ -20,7 +20,7 @@ from flexgen.kvcache import KVCache
 from flexgen.models.opt import ModelArgs
 from flexgen.placement import Placement, plan
 from flexgen.policy import Policy
-from flexgen.sampling import SamplingParams, StopCriteria
+from flexgen.sampling import LogprobRecorder, SampleConfig, StopCriteria, UniformSampler
 from flexgen.scheduler import Block, Scheduler
 from flexgen.tiers import ComputeDevice, IOPool, MemoryTracker, default_dtype, process_peak_rss
 from flexgen.weights import PlacedWeights
@@ -109,8 +109,7 @@ class FlexGenModel:
                  eos_token_id: Union[int, Sequence[int], None] = None,
                  stop: Optional[Sequence[Sequence[int]]] = None,
                  pad_token_id: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None, output_logits: bool = False,
-                 _forced: Optional[torch.Tensor] = None):
+                 generator: Optional[torch.Generator] = None, output_logits: bool = False):
         """Like Hugging Face `generate` for decoder-only models.
 
         input_ids: (n, P) left-padded prompts, any n (split into blocks of
@@ -121,63 +120,35 @@ class FlexGenModel:
         With output_logits=True returns (sequences, logits (n, new, vocab) float32).
         """
         input_ids = torch.as_tensor(input_ids)
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise FlexGenError(f"input_ids must be (batch, prompt_len) with prompt_len >= 1, got {tuple(input_ids.shape)}")
-        n, P = input_ids.shape
-        if max_new_tokens < 1:
-            raise FlexGenError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if P + max_new_tokens > self.args.max_position_embeddings:
-            raise FlexGenError(f"prompt ({P}) + new tokens ({max_new_tokens}) exceed the model's "
-                               f"{self.args.max_position_embeddings} positions")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = torch.as_tensor(attention_mask)
-        if attention_mask.shape != input_ids.shape:
-            raise FlexGenError("attention_mask must have the shape of input_ids")
-        if int(input_ids.max()) >= self.args.vocab_size or int(input_ids.min()) < 0:
-            raise FlexGenError(f"token ids must be within [0, {self.args.vocab_size})")
-        params = SamplingParams(do_sample, temperature, top_p, top_k)
+        self._check_inputs(input_ids, attention_mask, max_new_tokens)
+        n = input_ids.shape[0]
+        params = SampleConfig(do_sample, temperature, top_p, top_k)
         eos = [self.args.eos_token_id] if eos_token_id is None else (
             [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         pad = self.args.pad_token_id if pad_token_id is None else pad_token_id
 
         B = self.policy.block_size
-        dev = self.device.device
-        self.stats = GenerationStats()
-        self.tracker.reset_peaks()
-        self.stats.held_memory = {t.value: v for t, v in self.tracker.current.items()}
-        if self.device.is_cuda:
-            torch.cuda.reset_peak_memory_stats(dev)
+        self.begin_stats()
         outputs, logits = [], []
         for start in range(0, n, B):
-            ids = input_ids[start:start + B].to(dev)
-            mask = attention_mask[start:start + B].to(dev).bool()
-            real = ids.shape[0]
-            if real < B:  # pad the last block with copies of its first row; trimmed below
-                ids = torch.cat([ids, ids[:1].expand(B - real, -1)])
-                mask = torch.cat([mask, mask[:1].expand(B - real, -1)])
-            full_mask = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=dev)
-            full_mask[:, :P] = mask
-            block = Block(ids, full_mask, P, max_new_tokens, keep_logits=output_logits)
-            if _forced is not None:
-                forced = _forced[start:start + B].to(dev)
-                block.forced = torch.cat([forced, forced[:1].expand(B - real, -1)]) if real < B else forced
-            stopper = StopCriteria(B, eos, stop or [], pad, dev)
-            stopper.done[real:] = True   # padding rows never hold generation back
-            self._run_block(block, params, stopper, generator)
+            real = min(B, n - start)
+            stopper = StopCriteria(B, eos, stop or [], pad, self.device.device)
+            block = self.generate_block(input_ids[start:start + B], attention_mask[start:start + B], max_new_tokens,
+                                        sampler=UniformSampler(params, generator), stopper=stopper,
+                                        keep_logits=output_logits)
             outputs.append(block.output[:real])
             if output_logits:
                 logits.append(block.logits[:real])
-            self.stats.generated_tokens += real * block.steps_done
-            self.stats.prompt_tokens += real * P
+        self.end_stats()
         width = max(o.shape[1] for o in outputs)
         new = torch.full((n, width), pad, dtype=torch.long)
         row = 0
         for o in outputs:
             new[row:row + o.shape[0], :o.shape[1]] = o.cpu()
             row += o.shape[0]
-        self.stats.num_sequences = n
-        self._collect_memory()
         sequences = torch.cat([input_ids.long(), new], dim=1)
         if not output_logits:
             return sequences
@@ -188,27 +159,103 @@ class FlexGenModel:
             row += lg.shape[0]
         return sequences, all_logits
 
+    def begin_stats(self) -> None:
+        """Start the figures of a generation call (`stats`); `end_stats` closes them."""
+        self.stats = GenerationStats()
+        self.tracker.reset_peaks()
+        self.stats.held_memory = {t.value: v for t, v in self.tracker.current.items()}
+        if self.device.is_cuda:
+            torch.cuda.reset_peak_memory_stats(self.device.device)
+
+    def end_stats(self) -> None:
+        self._collect_memory()
+
+    def generate_block(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *,
+                       sampler, stopper: StopCriteria, recorder: Optional[LogprobRecorder] = None,
+                       forced: Optional[torch.Tensor] = None, keep_logits: bool = False) -> Block:
+        """Run one block of at most gbs x ngb left-padded rows (P tokens each).
+
+        sampler, stopper and recorder are sized for the full block: rows past the real
+        ones are padding (copies of the first row) and are marked done here. Returns the
+        Block: output (B, steps), and the stopper's lengths and reasons per row.
+        """
+        B = self.policy.block_size
+        dev = self.device.device
+        real, P = input_ids.shape
+        if not 1 <= real <= B:
+            raise FlexGenError(f"a block holds 1..{B} rows, got {real}")
+        ids = input_ids.to(dev)
+        mask = attention_mask.to(dev).bool()
+        if real < B:  # pad the block with copies of its first row; callers trim them
+            ids = torch.cat([ids, ids[:1].expand(B - real, -1)])
+            mask = torch.cat([mask, mask[:1].expand(B - real, -1)])
+        full_mask = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=dev)
+        full_mask[:, :P] = mask
+        block = Block(ids, full_mask, P, max_new_tokens, sampler=sampler, stopper=stopper, recorder=recorder,
+                      keep_logits=keep_logits)
+        if forced is not None:
+            forced = forced.to(dev)
+            block.forced = torch.cat([forced, forced[:1].expand(B - real, -1)]) if real < B else forced
+        stopper.done[real:] = True   # padding rows never hold generation back
+        self._run_block(block)
+        self.stats.generated_tokens += real * block.steps_done
+        self.stats.prompt_tokens += real * P
+        self.stats.num_sequences += real
+        return block
+
     def score(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
               prompt_len: int = 1) -> torch.Tensor:
         """Log-probabilities of each token after the first `prompt_len`, given its prefix.
 
         Runs prefill on the first `prompt_len` tokens, then feeds the remaining ones one
         decode step at a time (teacher forcing), so the KV cache path, compression
-        included, is exactly the one generation uses. input_ids (n, L), left-padded in
-        the prompt part. Returns (n, L - prompt_len) float32 log-probabilities.
+        included, is exactly the one generation uses. Only the needed log-probabilities
+        are gathered at each step (never the whole vocabulary's logits of a block).
+        input_ids (n, L), left-padded in the prompt part. Returns (n, L - prompt_len) float32.
         """
         input_ids = torch.as_tensor(input_ids)
+        if input_ids.dim() != 2:
+            raise FlexGenError(f"input_ids must be (batch, length), got {tuple(input_ids.shape)}")
         n, L = input_ids.shape
         if not 1 <= prompt_len < L:
             raise FlexGenError(f"prompt_len must be within [1, {L}), got {prompt_len}")
-        mask = None if attention_mask is None else torch.as_tensor(attention_mask)[:, :prompt_len]
-        forced = input_ids[:, prompt_len:]
-        _, logits = self.generate(input_ids[:, :prompt_len], mask, max_new_tokens=L - prompt_len,
-                                  eos_token_id=[], output_logits=True, _forced=forced)
-        logprobs = torch.log_softmax(logits, dim=-1)
-        return logprobs.gather(2, forced.long().unsqueeze(2)).squeeze(2)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = torch.as_tensor(attention_mask)
+        G = L - prompt_len
+        self._check_inputs(input_ids[:, :prompt_len], attention_mask[:, :prompt_len], G)
+        B = self.policy.block_size
+        out = torch.empty((n, G))
+        self.begin_stats()
+        for start in range(0, n, B):
+            real = min(B, n - start)
+            recorder = LogprobRecorder(B, G)
+            self.generate_block(input_ids[start:start + B, :prompt_len], attention_mask[start:start + B, :prompt_len],
+                                G, sampler=None, stopper=StopCriteria(B, [], [], self.args.pad_token_id,
+                                                                      self.device.device),
+                                recorder=recorder, forced=input_ids[start:start + B, prompt_len:])
+            out[start:start + real] = recorder.token_logprob[:real]
+        self.end_stats()
+        return out
 
-    def _run_block(self, block: Block, params, stopper, generator):
+    def _check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> None:
+        if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise FlexGenError("input_ids must be (batch, prompt_len) with batch >= 1 and prompt_len >= 1, "
+                               f"got {tuple(input_ids.shape)}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise FlexGenError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+        P = input_ids.shape[1]
+        if max_new_tokens < 1:
+            raise FlexGenError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if P + max_new_tokens > self.args.max_position_embeddings:
+            raise FlexGenError(f"prompt ({P}) + new tokens ({max_new_tokens}) exceed the model's "
+                               f"{self.args.max_position_embeddings} positions")
+        if attention_mask.shape != input_ids.shape:
+            raise FlexGenError("attention_mask must have the shape of input_ids")
+        if int(input_ids.max()) >= self.args.vocab_size or int(input_ids.min()) < 0:
+            raise FlexGenError(f"token ids must be within [0, {self.args.vocab_size})")
+
+    def _run_block(self, block: Block):
         p = self.policy
         max_len = block.prompt_len + block.max_new_tokens
         cache = hidden = None
@@ -221,7 +268,7 @@ class FlexGenModel:
             hidden = [HiddenSlot(self.placement.act, row_bytes, self.device, self.tracker,
                                  self.run_dir / f"hidden_{k}.bin") for k in range(p.num_gpu_batches)]
             w_read0, _ = self.weights.disk_bytes()
-            self.scheduler.run(block, cache, hidden, params, stopper, generator)
+            self.scheduler.run(block, cache, hidden)
             self.stats.direct_io = _merge_direct(self.weights.direct_io, cache.direct_io)
             files = cache.files + [h.file for h in hidden if h.file is not None]
             self.stats.disk_read_bytes += self.weights.disk_bytes()[0] - w_read0 + sum(f.bytes_read for f in files)

@@ -22,7 +22,7 @@ from flexgen.activations import HiddenSlot
 from flexgen.kvcache import KVCache
 from flexgen.models import opt
 from flexgen.policy import Policy
-from flexgen.sampling import SamplingParams, StopCriteria, sample
+from flexgen.sampling import LogprobRecorder, StopCriteria
 from flexgen.tiers import ComputeDevice, IOPool, done_future
 from flexgen.weights import PlacedWeights
 
@@ -31,11 +31,14 @@ TimingHook = Callable[[str, float], None]
 
 @dataclass
 class Block:
-    """One block's inputs: gbs x ngb rows of left-padded prompts."""
+    """One block: gbs x ngb rows of left-padded prompts, and what decides their tokens."""
     input_ids: torch.Tensor        # (B, P) on the compute device
     attention_mask: torch.Tensor   # (B, P + G) bool; the generated part is filled in as we go
     prompt_len: int
     max_new_tokens: int
+    sampler: Callable = None       # (rows: slice, logits (r, vocab) fp32) -> tokens (r,)
+    stopper: StopCriteria = None
+    recorder: Optional[LogprobRecorder] = None   # log-probs gathered per step
     output: torch.Tensor = None    # (B, G) generated tokens
     keep_logits: bool = False
     forced: torch.Tensor = None    # (B, G) tokens to feed instead of sampling (teacher forcing)
@@ -68,15 +71,14 @@ class Scheduler:
 
     # -- public -----------------------------------------------------------------------
 
-    def run(self, block: Block, cache: KVCache, hidden: list[HiddenSlot], params: SamplingParams,
-            stopper: StopCriteria, generator: Optional[torch.Generator]) -> Block:
+    def run(self, block: Block, cache: KVCache, hidden: list[HiddenSlot]) -> Block:
         gbs, ngb = self.policy.gpu_batch_size, self.policy.num_gpu_batches
         block.output = torch.full((gbs * ngb, block.max_new_tokens), self.args.pad_token_id, dtype=torch.long,
                                   device=self.device.device)
         if block.keep_logits:
             block.logits = torch.zeros((gbs * ngb, block.max_new_tokens, self.args.vocab_size), device="cpu")
         self._block, self._cache, self._hidden = block, cache, hidden
-        self._params, self._stopper, self._generator = params, stopper, generator
+        stopper = block.stopper
         pending = _Pending()
         overlap = self.policy.overlap
         positions = [(j, k) for j in range(self.num_layers) for k in range(ngb)]
@@ -241,21 +243,39 @@ class Scheduler:
             return opt.self_attention(w, x, inp.mask, kv, self.args)
         if kind == "mlp":
             return opt.mlp(w, x, self.args)
-        logits = opt.output_embed(w, x[:, -1])
+        return self._head(i, k, w, inp, x)
+
+    def _head(self, i, k, w, inp: _StepInputs, x) -> None:
+        """Token bookkeeping after the output layer: choose (or force) the next tokens,
+        record log-probs, extend the mask, and end rows."""
         gbs = self.policy.gpu_batch_size
         rows = slice(k * gbs, (k + 1) * gbs)
         b = self._block
+        logits = opt.output_embed(w, x[:, -1])
+        if i == 0 and b.recorder is not None and b.recorder.prompt:
+            self._prompt_logprobs(rows, w, inp.ids, x)
         if b.forced is not None:
             tokens = b.forced[rows, i]
         else:
-            tokens = self._stopper.apply(rows, sample(logits, self._params, self._generator))
+            tokens = b.stopper.apply(rows, i, b.sampler(rows, logits))
         if b.keep_logits:
             b.logits[rows, i] = logits.cpu()
+        if b.recorder is not None:
+            b.recorder.record(rows, i, logits, tokens)
         b.output[rows, i] = tokens
         b.attention_mask[rows, b.prompt_len + i] = True
-        if k == self.policy.num_gpu_batches - 1 and self._stopper.stop:
-            self._stopper.check_stop_sequences(b.output[:, :i + 1])
+        if k == self.policy.num_gpu_batches - 1:
+            b.stopper.check_sequences(b.output[:, :i + 1])
         return None
+
+    def _prompt_logprobs(self, rows: slice, w, ids: torch.Tensor, x: torch.Tensor) -> None:
+        """Logits of every prompt position, a few positions at a time: a whole
+        (rows, prompt, vocab) fp32 tensor would be gigabytes for real batches."""
+        r, P, _ = x.shape
+        step = max(1, (64 << 20) // (4 * r * self.args.vocab_size))
+        for c0 in range(0, P - 1, step):
+            c1 = min(P - 1, c0 + step)
+            self._block.recorder.record_prompt(rows, c0, opt.output_embed(w, x[:, c0:c1]), ids[:, c0 + 1:c1 + 1])
 
 
 def _after(prev, fn):

@@ -1,0 +1,89 @@
+"""Choosing a policy for memory budgets, as the CLI's --gpu-mem and `flexgen.LLM` do.
+
+Budgets left out come from this machine: host memory available now, free disk under the
+offload directory, and (for the gpu tier of a CUDA device) the device's free memory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+from flexgen.errors import FlexGenError
+from flexgen.models.opt import ModelArgs
+from flexgen.optimizer.cost_model import GIB, Estimate
+from flexgen.optimizer.hardware import HardwareProfile, default_profile_path, load_hardware
+from flexgen.policy import Policy
+
+
+def available_memory() -> int:
+    """Bytes of host memory available now (MemAvailable), else the physical total."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def free_disk(offload_dir: Path) -> int:
+    """Free bytes on the file system that holds (or will hold) `offload_dir`."""
+    probe = offload_dir if offload_dir.exists() else next((q for q in offload_dir.parents if q.exists()), Path("/"))
+    return shutil.disk_usage(probe).free
+
+
+def hardware_profile(hardware, offload_dir: Path, log: Callable[[str], None]) -> HardwareProfile:
+    """A named/bundled profile or JSON file; else this machine's, measured once and cached."""
+    if hardware is not None:
+        return load_hardware(hardware)
+    if default_profile_path().is_file():
+        return load_hardware(None)
+    from flexgen.optimizer.measure import measure_hardware
+    log(f"measuring this machine once (saved to {default_profile_path()}; "
+        "`python -m flexgen profile` re-measures) ...")
+    hw = measure_hardware(offload_dir)
+    default_profile_path().parent.mkdir(parents=True, exist_ok=True)
+    hw.save(default_profile_path())
+    return hw
+
+
+def choose_policy(model_args: ModelArgs, prompt_len: int, gen_len: int, *, offload_dir: Path,
+                  gpu_mem: Optional[float] = None, cpu_mem: Optional[float] = None,
+                  disk_mem: Optional[float] = None, hardware=None, compress_weight: bool = False,
+                  compress_cache: bool = False, cpu_cache_compute: Optional[bool] = None, overlap: bool = True,
+                  gpu_batch_size: Optional[int] = None, num_gpu_batches: Optional[int] = None,
+                  log: Optional[Callable[[str], None]] = None) -> tuple[Policy, Estimate]:
+    """The optimizer's policy for budgets given in GiB (cpu/disk None: this machine's).
+    gpu_mem is required: `default_gpu_mem` gives a default where one makes sense."""
+    from flexgen.optimizer.solver import search
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    for name, v in (("gpu_mem", gpu_mem), ("cpu_mem", cpu_mem), ("disk_mem", disk_mem)):
+        if v is not None and not v >= 0:
+            raise FlexGenError(f"--{name.replace('_', '-')} must be a size in GiB >= 0, got {v}")
+    if gpu_mem is None:
+        raise FlexGenError("choosing a policy needs a gpu memory budget (GiB of accelerator memory; on a "
+                           "CPU-only machine, the part of host memory that plays the gpu tier)")
+    hw = hardware_profile(hardware, offload_dir, log)
+    cpu = cpu_mem * GIB if cpu_mem is not None else available_memory()
+    disk = disk_mem * GIB if disk_mem is not None else free_disk(offload_dir)
+    return search(model_args, prompt_len, gen_len, hw, gpu_mem=gpu_mem * GIB, cpu_mem=cpu, disk_mem=disk,
+                  allow_compress_weight=compress_weight, allow_compress_cache=compress_cache,
+                  cpu_cache_compute=cpu_cache_compute, overlap=overlap,
+                  gpu_batch_size=gpu_batch_size, num_gpu_batches=num_gpu_batches)
+
+
+def default_gpu_mem(device) -> float:
+    """GiB for the gpu tier when the user gives none: the CUDA device's free memory, or on
+    a CPU device half of the host memory available now (the other half stays the cpu tier)."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return free / GIB
+    return available_memory() / 2 / GIB
