@@ -89,10 +89,6 @@ def engine(monkeypatch):
     """flexgen.LLM, with a record of the number of prompts in every generate call."""
     import flexgen
 
-    if not hasattr(flexgen, "LLM"):  # TEMPORARY: until the batch API is merged
-        import _fake_llm
-        monkeypatch.setattr(flexgen, "LLM", _fake_llm.LLM, raising=False)
-        monkeypatch.setattr(flexgen, "SamplingParams", _fake_llm.SamplingParams, raising=False)
     calls: list[int] = []
     original = flexgen.LLM.generate
 
@@ -223,10 +219,6 @@ def test_stop_sequence_keeps_whole_tokens_before_the_cut(ckpt):
 def test_helm_run_with_flexgen_client(ckpt, tmp_path):
     """The documented helm-run route: configs from --write-config, HELM's own runner (one request at a
     time through FlexGenClient) and the batching runner."""
-    import flexgen
-
-    if not hasattr(flexgen, "LLM"):  # TEMPORARY: a subprocess cannot use the stand-in
-        pytest.skip("flexgen.LLM not merged yet")
     cfg, out = tmp_path / "prod_env", tmp_path / "out"
     r = subprocess.run([sys.executable, "-m", "flexgen", "helm", "--model", str(ckpt[0]), "--model-name",
                         "flexgen/tiny-client", "--write-config", str(cfg), "--gpu-batch-size", "4", "--device", "cpu",

@@ -161,7 +161,8 @@ def helm_main(argv: list[str]) -> int:
         name = write_configs(local, a.model, model_name=a.model_name, engine_args={})
         register_configs(local)
         specs = run_specs_for(a.description, name, a.max_eval_instances, a.num_train_trials)  # before the load
-        llm = flexgen.LLM(a.model, **{k: v for k, v in _engine_args(a, policy).items() if v is not None})
+        llm = flexgen.LLM(a.model, progress=not a.quiet,
+                          **{k: v for k, v in _engine_args(a, policy).items() if v is not None})
         client.register_engine(name, llm)
         try:
             run_dirs = run_helm(specs, output_path=a.output_path, suite=a.suite, local_path=local,

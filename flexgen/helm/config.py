@@ -43,7 +43,10 @@ def checkpoint_facts(model: str) -> dict:
     n = getattr(config, "max_position_embeddings", None)
     if not n:
         raise FlexGenError(f"{model}: config.json has no max_position_embeddings")
-    return {"max_sequence_length": int(n), "end_of_text_token": tok.eos_token or "",
+    # HELM counts prompt tokens without the tokenizer's special tokens (OPT's leading </s>) and
+    # the engine runs at least one step, also when it only scores a prompt: leave room for both.
+    added = len(tok("a")["input_ids"]) - len(tok("a", add_special_tokens=False)["input_ids"])
+    return {"max_sequence_length": int(n) - 1 - max(0, added), "end_of_text_token": tok.eos_token or "",
             "prefix_token": tok.bos_token or ""}
 
 

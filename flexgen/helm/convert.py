@@ -16,11 +16,12 @@ from flexgen.errors import FlexGenError
 
 @dataclass
 class Prepared:
-    """The engine inputs of one HELM request: one prompt (token ids) and params per completion."""
+    """The engine inputs of one HELM request: its prompt and sampling params per completion."""
 
-    prompt_ids: list[int]
+    prompt: object  # the prompt text, or token ids when it had to be changed to fit
+    length: int  # prompt tokens
     params: list  # flexgen.SamplingParams, one per completion
-    truncated: int  # prompt tokens dropped on the left to fit the model's positions
+    truncated: int = 0  # prompt tokens dropped on the left to fit the model's positions
     error: Optional[str] = None
 
 
@@ -28,25 +29,30 @@ def prepare(request, tokenizer, max_sequence_length: Optional[int]) -> Prepared:
     """Tokenize a request's prompt with the checkpoint's tokenizer and build its sampling params."""
     import flexgen
 
+    def fail(msg: str) -> Prepared:
+        return Prepared(None, 0, [], error=msg)
+
     if request.embedding:
-        return Prepared([], [], 0, error="flexgen computes no embeddings")
+        return fail("flexgen computes no embeddings")
     if request.messages or request.multimodal_prompt is not None:
-        return Prepared([], [], 0, error="flexgen takes text prompts only (no chat messages, no multimodal input)")
+        return fail("flexgen takes text prompts only (no chat messages, no multimodal input)")
     if request.max_tokens < 0:
-        return Prepared([], [], 0, error=f"max_tokens must be >= 0, got {request.max_tokens}")
+        return fail(f"max_tokens must be >= 0, got {request.max_tokens}")
+    prompt: object = request.prompt
     ids = list(tokenizer(request.prompt)["input_ids"])
     if not ids:  # an empty prompt still needs one position to predict from
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        ids = [start]
+        prompt = ids = [start]
     truncated = 0
     if max_sequence_length is not None:
-        room = max_sequence_length - request.max_tokens
+        room = max_sequence_length - max(1, request.max_tokens)  # the engine runs at least one step
         if room < 1:
-            return Prepared([], [], 0, error=f"max_tokens {request.max_tokens} leaves no room for a prompt in "
-                                             f"{max_sequence_length} positions")
+            return fail(f"max_tokens {request.max_tokens} leaves no room for a prompt in {max_sequence_length} "
+                        "positions")
         if len(ids) > room:  # HELM's window service fits prompts with its own count; this is a safety net
             truncated = len(ids) - room
-            ids = ids[-room:]
+            keep = 1 if ids[0] == tokenizer.bos_token_id else 0
+            prompt = ids = ids[:keep] + ids[keep + truncated:]
     params = []
     for i in range(request.num_completions):
         seed = None
@@ -56,7 +62,7 @@ def prepare(request, tokenizer, max_sequence_length: Optional[int]) -> Prepared:
             max_new_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
             stop=list(request.stop_sequences) or None, seed=seed, logprobs=0,
             prompt_logprobs=request.echo_prompt, echo=request.echo_prompt))
-    return Prepared(ids, params, truncated)
+    return Prepared(prompt, len(ids), params, truncated)
 
 
 def _kept_tokens(token_ids: Sequence[int], text: str, tokenizer) -> int:
@@ -82,9 +88,10 @@ def to_generated_output(request, out, tokenizer):
     keep = len(gen_ids)
     if out.finish_reason in ("stop", "eos"):
         gen_text = out.text
-        if request.echo_prompt:
-            prompt_text = tokenizer.decode(out.prompt_token_ids)
-            gen_text = gen_text[len(prompt_text):] if gen_text.startswith(prompt_text) else gen_text
+        if request.echo_prompt:  # the engine's echo: the prompt text (decoded ids, if it got ids) first
+            shown = out.prompt if out.prompt is not None else tokenizer.decode(out.prompt_token_ids,
+                                                                                skip_special_tokens=True)
+            gen_text = gen_text[len(shown):] if gen_text.startswith(shown) else gen_text
         keep = _kept_tokens(gen_ids, gen_text, tokenizer)
     for i, tid in enumerate(gen_ids[:keep]):
         lp = float(gen_lps[i].logprob) if i < len(gen_lps) and gen_lps[i] is not None else 0.0
@@ -103,9 +110,9 @@ def failed_result(error: str):
 def generate(llm, requests: Sequence, *, max_sequence_length: Optional[int] = None, progress: bool = False) -> list:
     """Run HELM requests through `llm` in one batched call; returns one `RequestResult` per request.
 
-    Every completion of every request goes to `llm.generate` at once (sorted by length, so a block
-    holds prompts of similar length and little padding), and each result records the block it ran
-    in: `batch_size` (sequences in the block) and `batch_request_time` (the block's seconds).
+    Every completion of every request goes to `llm.generate` at once (which groups prompts of
+    similar length into blocks), and each result records the block it ran in: `batch_size`
+    (sequences in the block) and `batch_request_time` (the block's seconds).
     """
     from helm.common.request import RequestResult
 
@@ -118,11 +125,10 @@ def generate(llm, requests: Sequence, *, max_sequence_length: Optional[int] = No
         hwarn(f"flexgen: {cut} prompt(s) cut on the left to fit {max_sequence_length} positions with their "
               "max_tokens (the engine's tokenization is longer than HELM's window count)")
     flat = [(i, j) for i, p in enumerate(prepared) if p.error is None for j in range(len(p.params))]
-    flat.sort(key=lambda ij: (prepared[ij[0]].params[ij[1]].max_new_tokens, len(prepared[ij[0]].prompt_ids)))
     started = time.time()
     outs = []
     if flat:
-        outs = llm.generate([prepared[i].prompt_ids for i, _ in flat], [prepared[i].params[j] for i, j in flat],
+        outs = llm.generate([prepared[i].prompt for i, _ in flat], [prepared[i].params[j] for i, j in flat],
                             progress=progress)
         if len(outs) != len(flat):
             raise FlexGenError(f"the engine returned {len(outs)} outputs for {len(flat)} prompts")
