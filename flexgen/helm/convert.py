@@ -38,6 +38,8 @@ def prepare(request, tokenizer, max_sequence_length: Optional[int]) -> Prepared:
         return fail("flexgen takes text prompts only (no chat messages, no multimodal input)")
     if request.max_tokens < 0:
         return fail(f"max_tokens must be >= 0, got {request.max_tokens}")
+    if request.presence_penalty or request.frequency_penalty:
+        return fail("flexgen has no presence or frequency penalty")
     prompt: object = request.prompt
     ids = list(tokenizer(request.prompt)["input_ids"])
     if not ids:  # an empty prompt still needs one position to predict from
@@ -68,10 +70,14 @@ def prepare(request, tokenizer, max_sequence_length: Optional[int]) -> Prepared:
 def _kept_tokens(token_ids: Sequence[int], text: str, tokenizer) -> int:
     """How many leading generated tokens lie wholly inside `text` (the output cut before a stop string or
     end of text); a token that straddles the cut is dropped, as HELM's own truncation does."""
-    k = 0
-    while k < len(token_ids) and text.startswith(tokenizer.decode(token_ids[:k + 1])):
-        k += 1
-    return k
+    lo, hi = 0, len(token_ids)  # the longest prefix whose text starts `text`: a binary search, since a
+    while lo < hi:              # prefix of a kept prefix is kept
+        mid = (lo + hi + 1) // 2
+        if text.startswith(tokenizer.decode(token_ids[:mid])):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def to_generated_output(request, out, tokenizer):
@@ -140,13 +146,12 @@ def generate(llm, requests: Sequence, *, max_sequence_length: Optional[int] = No
         if p.error is not None:
             results.append(failed_result(p.error))
             continue
-        blocks = {}
-        for o in outs_i:
-            blocks[o.block.index] = o.block
+        blocks = {o.block.index: o.block for o in outs_i}  # a request's completions may span blocks
         batch_time = sum(b.time_s for b in blocks.values())
         results.append(RequestResult(
             success=True, cached=False, embedding=[],
             completions=[to_generated_output(req, o, tok) for o in outs_i],
             request_time=batch_time, request_datetime=int(started),
-            batch_size=max(b.batch_size for b in blocks.values()), batch_request_time=batch_time))
+            batch_size=max((b.batch_size for b in blocks.values()), default=None),
+            batch_request_time=batch_time if blocks else None))
     return results
