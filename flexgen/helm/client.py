@@ -15,6 +15,7 @@ batches a whole run instead.
 from __future__ import annotations
 
 import atexit
+import os
 import threading
 from typing import Any, Optional
 
@@ -24,6 +25,7 @@ CLIENT_CLASS = "flexgen.helm.client.FlexGenClient"
 
 _lock = threading.RLock()
 _engines: dict[str, Any] = {}  # model deployment name -> flexgen.LLM
+_engine_locks: dict[str, threading.Lock] = {}  # one generate at a time per engine (HELM runs client threads)
 
 
 def register_engine(deployment: str, llm) -> None:
@@ -68,6 +70,36 @@ def _close(deployment: str) -> None:
         llm.close()
 
 
+def offline() -> bool:
+    """Hugging Face's offline switch, which flexgen's HELM runner and client also apply to HELM's nltk data."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def no_nltk_downloads() -> None:
+    # HELM's reference metrics (exact_match among them) try to download nltk's punkt tables when they
+    # are imported; only BLEU/ROUGE use them. Offline, skip the attempt instead of reaching out.
+    import nltk
+
+    if getattr(nltk.download, "_flexgen_offline", False):
+        return
+
+    def download(info_or_id=None, *args, **kwargs):
+        from helm.common.hierarchical_logger import hlog
+
+        hlog(f"offline (HF_HUB_OFFLINE): not downloading nltk data {info_or_id!r}")
+        return False
+
+    download._flexgen_offline = True
+    nltk.download = download
+
+
+def engine_lock(deployment: str) -> threading.Lock:
+    """The lock that serialises generation on a deployment's engine: HELM's executor calls a client
+    from several threads, and an engine runs one batch at a time."""
+    with _lock:
+        return _engine_locks.setdefault(deployment, threading.Lock())
+
+
 def is_flexgen_deployment(deployment: str) -> bool:
     from helm.benchmark.model_deployment_registry import get_model_deployment
 
@@ -108,9 +140,13 @@ class FlexGenClient(_Client):
         # HELM injects constructor arguments by name (cache_config here); results are not cached:
         # an offline batch job runs each request once.
         self._args = {"model": model, **kwargs}
+        if offline():  # built before HELM imports its metrics, which would fetch nltk data
+            no_nltk_downloads()
 
     def make_request(self, request):
         from flexgen.helm.convert import generate
 
-        llm = engine_for(request.model_deployment, self._args)
-        return generate(llm, [request], max_sequence_length=max_sequence_length(request.model_deployment))[0]
+        name = request.model_deployment
+        with engine_lock(name):
+            llm = engine_for(name, self._args)
+            return generate(llm, [request], max_sequence_length=max_sequence_length(name))[0]

@@ -10,7 +10,6 @@ from `helm-run --runner-class-name flexgen.helm.runner.FlexGenRunner`, or throug
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from typing import Optional, Sequence
 
@@ -55,11 +54,12 @@ class FlexGenExecutor(Executor):
                 for i, s in zip(idx, done):
                     states[i] = s
                 continue
-            llm = _client.engine_for(deployment)
             requests = [states[i].request for i in idx]
             hlog(f"flexgen: {len(requests)} requests for {deployment} in one batch job")
-            results = generate(llm, requests, max_sequence_length=_client.max_sequence_length(deployment),
-                               progress=self.progress)
+            with _client.engine_lock(deployment):
+                llm = _client.engine_for(deployment)
+                results = generate(llm, requests, max_sequence_length=_client.max_sequence_length(deployment),
+                                   progress=self.progress)
             for i, result in zip(idx, results):
                 if not result.success:
                     raise ExecutorError(f"{result.error} Request: {states[i].request}")
@@ -69,33 +69,12 @@ class FlexGenExecutor(Executor):
                              annotator_specs=scenario_state.annotator_specs)
 
 
-def offline() -> bool:
-    """Hugging Face's offline switch, which flexgen's HELM runner also applies to HELM's nltk downloads."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off")
-
-
-def _no_nltk_downloads() -> None:
-    # HELM's reference metrics (exact_match among them) try to download nltk's punkt tables when they
-    # are imported; only BLEU/ROUGE use them. Offline, skip the attempt instead of reaching out.
-    import nltk
-
-    if getattr(nltk.download, "_flexgen_offline", False):
-        return
-
-    def download(info_or_id=None, *args, **kwargs):
-        hlog(f"offline (HF_HUB_OFFLINE): not downloading nltk data {info_or_id!r}")
-        return False
-
-    download._flexgen_offline = True
-    nltk.download = download
-
-
 class FlexGenRunner(Runner):
     """HELM's `Runner` with `FlexGenExecutor`: same scenarios, adapters, metrics and output files."""
 
     def __init__(self, execution_spec: ExecutionSpec, *args, **kwargs):
-        if offline():
-            _no_nltk_downloads()
+        if _client.offline():
+            _client.no_nltk_downloads()
         super().__init__(execution_spec, *args, **kwargs)
         self.executor = FlexGenExecutor(execution_spec, context=self.executor.context)
 
