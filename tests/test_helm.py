@@ -146,6 +146,20 @@ def test_batch_runner_end_to_end(ckpt, engine, tmp_path, capsys):
     assert (out / "runs" / "ci" / "summary.json").is_file()
 
 
+@needs_helm
+@pytest.mark.parametrize("description, msg", [("no_such_scenario:x=1", "Unknown run spec name"),
+                                               ("dyck_language:no_such_arg=2", "no_such_arg"),
+                                               ("dyck_language:num_parenthesis_pairs=2,model=x", "leave model= out")])
+def test_cli_bad_description_is_one_error(ckpt, engine, tmp_path, description, msg):
+    from flexgen.errors import FlexGenError
+    from flexgen.helm.cli import helm_main
+
+    with pytest.raises(FlexGenError, match=msg):
+        helm_main(["--model", str(ckpt[0]), "--model-name", "flexgen/tiny-bad", "--description", description,
+                   "--output-path", str(tmp_path / "out")])
+    assert engine == []  # nothing was run
+
+
 def _request(name: str, prompt: str, **kw):
     from helm.common.request import Request
 

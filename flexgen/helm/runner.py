@@ -86,22 +86,28 @@ def run_specs_for(descriptions: Sequence[str], model_name: str, max_eval_instanc
     from helm.benchmark.presentation.run_entry import RunEntry
     from helm.benchmark.run import run_entries_to_run_specs
 
-    entries = []
+    specs = []
     for d in descriptions:
         d = d.strip()
         if not d:
             raise FlexGenError("empty --description")
-        if "model=" in d.replace(" ", ""):
+        if "model=" in d.replace(" ", "") or "model_deployment=" in d.replace(" ", ""):
             raise FlexGenError(f"--description {d!r} names a model; leave model= out: --model chooses it")
-        entries.append(RunEntry(description=f"{d}{',' if ':' in d else ':'}model={model_name}", priority=1,
-                                groups=None))
-    specs = []
-    for e in entries:
+        sep = "" if d.endswith(":") else "," if ":" in d else ":"
+        entry = f"{d}{sep}model={model_name}"
         try:
-            specs += run_entries_to_run_specs([e], max_eval_instances=max_eval_instances,
-                                              num_train_trials=num_train_trials)
-        except ValueError as err:  # HELM says "Unknown run spec name: ..." and the like
-            raise FlexGenError(f"HELM cannot build a run from {e.description!r}: {err}") from None
+            try:
+                specs += run_entries_to_run_specs([RunEntry(description=entry, priority=1, groups=None)],
+                                                  max_eval_instances=max_eval_instances,
+                                                  num_train_trials=num_train_trials)
+            except ValueError as err:  # a run spec that names its own deployment (simple1): override it too
+                if "model deployment" not in str(err):
+                    raise
+                specs += run_entries_to_run_specs(
+                    [RunEntry(description=f"{entry},model_deployment={model_name}", priority=1, groups=None)],
+                    max_eval_instances=max_eval_instances, num_train_trials=num_train_trials)
+        except (ValueError, TypeError) as err:  # "Unknown run spec name: ...", an unknown argument, ...
+            raise FlexGenError(f"HELM cannot build a run from {entry!r}: {err}") from None
     if not specs:
         raise FlexGenError("the descriptions gave no HELM runs")
     return specs
