@@ -15,19 +15,24 @@ from typing import Optional
 
 from flexgen.errors import FlexGenError
 
-SUBCOMMANDS = ("policy", "profile", "clean", "helm")
+SUBCOMMANDS = ("generate", "helm", "policy", "profile", "clean")
 DEFAULT_PROMPT = "Paris is the capital city of"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m flexgen",
-        description="Generate with an OPT model offloaded across gpu / cpu / disk and report throughput. "
-                    "Subcommands: policy (choose or evaluate a policy), profile (measure this machine), "
-                    "clean (remove weight stores).")
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--model, --dummy, --offload-dir, --device, --dtype: shared by every command that runs the engine."""
     p.add_argument("--model", required=True, help="named size (opt-125m ... opt-175b), a Hugging Face "
                    "checkpoint directory, or a Hugging Face id in the local cache")
     p.add_argument("--dummy", action="store_true", help="deterministic random weights (no checkpoint needed)")
+    p.add_argument("--offload-dir", help="weight store and run files (default $FLEXGEN_OFFLOAD_DIR or "
+                   "~/.cache/flexgen)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="compute device (default: cuda if available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default: float16 on cuda, bfloat16 on a CPU with bf16, else float32)")
+
+
+def add_policy_args(p: argparse.ArgumentParser) -> None:
+    """A fixed policy (--policy, --percent, batch sizes, flags) or budgets for the optimizer."""
     p.add_argument("--policy", metavar="FILE", help="a policy JSON file (e.g. policies/paper_opt-30b.json); "
                    "flags given explicitly override it")
     p.add_argument("--percent", nargs=6, type=float, metavar=("WG", "WC", "CG", "CC", "HG", "HC"),
@@ -35,14 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 100 0 100 0 100 0)")
     p.add_argument("--gpu-batch-size", type=int, help="sequences per gpu batch (default 4)")
     p.add_argument("--num-gpu-batches", type=int, help="gpu batches per block (default 1)")
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--gen-len", type=int, default=16)
-    p.add_argument("--num-prompts", type=int, help="sequences to generate (default: one block)")
-    p.add_argument("--offload-dir", help="weight store and run files (default $FLEXGEN_OFFLOAD_DIR or "
-                   "~/.cache/flexgen)")
-    p.add_argument("--device", choices=["cpu", "cuda"], help="compute device (default: cuda if available)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="compute dtype (default: float16 on cuda, bfloat16 on a CPU with bf16, else float32)")
     p.add_argument("--no-overlap", dest="overlap", action="store_false", default=None,
                    help="run loads, compute and stores one after another")
     p.add_argument("--cpu-cache-compute", action="store_true", default=None,
@@ -59,14 +56,42 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GiB of disk (default: free space in the offload dir)")
     g.add_argument("--hardware", help="hardware profile: t4 or a JSON file (default: this machine's, "
                    "measured once by `python -m flexgen profile` and cached)")
-    g.add_argument("--dry-run", action="store_true", help="print the chosen policy and prediction, then stop")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m flexgen",
+        description="Generate with an OPT model offloaded across gpu / cpu / disk and report throughput. "
+                    "Subcommands: generate (a JSONL batch job), helm (HELM scenarios), policy (choose or "
+                    "evaluate a policy), profile (measure this machine), clean (remove weight stores).")
+    add_model_args(p)
+    add_policy_args(p)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--gen-len", type=int, default=16)
+    p.add_argument("--num-prompts", type=int, help="sequences to generate (default: one block)")
+    p.add_argument("--dry-run", action="store_true", help="print the policy chosen for --gpu-mem and its "
+                   "prediction, then stop")
     p.add_argument("--seed", type=int, default=0, help="seed for dummy weights and random prompts")
     p.add_argument("--json-out", metavar="FILE", help="also write the figures as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
-def _policy_from_args(a):
+def llm_from_args(a, progress: bool = True):
+    """A `flexgen.LLM` from add_model_args + add_policy_args flags: a fixed policy with
+    --policy / --percent (or batch sizes without budgets), else the optimizer's."""
+    from flexgen.llm import LLM
+
+    budgets = a.gpu_mem is not None or a.cpu_mem is not None or a.disk_mem is not None
+    fixed = a.policy is not None or a.percent is not None or (
+        not budgets and (a.gpu_batch_size is not None or a.num_gpu_batches is not None))
+    return LLM(a.model, policy_from_args(a) if fixed else "auto", gpu_mem=a.gpu_mem, cpu_mem=a.cpu_mem,
+               disk_mem=a.disk_mem, hardware=a.hardware, offload_dir=a.offload_dir, device=a.device, dtype=a.dtype,
+               compress_weight=bool(a.compress_weight), compress_cache=bool(a.compress_cache), dummy=a.dummy,
+               progress=progress)
+
+
+def policy_from_args(a):
     from flexgen.policy import Policy
 
     base = Policy.load(a.policy) if a.policy else Policy(gpu_batch_size=4)
@@ -210,7 +235,7 @@ def run_main(argv: list[str]) -> int:
         raise FlexGenError("--dry-run prints the policy chosen for --gpu-mem; it does nothing with --percent "
                            "or --policy (see `python -m flexgen policy` to evaluate a given policy)")
     else:
-        policy = _policy_from_args(a)
+        policy = policy_from_args(a)
     if a.gen_len < 1:
         raise FlexGenError(f"--gen-len must be >= 1, got {a.gen_len}")
     if a.num_prompts is not None and a.num_prompts < 1:
@@ -261,6 +286,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             cmd, rest = argv[0], argv[1:]
             if cmd == "clean":
                 return clean_main(rest)
+            if cmd == "generate":
+                from flexgen.jobs import generate_main
+                return generate_main(rest)
             if cmd == "helm":
                 from flexgen.helm.cli import helm_main
                 return helm_main(rest)

@@ -195,7 +195,6 @@ class LLM:
         """The optimizer's policy; a block larger than the batch is shrunk to it (padding
         rows would only cost time), and such a policy is chosen again for a larger batch."""
         from flexgen.optimizer.auto import choose_policy, default_gpu_mem
-        from flexgen.optimizer.report import describe_policy
 
         b = dict(self._budgets)
         if b["gpu_mem"] is None:
@@ -211,8 +210,12 @@ class LLM:
             gbs = min(policy.gpu_batch_size, num_prompts)
             policy, est = choose_policy(self.args, prompt_len, gen_len, gpu_batch_size=gbs,
                                         num_gpu_batches=-(-num_prompts // gbs), **kw)
-        print(f"flexgen: policy for prompts up to {prompt_len} tokens + {gen_len} new "
-              f"(predicted {est.throughput:.2f} token/s): " + "; ".join(describe_policy(policy)), file=sys.stderr)
+        pct = " ".join(f"{getattr(policy, f):g}" for f in ("w_gpu_percent", "w_cpu_percent", "cache_gpu_percent",
+                                                          "cache_cpu_percent", "act_gpu_percent", "act_cpu_percent"))
+        flags = [f for f in ("overlap", "cpu_cache_compute", "compress_weight", "compress_cache") if getattr(policy, f)]
+        print(f"flexgen: policy for prompts up to {prompt_len} tokens + {gen_len} new: block "
+              f"{policy.gpu_batch_size} x {policy.num_gpu_batches}, --percent {pct}, {', '.join(flags) or 'no flags'}"
+              f" (predicted {est.throughput:.2f} token/s)", file=sys.stderr)
         return policy, capped
 
     # -- generation --------------------------------------------------------------------

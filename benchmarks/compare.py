@@ -1,0 +1,516 @@
+"""flexgen against what a user would run instead, on the same workload, in one run.
+
+Each system runs in its own process; with a memory limit, that process is placed in a
+memory cgroup whose limit counts RSS and page cache (cgroup v1 `memory.limit_in_bytes`, or
+v2 `memory.max`), and the page cache is dropped between systems (as root), so no system
+reads another's cached file. Systems:
+
+- transformers: `AutoModelForCausalLM.from_pretrained(dir)` wholly in memory (no limit).
+- accelerate: `from_pretrained(dir, device_map="auto", max_memory={"cpu": ...},
+  offload_folder=...)`, the user's choice when the model does not fit; each batch size of
+  --peer-batches is tried, the best reported.
+- flexgen-auto: the optimizer's policy for the same budget (`--gpu-mem/--cpu-mem/--disk-mem`
+  as a user would give them).
+- flexgen: a given policy (`--policy-percent`, `--policy-gbs`, `--policy-ngb`).
+
+Every system gets the same random prompts (token ids) of one checkpoint, EOS ignored.
+Prefill time is the time to the first new token (a streamer timestamps it), decode the rest;
+throughput = generated tokens / (prefill + decode). Peak memory: the process's peak RSS and,
+under a cgroup, its peak RSS + page cache.
+
+    python benchmarks/compare.py --workload smoke              # tiny models, seconds (run by the tests)
+    python benchmarks/compare.py --workload offload-6.7b --record
+    python benchmarks/compare.py --list
+
+The random checkpoints are written once under --ckpt-dir, one shard at a time (never the
+whole model in memory); free disk is checked first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+GIB = 1 << 30
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Workload:
+    model: str                      # flexgen named size, or "tiny" (a 2-layer random OPT)
+    prompt_len: int
+    gen_len: int
+    limit_gib: Optional[float]      # memory cgroup limit for every system; None: no limit
+    systems: tuple
+    peer_batches: tuple = (8, 16, 32)
+    flexgen_budget: tuple = ()      # (gpu, cpu, disk) GiB for flexgen-auto
+    note: str = ""
+
+
+WORKLOADS = {
+    "smoke": Workload("tiny", 16, 4, 1.5, ("transformers", "accelerate", "flexgen-auto", "flexgen"),
+                      peer_batches=(8,), flexgen_budget=(1.2, 2.4, 2), note="tiny random OPT, seconds"),
+    "inmem-1.3b": Workload("opt-1.3b", 128, 32, None, ("transformers", "flexgen"), note="everything fits"),
+    "offload-6.7b": Workload("opt-6.7b", 32, 64, 8, ("accelerate", "flexgen-auto"), peer_batches=(16, 32, 64),
+                             flexgen_budget=(2, 5, 40), note="13.4 GB model, 8 GiB limit, decode-heavy"),
+    "prefill-6.7b": Workload("opt-6.7b", 512, 8, 8, ("accelerate", "flexgen-auto"), peer_batches=(4, 8, 16),
+                             flexgen_budget=(2, 5, 40), note="prefill-heavy"),
+    "short-2.7b": Workload("opt-2.7b", 16, 16, 4, ("accelerate", "flexgen-auto"), peer_batches=(32, 64, 128),
+                           flexgen_budget=(1, 2.5, 20), note="short prompts, both near compute-bound"),
+    "offload-13b": Workload("opt-13b", 32, 64, None, ("accelerate", "flexgen-auto"), peer_batches=(16, 32),
+                            flexgen_budget=(8, 10, 60), note="26 GB in bf16: larger than this machine's RAM"),
+}
+
+
+# One optimisation off (or 4-bit on) at a time, on the optimizer's policy: the paper's ablations.
+ABLATIONS = (("overlap=false",), ("num_gpu_batches=1",), ("cpu_cache_compute=false",),
+             ("compress_weight=true",), ("compress_cache=true",))
+
+
+# -- checkpoints --------------------------------------------------------------------
+
+def hf_config(model: str) -> dict:
+    from flexgen.models.opt import ModelArgs
+
+    if model == "tiny":
+        return dict(model_type="opt", architectures=["OPTForCausalLM"], hidden_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, ffn_dim=256, vocab_size=1000, max_position_embeddings=256,
+                    word_embed_proj_dim=64, do_layer_norm_before=True, pad_token_id=1, bos_token_id=2,
+                    eos_token_id=2, activation_function="relu", enable_bias=True, tie_word_embeddings=True)
+    cfg = ModelArgs.from_name(model).to_hf_config()
+    cfg.setdefault("model_type", "opt")
+    cfg.setdefault("architectures", ["OPTForCausalLM"])
+    return cfg
+
+
+def write_checkpoint(model: str, directory: Path, dtype: str = "bfloat16", shard_bytes: int = 2 * GIB) -> Path:
+    """A random Hugging Face checkpoint, written one shard at a time. Norm weights are one
+    and biases zero, as a trained model's are near, so activations stay sane."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory.mkdir(parents=True, exist_ok=True)
+    if (directory / "model.safetensors.index.json").is_file():
+        return directory
+    cfg_dict = hf_config(model)
+    config = AutoConfig.for_model(**cfg_dict)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    tdtype = getattr(torch, dtype)
+    params = [(n, tuple(p.shape)) for n, p in skeleton.named_parameters()
+              if not (n == "lm_head.weight" and config.tie_word_embeddings)]
+    need = sum(int(torch.Size(s).numel()) for _, s in params) * tdtype.itemsize
+    free = shutil.disk_usage(directory).free
+    if need * 1.05 > free:
+        raise SystemExit(f"compare: {model} needs {need / GIB:.1f} GiB under {directory}, {free / GIB:.1f} free "
+                         "(and flexgen's weight store as much again); use --ckpt-dir on a larger disk")
+    g = torch.Generator().manual_seed(0)
+    tmp = directory / ".partial"
+    tmp.mkdir(exist_ok=True)
+    shard, size, n_shard, weight_map = {}, 0, 0, {}
+
+    def flush():
+        nonlocal shard, size, n_shard
+        if shard:
+            n_shard += 1
+            name = f"model-{n_shard:05d}.safetensors"
+            save_file(shard, str(tmp / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+            shard, size = {}, 0
+
+    for name, shape in params:
+        if name.endswith("bias"):
+            t = torch.zeros(shape, dtype=tdtype)
+        elif len(shape) == 1:   # norm weights
+            t = torch.ones(shape, dtype=tdtype)
+        else:
+            t = (torch.randn(shape, generator=g) * 0.02).to(tdtype)
+        shard[name] = t
+        size += t.numel() * t.element_size()
+        if size >= shard_bytes:
+            flush()
+    flush()
+    for f in tmp.iterdir():
+        f.rename(directory / f.name)
+    tmp.rmdir()
+    (directory / "config.json").write_text(json.dumps({**cfg_dict, "torch_dtype": dtype}, indent=2))
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": need}, "weight_map": weight_map}, indent=1))
+    return directory
+
+
+# -- the child: one system, one batch ---------------------------------------------------
+
+class FirstTokenClock:
+    """A generate() streamer: the second put() is the first new token (end of prefill)."""
+
+    def __init__(self):
+        self.calls, self.first = 0, None
+
+    def put(self, value):
+        self.calls += 1
+        if self.calls == 2:
+            self.first = time.perf_counter()
+
+    def end(self):
+        pass
+
+
+def peak_rss() -> int:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def child(a) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    cfg = json.loads((Path(a.ckpt) / "config.json").read_text())
+    ids = torch.randint(4, cfg["vocab_size"] - 1, (a.batch, a.prompt_len), generator=torch.Generator().manual_seed(1))
+    dtype = getattr(torch, a.dtype)
+    out = {"system": a.system, "batch": a.batch}
+    if a.system in ("transformers", "accelerate"):
+        from transformers import AutoModelForCausalLM
+
+        t0 = time.perf_counter()
+        kw = {}
+        if a.system == "accelerate":
+            kw = dict(device_map="auto", max_memory={"cpu": int(a.peer_weight_budget * GIB)},
+                      offload_folder=a.offload_dir, offload_state_dict=True)
+        model = AutoModelForCausalLM.from_pretrained(a.ckpt, dtype=dtype, **kw).eval()
+        out["load_s"] = time.perf_counter() - t0
+        if a.system == "accelerate":
+            placed = getattr(model, "hf_device_map", {})
+            out["device_map"] = {d: sum(1 for v in placed.values() if v == d) for d in set(placed.values())}
+        clock = FirstTokenClock()
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            seq = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=a.gen_len,
+                                 min_new_tokens=a.gen_len, do_sample=False, pad_token_id=cfg.get("pad_token_id", 1),
+                                 streamer=clock)
+            t1 = time.perf_counter()
+        out["prefill_s"] = (clock.first or t1) - t0
+        out["decode_s"] = t1 - (clock.first or t1)
+        out["generated_tokens"] = (seq.shape[1] - a.prompt_len) * a.batch
+    else:
+        import flexgen
+        from flexgen.optimizer.auto import choose_policy
+        from flexgen.optimizer.cli import model_args_for
+
+        if a.system == "flexgen-auto":
+            gpu, cpu, disk = a.budget
+            policy, est = choose_policy(model_args_for(a.ckpt), a.prompt_len, a.gen_len,
+                                        offload_dir=Path(a.offload_dir), gpu_mem=gpu, cpu_mem=cpu, disk_mem=disk,
+                                        hardware=a.hardware, compress_weight=a.compress, compress_cache=a.compress,
+                                        log=lambda m: None)
+            out["predicted_tok_s"] = est.throughput
+        else:
+            p = a.policy_percent
+            policy = flexgen.Policy(gpu_batch_size=a.policy_gbs, num_gpu_batches=a.policy_ngb,
+                                    w_gpu_percent=p[0], w_cpu_percent=p[1], cache_gpu_percent=p[2],
+                                    cache_cpu_percent=p[3], act_gpu_percent=p[4], act_cpu_percent=p[5])
+        if a.modify:
+            import dataclasses
+            changes = {}
+            for item in a.modify:
+                key, value = item.split("=", 1)
+                changes[key] = {"true": True, "false": False}.get(value.lower(), None)
+                if changes[key] is None:
+                    changes[key] = int(value) if value.isdigit() else float(value)
+            policy = dataclasses.replace(policy, **changes)
+            out["system"] = f"{a.system} ({', '.join(a.modify)})"
+        out["policy"] = policy.to_dict()
+        out["batch"] = policy.block_size
+        ids = torch.randint(4, cfg["vocab_size"] - 1, (policy.block_size, a.prompt_len),
+                            generator=torch.Generator().manual_seed(1))
+        t0 = time.perf_counter()
+        with flexgen.load_model(a.ckpt, policy, device="cpu", dtype=dtype, offload_dir=a.offload_dir) as m:
+            out["load_s"] = time.perf_counter() - t0
+            m.generate(ids, max_new_tokens=a.gen_len, eos_token_id=[])
+            s = m.stats
+            out.update(prefill_s=s.prefill_time, decode_s=s.decode_time, generated_tokens=s.generated_tokens,
+                       timings=dict(s.timings), peak_memory=dict(s.peak_memory), direct_io=s.direct_io)
+        out["bound"] = phase_bounds(a, policy)
+    out["total_s"] = out["prefill_s"] + out["decode_s"]
+    out["throughput"] = out["generated_tokens"] / out["total_s"] if out["total_s"] else 0.0
+    out["peak_rss"] = peak_rss()
+    return out
+
+
+def phase_bounds(a, policy) -> dict:
+    """Per phase, the time no schedule can beat on this hardware profile: the busiest
+    resource (each link's bytes / its measured bandwidth, matmul FLOPs / the measured
+    rate, host attention), from the cost model's accounting of this policy."""
+    from flexgen.optimizer.auto import hardware_profile
+    from flexgen.optimizer.cost_model import estimate
+    from flexgen.optimizer.cli import model_args_for
+
+    hw = hardware_profile(a.hardware, Path(a.offload_dir), log=lambda m: None)
+    est = estimate(model_args_for(a.ckpt), policy, a.prompt_len, a.gen_len, hw)
+    out = {}
+    for phase, busy in est.busy_time.items():
+        resource = max(busy, key=busy.get)
+        out[phase] = {"seconds": busy[resource], "resource": resource, "busy": dict(busy)}
+    out["predicted_tok_s"] = est.throughput
+    return out
+
+
+# -- the parent: cgroups, page cache, the table -----------------------------------------
+
+class MemoryCgroup:
+    """A memory cgroup (v1, else v2) whose limit counts RSS and page cache; None if none can be made."""
+
+    def __init__(self, limit: int):
+        self.path = None
+        name = f"flexgen-compare-{os.getpid()}"
+        for root, limit_file, peak_file in (("/sys/fs/cgroup/memory", "memory.limit_in_bytes",
+                                             "memory.max_usage_in_bytes"),
+                                            ("/sys/fs/cgroup", "memory.max", "memory.peak")):
+            try:
+                p = Path(root) / name
+                p.mkdir(exist_ok=True)
+                (p / limit_file).write_text(str(limit))
+                if limit_file == "memory.limit_in_bytes":
+                    try:
+                        (p / "memory.memsw.limit_in_bytes").write_text(str(limit))
+                    except OSError:
+                        pass   # no swap accounting: there is no swap here anyway
+                self.path, self.peak_file = p, peak_file
+                return
+            except OSError:
+                continue
+
+    def preexec(self):
+        if self.path is not None:
+            (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def peak(self) -> Optional[int]:
+        try:
+            return int((self.path / self.peak_file).read_text())
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def close(self):
+        if self.path is not None:
+            for _ in range(50):
+                try:
+                    self.path.rmdir()
+                    return
+                except OSError:
+                    time.sleep(0.1)
+
+
+def drop_page_cache() -> bool:
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def run_child(args: list, limit_gib: Optional[float], timeout: float) -> dict:
+    cg = MemoryCgroup(int(limit_gib * GIB)) if limit_gib else None
+    if limit_gib and cg.path is None:
+        print("compare: cannot make a memory cgroup here (not root, or no memory controller); running without "
+              "a limit: only a model larger than RAM is then an honest offloading case", file=sys.stderr)
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out_json = f.name
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, str(Path(__file__)), "child", "--out", out_json, *args],
+                              preexec_fn=cg.preexec if cg else None, capture_output=True, text=True, timeout=timeout)
+        rc, err = proc.returncode, proc.stderr
+    except subprocess.TimeoutExpired:
+        rc, err = "timeout", ""
+    wall = time.perf_counter() - t0
+    peak = cg.peak() if cg else None
+    if cg:
+        cg.close()
+    try:
+        res = json.loads(Path(out_json).read_text())
+    except (OSError, json.JSONDecodeError):
+        reason = "killed by the cgroup's OOM killer" if rc == -9 else f"exit {rc}"
+        tail = [line for line in err.strip().splitlines() if line.strip()][-1:] if err else []
+        res = {"failed": f"{reason}{': ' + tail[0][:160] if tail else ''}"}
+        res["system"] = args[args.index("--system") + 1]
+    finally:
+        Path(out_json).unlink(missing_ok=True)
+    res.update(wall_s=wall, cgroup_peak=peak)
+    return res
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    gpu = None
+    try:
+        import torch
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(mem / GIB, 1), "gpu": gpu,
+            "python": platform.python_version()}
+
+
+def _fmt_gib(n) -> str:
+    return "-" if n is None else f"{n / GIB:.2f}"
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "child":
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--out", required=True)
+        ap.add_argument("--system", required=True)
+        ap.add_argument("--ckpt", required=True)
+        ap.add_argument("--batch", type=int, default=1)
+        ap.add_argument("--prompt-len", type=int, required=True)
+        ap.add_argument("--gen-len", type=int, required=True)
+        ap.add_argument("--dtype", default="bfloat16")
+        ap.add_argument("--offload-dir", required=True)
+        ap.add_argument("--peer-weight-budget", type=float, default=0)
+        ap.add_argument("--budget", type=float, nargs=3)
+        ap.add_argument("--hardware")
+        ap.add_argument("--compress", action="store_true")
+        ap.add_argument("--policy-percent", type=float, nargs=6, default=[100, 0, 100, 0, 100, 0])
+        ap.add_argument("--policy-gbs", type=int, default=8)
+        ap.add_argument("--policy-ngb", type=int, default=1)
+        ap.add_argument("--modify", nargs="*", default=[], help="policy field=value changes (ablations)")
+        a = ap.parse_args(argv[1:])
+        Path(a.out).write_text(json.dumps(child(a)))
+        return 0
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", default="smoke", choices=sorted(WORKLOADS))
+    ap.add_argument("--list", action="store_true", help="list the workloads and exit")
+    ap.add_argument("--ckpt-dir", default=str(Path(tempfile.gettempdir()) / "flexgen-compare"),
+                    help="where the random checkpoints are written (kept for later runs)")
+    ap.add_argument("--dtype", default="bfloat16", help="compute dtype of every system (default bfloat16)")
+    ap.add_argument("--hardware", help="hardware profile for flexgen-auto (default: this machine's)")
+    ap.add_argument("--policy-percent", type=float, nargs=6, default=[100, 0, 100, 0, 100, 0])
+    ap.add_argument("--policy-gbs", type=int, default=8)
+    ap.add_argument("--policy-ngb", type=int, default=1)
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds per system run")
+    ap.add_argument("--ablations", action="store_true",
+                    help="also run the optimizer's policy with one optimisation off (or 4-bit on) at a time")
+    ap.add_argument("--json-out", help="write all figures as JSON")
+    ap.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    a = ap.parse_args(argv)
+    if a.list:
+        for name, w in WORKLOADS.items():
+            print(f"{name:<14} {w.model:<9} prompt {w.prompt_len:<4} gen {w.gen_len:<3} limit "
+                  f"{w.limit_gib or '-'} GiB  {', '.join(w.systems)}  ({w.note})")
+        return 0
+    w = WORKLOADS[a.workload]
+    ckpt = write_checkpoint(w.model, Path(a.ckpt_dir) / w.model, a.dtype)
+    scratch = Path(tempfile.mkdtemp(prefix="compare-", dir=a.ckpt_dir))
+    dropped = drop_page_cache()
+    base = ["--ckpt", str(ckpt), "--prompt-len", str(w.prompt_len), "--gen-len", str(w.gen_len), "--dtype", a.dtype,
+            "--offload-dir", str(scratch)]
+    rows = []
+    try:
+        for system in w.systems:
+            if system in ("transformers", "accelerate"):
+                batches = w.peer_batches if system == "accelerate" else (w.peer_batches[-1],)
+                # Accelerate's max_memory bounds the weights it keeps in RAM; the rest of the
+                # limit is left for activations, the KV cache and Python + torch (~0.6 GB).
+                budget = max(0.1, (w.limit_gib or 0) * 0.6) if w.limit_gib else 1e6
+                tried = []
+                for b in batches:
+                    drop_page_cache()
+                    tried.append(run_child(base + ["--system", system, "--batch", str(b),
+                                                   "--peer-weight-budget", str(budget)], w.limit_gib, a.timeout))
+                    shutil.rmtree(scratch / "peer", ignore_errors=True)
+                ok = [r for r in tried if "failed" not in r]
+                best = max(ok, key=lambda r: r["throughput"]) if ok else tried[-1]
+                best["tried"] = {str(r.get("batch", b)): (round(r["throughput"], 3) if "failed" not in r
+                                                          else r["failed"]) for b, r in zip(batches, tried)}
+                rows.append(best)
+            else:
+                drop_page_cache()
+                extra = ["--system", system]
+                if system == "flexgen-auto":
+                    extra += ["--budget", *map(str, w.flexgen_budget)]
+                    if a.hardware:
+                        extra += ["--hardware", a.hardware]
+                else:
+                    extra += ["--policy-percent", *map(str, a.policy_percent), "--policy-gbs", str(a.policy_gbs),
+                              "--policy-ngb", str(a.policy_ngb)]
+                rows.append(run_child(base + extra, w.limit_gib, a.timeout))
+        if a.ablations:
+            for change in ABLATIONS:
+                drop_page_cache()
+                extra = ["--system", "flexgen-auto", "--budget", *map(str, w.flexgen_budget), "--modify", *change]
+                if a.hardware:
+                    extra += ["--hardware", a.hardware]
+                rows.append(run_child(base + extra, w.limit_gib, a.timeout))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    ref = next((r["throughput"] for r in rows if r.get("system", "").startswith("flexgen") and "failed" not in r),
+               None)
+    head = (f"workload {a.workload}: {w.model} ({a.dtype}), prompt {w.prompt_len}, gen {w.gen_len}, memory limit "
+            f"{w.limit_gib or 'none'} GiB (RSS + page cache), page cache dropped between systems: "
+            f"{'yes' if dropped else 'no (not root)'}")
+    lines = [head, "",
+             "| system | batch (block) | placement | prefill s | decode s | token/s | of bound (prefill / decode) | "
+             "peak RSS GiB | peak RSS+cache GiB | vs flexgen |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "failed" in r:
+            lines.append(f"| {r.get('system', '?')} | - | - | - | - | failed: {r['failed']} | - | - | - | - |")
+            continue
+        if "policy" in r:
+            p = r["policy"]
+            place = (f"{p['gpu_batch_size']}x{p['num_gpu_batches']}, " + " ".join(
+                f"{p[k]:g}" for k in ("w_gpu_percent", "w_cpu_percent", "cache_gpu_percent", "cache_cpu_percent",
+                                      "act_gpu_percent", "act_cpu_percent")))
+        else:
+            place = ", ".join(f"{k}: {v}" for k, v in sorted(r.get("device_map", {}).items())) or "in memory"
+        ratio = f"{r['throughput'] / ref:.2f}" if ref else "-"
+        bound = "-"
+        if "bound" in r:
+            b = r["bound"]
+            bound = " / ".join(f"{b[ph]['seconds'] / max(r[ph + '_s'], 1e-9):.0%} ({b[ph]['resource']})"
+                               for ph in ("prefill", "decode") if ph in b)
+        lines.append(f"| {r['system']} | {r['batch']} | {place} | {r['prefill_s']:.2f} | {r['decode_s']:.2f} | "
+                     f"{r['throughput']:.3f} | {bound} | {_fmt_gib(r['peak_rss'])} | {_fmt_gib(r['cgroup_peak'])} | "
+                     f"{ratio} |")
+    for r in rows:
+        if "tried" in r:
+            lines.append(f"\n{r['system']} throughput by batch: " + ", ".join(f"{b}: {v}" for b, v in r["tried"].items()))
+    table = "\n".join(lines)
+    print(table)
+    mach = machine()
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps({"workload": asdict(w), "rows": rows, "machine": mach, "date": when},
+                                               indent=2, default=str))
+    if a.record:
+        cmd = "python benchmarks/compare.py " + " ".join(argv)
+        with open(HERE / "RESULTS.md", "a") as f:
+            f.write(f"\n## compare.py: {a.workload}\n\n- command: `{cmd}`\n- machine: {mach['cpu']}, {mach['cores']} "
+                    f"cores, {mach['ram_gib']} GiB RAM, GPU {mach['gpu'] or 'none'}\n- date: {when}\n\n{table}\n")
+    return 0 if all("failed" not in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

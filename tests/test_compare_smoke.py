@@ -1,0 +1,28 @@
+"""benchmarks/compare.py in its smoke mode, so the comparison harness does not rot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_compare_smoke(tmp_path):
+    out = tmp_path / "cmp.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--workload", "smoke",
+                        "--hardware", "t4", "--ckpt-dir", str(tmp_path / "ckpt"), "--json-out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["system"] for row in rows] == ["transformers", "accelerate", "flexgen-auto", "flexgen"]
+    for row in rows:
+        assert "failed" not in row, row
+        assert row["generated_tokens"] == row["batch"] * 4
+        assert row["throughput"] > 0 and row["prefill_s"] > 0 and row["decode_s"] > 0
+    assert "| flexgen-auto |" in r.stdout
+    # The checkpoint is written once, sharded, and re-used.
+    assert (tmp_path / "ckpt" / "tiny" / "model.safetensors.index.json").is_file()
+    assert not list((tmp_path / "ckpt").glob("compare-*")), "scratch offload dirs left behind"
