@@ -75,6 +75,7 @@ def test_missing_helm_is_one_line_naming_the_extra(tmp_path):
     (["--model", "m"], "--description"),
     (["--model", "m", "--description", "simple1:", "--max-eval-instances", "0"], "--max-eval-instances"),
     (["--model", "m", "--description", "simple1:", "--gpu-mem", "-1"], "--gpu-mem"),
+    (["--model", "opt-125m", "--dummy", "--description", "simple1:"], "tokenizer"),
 ])
 def test_cli_user_mistakes(argv, msg):
     from flexgen.errors import FlexGenError

@@ -22,15 +22,16 @@ from flexgen.errors import FlexGenError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from flexgen.cli import add_model_args, add_policy_args
+
     p = argparse.ArgumentParser(
         prog="python -m flexgen helm",
         description="Run HELM scenarios on a checkpoint with flexgen: every request of a run goes to the engine "
                     "in large batches; HELM computes the metrics and writes its run directory.")
+    add_model_args(p)
     p.add_argument("--description", action="append", default=[], metavar="RUN_ENTRY",
                    help='a HELM run entry without model=, e.g. "synthetic_reasoning:mode=pattern_match" '
                         "(repeatable)")
-    p.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout, with its tokenizer) "
-                   "or a Hugging Face id in the local cache")
     p.add_argument("--model-name", help="HELM model name, organization/name (default flexgen/<checkpoint name>)")
     p.add_argument("--max-eval-instances", type=int, default=10, metavar="N",
                    help="evaluation instances per run (default 10)")
@@ -43,49 +44,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-config", metavar="DIR", help="only write HELM's model_deployments.yaml, "
                    "model_metadata.yaml and tokenizer_configs.yaml for `helm-run --local-path DIR`")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    g = p.add_argument_group("policy (default: chosen by the optimizer for the memory budgets)")
-    g.add_argument("--policy", metavar="FILE", help="a policy JSON file; flags below override its fields")
-    g.add_argument("--percent", nargs=6, type=float, metavar=("WG", "WC", "CG", "CC", "HG", "HC"),
-                   help="percent of weights, KV cache and activations on gpu and cpu; disk holds the rest")
-    g.add_argument("--gpu-batch-size", type=int, help="sequences per gpu batch")
-    g.add_argument("--num-gpu-batches", type=int, help="gpu batches per block")
-    g.add_argument("--compress-weight", action="store_true", default=None, help="4-bit group-wise weights")
-    g.add_argument("--compress-cache", action="store_true", default=None, help="4-bit group-wise KV cache")
-    g.add_argument("--gpu-mem", type=float, metavar="GIB", help="GiB of accelerator memory to use")
-    g.add_argument("--cpu-mem", type=float, metavar="GIB", help="GiB of host memory")
-    g.add_argument("--disk-mem", type=float, metavar="GIB", help="GiB of disk")
-    g.add_argument("--offload-dir", help="weight store and run files (default $FLEXGEN_OFFLOAD_DIR or "
-                   "~/.cache/flexgen)")
-    g.add_argument("--device", choices=["cpu", "cuda"], help="compute device (default: cuda if available)")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: float16 "
-                   "on cuda, bfloat16 on a CPU with bf16, else float32)")
+    add_policy_args(p)
     return p
 
 
-def _policy(a):
-    """A Policy when the flags fix one, else None (the engine's optimizer chooses from the budgets)."""
-    from flexgen.policy import Policy
+def _fixed_policy(a):
+    """The policy the flags fix, as `python -m flexgen generate` reads them; None: the optimizer's."""
+    from flexgen.cli import policy_from_args
 
-    if a.policy is None and a.percent is None and a.gpu_batch_size is None and a.num_gpu_batches is None:
-        return None
-    fields = (Policy.load(a.policy) if a.policy else Policy()).to_dict()
-    if a.percent is not None:
-        for name, value in zip(("w_gpu_percent", "w_cpu_percent", "cache_gpu_percent", "cache_cpu_percent",
-                                "act_gpu_percent", "act_cpu_percent"), a.percent):
-            fields[name] = value
-    for name in ("gpu_batch_size", "num_gpu_batches", "compress_weight", "compress_cache"):
-        if getattr(a, name) is not None:
-            fields[name] = getattr(a, name)
-    return Policy(**fields)
-
-
-def _engine_args(a, policy) -> dict:
-    return {"policy": policy, "gpu_mem": a.gpu_mem, "cpu_mem": a.cpu_mem, "disk_mem": a.disk_mem,
-            "offload_dir": a.offload_dir, "device": a.device, "dtype": a.dtype,
-            "compress_weight": a.compress_weight, "compress_cache": a.compress_cache}
+    budgets = a.gpu_mem is not None or a.cpu_mem is not None or a.disk_mem is not None
+    fixed = a.policy is not None or a.percent is not None or (
+        not budgets and (a.gpu_batch_size is not None or a.num_gpu_batches is not None))
+    return policy_from_args(a) if fixed else None
 
 
 def _validate(a) -> None:
+    if a.dummy:
+        raise FlexGenError("HELM needs a checkpoint with its tokenizer; --dummy weights have none")
     if a.max_eval_instances < 1:
         raise FlexGenError(f"--max-eval-instances must be >= 1, got {a.max_eval_instances}")
     if a.num_train_trials is not None and a.num_train_trials < 1:
@@ -102,18 +77,21 @@ def _validate(a) -> None:
                            "or drop --write-config")
 
 
-def write_config_main(a, policy) -> int:
+def write_config_main(a) -> int:
     from flexgen.helm.config import write_configs
 
     d = Path(a.write_config)
-    args = _engine_args(a, None)
+    args = {"policy": "auto", "gpu_mem": a.gpu_mem, "cpu_mem": a.cpu_mem, "disk_mem": a.disk_mem,
+            "hardware": a.hardware, "device": a.device, "dtype": a.dtype,
+            "compress_weight": bool(a.compress_weight), "compress_cache": bool(a.compress_cache),
+            "offload_dir": str(Path(a.offload_dir).expanduser().resolve()) if a.offload_dir else None}
+    policy = _fixed_policy(a)
     if policy is not None:  # the deployment names a policy file, which lives beside the configs
         d.mkdir(parents=True, exist_ok=True)
         policy.save(d / "flexgen_policy.json")
         args["policy"] = str((d / "flexgen_policy.json").resolve())
-    for k in ("offload_dir",):
-        if args[k] is not None:
-            args[k] = str(Path(args[k]).expanduser().resolve())
+    if a.hardware and Path(a.hardware).expanduser().exists():
+        args["hardware"] = str(Path(a.hardware).expanduser().resolve())
     name = write_configs(d, a.model, model_name=a.model_name, engine_args=args)
     print(f"wrote {d}/model_deployments.yaml, model_metadata.yaml, tokenizer_configs.yaml for {name}; run:")
     print(f'  helm-run --local-path {d} --run-entries "synthetic_reasoning:mode=pattern_match,model={name}" '
@@ -148,11 +126,10 @@ def helm_main(argv: list[str]) -> int:
     from flexgen.helm import require_helm
 
     require_helm()
-    policy = _policy(a)
     if a.write_config:
-        return write_config_main(a, policy)
+        return write_config_main(a)
 
-    import flexgen
+    from flexgen.cli import llm_from_args
     from flexgen.helm import client
     from flexgen.helm.config import register_configs, write_configs
     from flexgen.helm.runner import run_helm, run_specs_for
@@ -161,8 +138,7 @@ def helm_main(argv: list[str]) -> int:
         name = write_configs(local, a.model, model_name=a.model_name, engine_args={})
         register_configs(local)
         specs = run_specs_for(a.description, name, a.max_eval_instances, a.num_train_trials)  # before the load
-        llm = flexgen.LLM(a.model, progress=not a.quiet,
-                          **{k: v for k, v in _engine_args(a, policy).items() if v is not None})
+        llm = llm_from_args(a, progress=not a.quiet)
         client.register_engine(name, llm)
         try:
             run_dirs = run_helm(specs, output_path=a.output_path, suite=a.suite, local_path=local,

@@ -19,8 +19,8 @@ import os
 import threading
 from typing import Any, Optional
 
-LLM_ARGS = ("policy", "gpu_mem", "cpu_mem", "disk_mem", "offload_dir", "device", "dtype", "compress_weight",
-            "compress_cache", "tokenizer")
+LLM_ARGS = ("policy", "gpu_mem", "cpu_mem", "disk_mem", "hardware", "offload_dir", "device", "dtype",
+            "compress_weight", "compress_cache", "tokenizer")
 CLIENT_CLASS = "flexgen.helm.client.FlexGenClient"
 
 _lock = threading.RLock()
