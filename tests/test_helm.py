@@ -161,6 +161,23 @@ def test_cli_bad_description_is_one_error(ckpt, engine, tmp_path, description, m
     assert engine == []  # nothing was run
 
 
+@needs_helm
+def test_cli_scenario_download_failure_is_one_error(ckpt, monkeypatch, tmp_path):
+    from urllib.error import URLError
+
+    import flexgen.helm.runner
+    from flexgen.errors import FlexGenError
+    from flexgen.helm.cli import helm_main
+
+    def offline_scenario(*args, **kwargs):  # what a scenario that downloads its data raises offline
+        raise URLError("Name or service not known")
+
+    monkeypatch.setattr(flexgen.helm.runner, "run_helm", offline_scenario)
+    with pytest.raises(FlexGenError, match="downloads its data"):
+        helm_main(["--model", str(ckpt[0]), "--model-name", "flexgen/tiny-net", "--description", "simple1:",
+                   "--gpu-batch-size", "2", "--device", "cpu", "--offload-dir", str(tmp_path / "off"), "--quiet"])
+
+
 def _request(name: str, prompt: str, **kw):
     from helm.common.request import Request
 

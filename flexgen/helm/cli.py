@@ -120,6 +120,13 @@ def _summary(run_dirs: list[str]) -> None:
         print(f"  -> {d}")
 
 
+def _network_error(e: OSError) -> bool:
+    from urllib.error import URLError
+
+    return isinstance(e, (ConnectionError, URLError)) or type(e).__module__.split(".")[0] in (
+        "requests", "urllib3", "huggingface_hub", "datasets", "fsspec", "aiohttp")
+
+
 def helm_main(argv: list[str]) -> int:
     a = build_parser().parse_args(argv)
     _validate(a)
@@ -143,6 +150,10 @@ def helm_main(argv: list[str]) -> int:
         try:
             run_dirs = run_helm(specs, output_path=a.output_path, suite=a.suite, local_path=local,
                                 progress=not a.quiet, skip_completed=a.skip_completed_runs)
+        except OSError as e:
+            raise FlexGenError(f"the HELM run failed: {type(e).__name__}: {e}" + (
+                "; this scenario downloads its data (offline, use scenarios that ship it, such as "
+                "synthetic_reasoning, dyck_language or simple1)" if _network_error(e) else "")) from None
         finally:
             client.forget_engine(name)
             llm.close()
