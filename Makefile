@@ -11,7 +11,7 @@ EXTRAS ?= test,helm
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.flexgen-installed
 
-.PHONY: install run test bench clean
+.PHONY: install run test lint bench clean
 
 # crfm-helm would otherwise replace the pinned torch: the extras install under a constraint that
 # holds it. It also pulls torchvision (a CUDA build) that breaks transformers' model imports on a
@@ -33,6 +33,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(PY) -m ruff --version >/dev/null 2>&1 || $(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m ruff check flexgen tests benchmarks
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_vs_hf.py

@@ -25,7 +25,9 @@ from typing import Optional
 import torch
 
 from flexgen.errors import FlexGenError
-from flexgen.models.opt import LayerSpec, ModelArgs, WeightEntry, layer_specs
+from flexgen.models.base import UNQUANTIZED_FIELDS as UNCOMPRESSED_FIELDS  # noqa: F401 (old name)
+from flexgen.models.base import LayerSpec, WeightEntry
+from flexgen.models.registry import args_from_config_file, args_from_name, layer_specs
 from flexgen.tiers import align_up, as_bytes
 
 STORE_VERSION = 1
@@ -66,15 +68,11 @@ class LayerLayout:
         return align_up(self.nbytes)
 
 
-UNCOMPRESSED_FIELDS = frozenset({"embed_tokens", "embed_positions", "lm_head"})
-
-
 def compressible(entry: WeightEntry) -> bool:
-    """Which weights are stored 4-bit. Norms, biases and other 1-D tensors stay 16-bit
-    (tiny, and sensitive); so do the embeddings and the tied LM head: grouped along dim 0
-    each group mixes 64 tokens, which cost +2.5 % perplexity alone in
-    benchmarks/bench_quant_quality.py, for well under 1 % of a large model's bytes."""
-    return len(entry.shape) >= 2 and entry.field not in UNCOMPRESSED_FIELDS
+    """Which weights are stored 4-bit: the family says (WeightEntry.quantizable). Norms,
+    biases and other 1-D tensors stay 16-bit (tiny, and sensitive); so do the embeddings
+    and the LM head (see models/base.UNQUANTIZED_FIELDS)."""
+    return bool(entry.quantizable)
 
 
 def make_layout(spec: LayerSpec, dtype: torch.dtype, compress: bool) -> LayerLayout:
@@ -92,7 +90,7 @@ def make_layout(spec: LayerSpec, dtype: torch.dtype, compress: bool) -> LayerLay
     return LayerLayout(spec, tuple(arrays), off, compress)
 
 
-def model_layouts(args: ModelArgs, dtype: torch.dtype, compress: bool) -> list[LayerLayout]:
+def model_layouts(args, dtype: torch.dtype, compress: bool) -> list[LayerLayout]:
     return [make_layout(s, dtype, compress) for s in layer_specs(args)]
 
 
@@ -110,7 +108,7 @@ def encode_entry(entry: WeightEntry, tensor: torch.Tensor, layout: LayerLayout) 
 # Sources.
 
 class CheckpointSource:
-    """A local Hugging Face OPT checkpoint directory."""
+    """A local Hugging Face checkpoint directory of a supported family."""
 
     def __init__(self, path: Path, name: Optional[str] = None):
         self.path = Path(path)
@@ -118,7 +116,7 @@ class CheckpointSource:
         cfg = self.path / "config.json"
         if not cfg.is_file():
             raise FlexGenError(f"{self.path}: no config.json (not a Hugging Face checkpoint directory)")
-        self.args = ModelArgs.from_config_file(cfg, name=self.name)
+        self.args = args_from_config_file(cfg, name=self.name)
         self.files = self._weight_files()
         self._index: dict[str, tuple[Path, str]] = {}
         self._open: dict[Path, object] = {}
@@ -128,7 +126,7 @@ class CheckpointSource:
         missing = [e.name for s in layer_specs(self.args) for e in s.entries if e.name not in self._index]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise FlexGenError(f"{self.path}: checkpoint lacks {missing[0]}{more}; is this an OPT checkpoint?")
+            raise FlexGenError(f"{self.path}: checkpoint lacks {missing[0]}{more}; does config.json match the weights?")
 
     def _weight_files(self) -> list[Path]:
         for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
@@ -192,21 +190,23 @@ def _normalize(key: str) -> str:
     # The one place names are mapped: OPTForCausalLM saves "model.decoder.*", OPTModel "decoder.*".
     key = key.removeprefix("model.")
     if key == "lm_head.weight":
-        return "lm_head.weight"  # tied to decoder.embed_tokens.weight; we use that one
+        return "lm_head.weight"  # used only when untied; a tied head reads decoder.embed_tokens
     return key
 
 
 class DummySource:
     """Deterministic random weights, generated per tensor from (seed, name)."""
 
-    def __init__(self, args: ModelArgs, seed: int = 0):
+    def __init__(self, args, seed: int = 0):
         self.args, self.seed, self.name = args, seed, args.name
 
-    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def get(self, name: str, shape: tuple[int, ...], init: str = "normal") -> torch.Tensor:
+        # Norm weights 1, biases 0 (the family's WeightEntry.init): keeps activations sane.
+        if init == "ones":
+            return torch.ones(shape)
+        if init == "zeros":
+            return torch.zeros(shape)
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
-        if len(shape) == 1:
-            # Norm weights 1, everything else 1-D 0: keeps activations in a sane range.
-            return torch.ones(shape) if "layer_norm.weight" in name else torch.zeros(shape)
         return torch.randn(shape, generator=g) * 0.02
 
 
@@ -218,10 +218,10 @@ def resolve_source(model: str, dummy: bool, seed: int = 0):
             cfg = path / "config.json"
             if not cfg.is_file():
                 raise FlexGenError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
-            return DummySource(ModelArgs.from_config_file(cfg, path.name), seed)
+            return DummySource(args_from_config_file(cfg, path.name), seed)
         return CheckpointSource(path)
     if dummy:
-        return DummySource(ModelArgs.from_name(model), seed)
+        return DummySource(args_from_name(model), seed)
     if path.exists() or model.startswith((".", "/", "~")):
         raise FlexGenError(f"{model}: not a checkpoint directory")
     cached = _hf_cache_lookup(model)
@@ -348,7 +348,7 @@ def dummy_layer_bytes(source: DummySource, layout: LayerLayout) -> torch.Tensor:
     """One layer of dummy weights, encoded as the store would hold it (flat uint8)."""
     flat = torch.zeros(layout.nbytes, dtype=torch.uint8)
     for e in layout.spec.entries:
-        t = source.get(e.name, e.shape)
+        t = source.get(e.name, e.shape, e.init)
         for part, arr in encode_entry(e, t, layout).items():
             sa = next(a for a in layout.arrays if a.field == e.field and a.part == part)
             flat[sa.offset:sa.end].copy_(arr.reshape(-1).view(torch.uint8))

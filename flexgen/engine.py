@@ -17,7 +17,6 @@ from flexgen.activations import HiddenSlot
 from flexgen.checkpoint import CheckpointSource, DummySource, WeightStore, model_layouts, resolve_source
 from flexgen.errors import FlexGenError
 from flexgen.kvcache import KVCache
-from flexgen.models.opt import ModelArgs
 from flexgen.placement import Placement, plan
 from flexgen.policy import Policy
 from flexgen.sampling import LogprobRecorder, SampleConfig, StopCriteria, UniformSampler
@@ -64,9 +63,9 @@ class GenerationStats:
 
 
 class FlexGenModel:
-    """An OPT model placed across gpu / cpu / disk by a Policy. Create with `load_model`."""
+    """A model of any supported family placed across gpu / cpu / disk by a Policy. Create with `load_model`."""
 
-    def __init__(self, args: ModelArgs, policy: Policy, device: ComputeDevice, dtype: torch.dtype,
+    def __init__(self, args, policy: Policy, device: ComputeDevice, dtype: torch.dtype,
                  offload_dir: Path, source, progress: bool = True):
         self.args, self.policy, self.device, self.dtype = args, policy, device, dtype
         self.offload_dir = offload_dir
@@ -126,7 +125,7 @@ class FlexGenModel:
         self._check_inputs(input_ids, attention_mask, max_new_tokens)
         n = input_ids.shape[0]
         params = SampleConfig(do_sample, temperature, top_p, top_k)
-        eos = [self.args.eos_token_id] if eos_token_id is None else (
+        eos = list(self.args.eos_token_ids) if eos_token_id is None else (
             [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         pad = self.args.pad_token_id if pad_token_id is None else pad_token_id
 
@@ -261,7 +260,7 @@ class FlexGenModel:
         cache = hidden = None
         try:
             cache = KVCache(self.args.num_hidden_layers, p.num_gpu_batches, self.placement.cache, max_len,
-                            self.args.hidden_size, self.dtype, self.device, self.tracker, self.run_dir,
+                            self.args.kv_width, self.dtype, self.device, self.tracker, self.run_dir,
                             compress=p.compress_cache, cpu_cache_compute=p.cpu_cache_compute)
             self.stats.cache_bytes = {t.value: n for t, n in cache.held.items()}
             row_bytes = block.prompt_len * self.args.hidden_size * torch.empty((), dtype=self.dtype).element_size()
@@ -320,9 +319,9 @@ def _merge_direct(*flags):
 
 def load_model(model: str, policy: Optional[Policy] = None, *, device=None, dtype=None, offload_dir=None,
                dummy: bool = False, seed: int = 0, progress: bool = False) -> FlexGenModel:
-    """Place an OPT model for generation.
+    """Place a model (OPT, LLaMA, Mistral, Qwen2: see models/registry.py) for generation.
 
-    model: a named size (opt-1.3b, with dummy=True), a Hugging Face checkpoint directory,
+    model: a named size (opt-1.3b, llama-3-8b, ..., with dummy=True), a Hugging Face checkpoint directory,
     or a Hugging Face id already in the local cache. device: "cuda" or "cpu" (default:
     cuda when available). dtype: default fp16 on CUDA, bf16 on a CPU that supports it,
     else fp32. offload_dir: where the weight store and run files go (default

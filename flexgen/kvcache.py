@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from flexgen.models.opt import AttendGroup
+from flexgen.models.base import AttendGroup
 from flexgen.placement import RowSplit
 from flexgen.tiers import ComputeDevice, DiskFile, MemoryTracker, Tier, align_up, aligned_host_empty
 

@@ -311,7 +311,7 @@ class LLM:
                              [torch.Generator(device=dev).manual_seed(p.seed)
                               if p.seed is not None and p.temperature > 0 else None for p in full], dev)
         stopper = StopCriteria(
-            B, [[] if p.ignore_eos else [args.eos_token_id] for p in full], [], args.pad_token_id, dev,
+            B, [[] if p.ignore_eos else list(args.eos_token_ids) for p in full], [], args.pad_token_id, dev,
             stop_ids=[list(p.stop_token_ids or ()) for p in full], max_new=[max(1, p.max_new_tokens) for p in full],
             text_stop=self._text_stop([p.stop for p in full]) if any(p.stop for p in params) else None)
         want_lp = [p.logprobs is not None for p in params]

@@ -20,7 +20,7 @@ import torch
 
 from flexgen.activations import HiddenSlot
 from flexgen.kvcache import KVCache
-from flexgen.models import opt
+from flexgen.models.registry import family_of
 from flexgen.policy import Policy
 from flexgen.sampling import LogprobRecorder, StopCriteria
 from flexgen.tiers import ComputeDevice, IOPool, done_future
@@ -61,10 +61,11 @@ class _Pending:
 
 
 class Scheduler:
-    def __init__(self, args: opt.ModelArgs, weights: PlacedWeights, policy: Policy, device: ComputeDevice,
+    def __init__(self, args, weights: PlacedWeights, policy: Policy, device: ComputeDevice,
                  io: IOPool, hook: Optional[TimingHook] = None):
         self.args, self.weights, self.policy, self.device, self.io = args, weights, policy, device, io
         self.hook = hook or (lambda name, seconds: None)
+        self.family = family_of(args)   # the model's pure layer functions
         self.specs = [lay.spec for lay in weights.layouts]
         self.num_layers = len(self.specs)
         self.attn_index = {j: s.block for j, s in enumerate(self.specs) if s.kind == "attention"}
@@ -238,11 +239,11 @@ class Scheduler:
     def _compute(self, i, j, k, w, inp: _StepInputs, x, kv):
         kind = self.specs[j].kind
         if kind == "input":
-            return opt.input_embed(w, inp.ids, inp.positions)
+            return self.family.input_embed(w, inp.ids, inp.positions, self.args)
         if kind == "attention":
-            return opt.self_attention(w, x, inp.mask, kv, self.args)
+            return self.family.self_attention(w, x, inp.mask, inp.positions, kv, self.args)
         if kind == "mlp":
-            return opt.mlp(w, x, self.args)
+            return self.family.mlp(w, x, self.args)
         return self._head(i, k, w, inp, x)
 
     def _head(self, i, k, w, inp: _StepInputs, x) -> None:
@@ -251,7 +252,7 @@ class Scheduler:
         gbs = self.policy.gpu_batch_size
         rows = slice(k * gbs, (k + 1) * gbs)
         b = self._block
-        logits = opt.output_embed(w, x[:, -1])
+        logits = self.family.output_embed(w, x[:, -1], self.args)
         if i == 0 and b.recorder is not None and b.recorder.prompt:
             self._prompt_logprobs(rows, w, inp.ids, x)
         if b.forced is not None:
@@ -275,7 +276,8 @@ class Scheduler:
         step = max(1, (64 << 20) // (4 * r * self.args.vocab_size))
         for c0 in range(0, P - 1, step):
             c1 = min(P - 1, c0 + step)
-            self._block.recorder.record_prompt(rows, c0, opt.output_embed(w, x[:, c0:c1]), ids[:, c0 + 1:c1 + 1])
+            self._block.recorder.record_prompt(rows, c0, self.family.output_embed(w, x[:, c0:c1], self.args),
+                                              ids[:, c0 + 1:c1 + 1])
 
 
 def _after(prev, fn):

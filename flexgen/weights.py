@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from flexgen.checkpoint import LayerLayout, WeightStore, dummy_layer_bytes
-from flexgen.models.opt import build_weights
+from flexgen.models.base import build_weights
 from flexgen.placement import Segments
 from flexgen.tiers import ALIGN, ComputeDevice, DiskFile, MemoryTracker, Tier, aligned_empty
 

@@ -64,7 +64,7 @@ def test_non_opt_checkpoint(tmp_path):
     d = tmp_path / "bert"
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
-    assert_one_line_error(cli("--model", d, "--offload-dir", tmp_path / "off"), "only OPT")
+    assert_one_line_error(cli("--model", d, "--offload-dir", tmp_path / "off"), "model_type 'bert'", "not supported")
 
 
 def test_missing_weights_and_truncated_safetensors(opt350_dir, tmp_path):

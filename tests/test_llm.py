@@ -239,3 +239,27 @@ def test_dummy_model_with_token_ids(offload):
 def test_public_names():
     for name in ("LLM", "SamplingParams", "RequestOutput", "TokenLogprob", "BlockInfo"):
         assert hasattr(flexgen, name)
+
+
+@pytest.mark.parametrize("family,overrides", [("llama", dict(num_key_value_heads=2, rope_theta=500000.0)),
+                                              ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True))])
+def test_llm_on_llama_layout_families(tmp_path, offload, family, overrides):
+    """The batch API through the family seam: greedy tokens and logprobs equal transformers'."""
+    from conftest import _train_tokenizer
+    from test_families import make_family_checkpoint
+    d = tmp_path / family
+    model = make_family_checkpoint(d, family, seed=7, **overrides)
+    tok = _train_tokenizer(d)
+    prompts = mixed_prompts(9, seed=5)
+    with llm_for(d, offload, P(cpu_cache_compute=True)) as llm:
+        outs = llm.generate(prompts, SamplingParams(max_new_tokens=5, logprobs=1, prompt_logprobs=True),
+                            progress=False)
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == hf_greedy(model, tok, prompt, 5)
+        seq = out.prompt_token_ids + out.token_ids
+        ref = hf_logprobs(model, seq)
+        n = len(out.prompt_token_ids)
+        for s, lp in enumerate(out.logprobs):
+            assert abs(lp.logprob - float(ref[n - 1 + s, lp.token_id])) < 1e-4
+        for c in range(1, n):
+            assert abs(out.prompt_logprobs[c].logprob - float(ref[c - 1, seq[c]])) < 1e-4

@@ -11,16 +11,19 @@ because that makes a prefix read and a one-token append contiguous on every tier
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Protocol, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from flexgen.errors import FlexGenError
+from flexgen.models.base import (AttendGroup, CostFigures, KVAccess, LayerSpec, WeightEntry,  # noqa: F401
+                                 attend, attend_groups, build_weights)
+
+MODEL_TYPES = ("opt",)
 
 # Named sizes from the OPT paper / Hugging Face configs. A checkpoint's config.json wins.
 OPT_SIZES: dict[str, dict] = {
@@ -35,6 +38,7 @@ OPT_SIZES: dict[str, dict] = {
     "opt-66b": dict(hidden_size=9216, num_hidden_layers=64, num_attention_heads=72, ffn_dim=36864),
     "opt-175b": dict(hidden_size=12288, num_hidden_layers=96, num_attention_heads=96, ffn_dim=49152),
 }
+SIZES = OPT_SIZES
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,7 @@ class ModelArgs:
     enable_bias: bool = True
     layer_norm_elementwise_affine: bool = True
     activation_function: str = "relu"
+    tie_word_embeddings: bool = True
     pad_token_id: int = 1
     bos_token_id: int = 2
     eos_token_id: int = 2
@@ -68,6 +73,19 @@ class ModelArgs:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return (self.eos_token_id,)
+
+    @property
+    def num_key_value_heads(self) -> int:
+        return self.num_attention_heads
+
+    @property
+    def kv_width(self) -> int:
+        """Values of K (and of V) per token per layer."""
+        return self.hidden_size
 
     @property
     def has_projection(self) -> bool:
@@ -108,6 +126,7 @@ class ModelArgs:
                 enable_bias=config.get("enable_bias", True),
                 layer_norm_elementwise_affine=config.get("layer_norm_elementwise_affine", True),
                 activation_function=config.get("activation_function", "relu"),
+                tie_word_embeddings=config.get("tie_word_embeddings", True),
                 pad_token_id=config.get("pad_token_id") if config.get("pad_token_id") is not None else 1,
                 bos_token_id=config.get("bos_token_id") if config.get("bos_token_id") is not None else 2,
                 eos_token_id=eos if eos is not None else 2,
@@ -130,41 +149,17 @@ class ModelArgs:
                     word_embed_proj_dim=self.word_embed_proj_dim, do_layer_norm_before=self.do_layer_norm_before,
                     _remove_final_layer_norm=self.remove_final_layer_norm, enable_bias=self.enable_bias,
                     layer_norm_elementwise_affine=self.layer_norm_elementwise_affine,
-                    activation_function=self.activation_function, pad_token_id=self.pad_token_id,
+                    activation_function=self.activation_function,
+                    tie_word_embeddings=self.tie_word_embeddings, pad_token_id=self.pad_token_id,
                     bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id)
 
     def num_parameters(self) -> int:
         return sum(e.numel for spec in layer_specs(self) for e in spec.entries
-                   if not (spec.kind == "output" and e.field == "lm_head"))
+                   if not (spec.kind == "output" and e.field == "lm_head" and self.tie_word_embeddings))
 
 
 # ---------------------------------------------------------------------------------------
 # Weight layout: every layer's tensors with their HF names and shapes.
-
-@dataclass(frozen=True)
-class WeightEntry:
-    field: str            # attribute of the layer's weight dataclass
-    name: str             # Hugging Face parameter name, without the "model." prefix
-    shape: tuple[int, ...]
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    kind: str                  # "input" | "attention" | "mlp" | "output"
-    block: int                 # decoder block index, -1 for the embeddings
-    entries: tuple[WeightEntry, ...]
-
-    @property
-    def numel(self) -> int:
-        return sum(e.numel for e in self.entries)
-
 
 def layer_specs(args: ModelArgs) -> list[LayerSpec]:
     """The streamed layers in execution order, with their weights."""
@@ -180,14 +175,14 @@ def layer_specs(args: ModelArgs) -> list[LayerSpec]:
     def norm(field, name, dim):
         if not args.layer_norm_elementwise_affine:
             return []
-        return [E(f"{field}_weight", f"{name}.weight", (dim,)), E(f"{field}_bias", f"{name}.bias", (dim,))]
+        return [E(f"{field}_weight", f"{name}.weight", (dim,), init="ones"), E(f"{field}_bias", f"{name}.bias", (dim,))]
 
     specs = []
     inp = [E("embed_tokens", "decoder.embed_tokens.weight", (v, p)),
            E("embed_positions", "decoder.embed_positions.weight", (args.max_position_embeddings + 2, h))]
     if args.has_projection:
         inp.append(E("project_in", "decoder.project_in.weight", (h, p)))
-    specs.append(LayerSpec("input", -1, tuple(inp)))
+    specs.append(LayerSpec("input", -1, tuple(inp), InputEmbedWeights))
     for i in range(args.num_hidden_layers):
         pre = f"decoder.layers.{i}"
         attn = (linear("q_proj", f"{pre}.self_attn.q_proj", h, h) + linear("k_proj", f"{pre}.self_attn.k_proj", h, h)
@@ -196,17 +191,18 @@ def layer_specs(args: ModelArgs) -> list[LayerSpec]:
                 + norm("self_attn_layer_norm", f"{pre}.self_attn_layer_norm", h))
         mlp = (linear("fc1", f"{pre}.fc1", f, h) + linear("fc2", f"{pre}.fc2", h, f)
                + norm("final_layer_norm", f"{pre}.final_layer_norm", h))
-        specs.append(LayerSpec("attention", i, tuple(attn)))
-        specs.append(LayerSpec("mlp", i, tuple(mlp)))
+        specs.append(LayerSpec("attention", i, tuple(attn), AttentionWeights))
+        specs.append(LayerSpec("mlp", i, tuple(mlp), MLPWeights))
     out = []
     if args.has_final_layer_norm:
         out += norm("final_layer_norm", "decoder.final_layer_norm", h)
     if args.has_projection:
         out.append(E("project_out", "decoder.project_out.weight", (p, h)))
-    # The LM head is tied to the input embedding; this layer keeps its own copy so each
-    # layer streams independently.
-    out.append(E("lm_head", "decoder.embed_tokens.weight", (v, p)))
-    specs.append(LayerSpec("output", -1, tuple(out)))
+    # A tied LM head is the input embedding; this layer keeps its own copy so each layer
+    # streams independently. An untied one is the checkpoint's lm_head.weight.
+    head = "decoder.embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight"
+    out.append(E("lm_head", head, (v, p)))
+    specs.append(LayerSpec("output", -1, tuple(out), OutputEmbedWeights))
     return specs
 
 
@@ -252,20 +248,6 @@ class OutputEmbedWeights:
     project_out: Optional[torch.Tensor] = None
 
 
-WEIGHT_CLASSES = {"input": InputEmbedWeights, "attention": AttentionWeights,
-                  "mlp": MLPWeights, "output": OutputEmbedWeights}
-
-
-def build_weights(spec: LayerSpec, tensors: dict[str, torch.Tensor]):
-    """The layer's weight dataclass from tensors keyed by field name."""
-    cls = WEIGHT_CLASSES[spec.kind]
-    known = {f.name for f in dataclasses.fields(cls)}
-    extra = set(tensors) - known
-    if extra:
-        raise KeyError(f"unexpected weights for a {spec.kind} layer: {sorted(extra)}")
-    return cls(**tensors)
-
-
 # ---------------------------------------------------------------------------------------
 # Pure layer functions.
 
@@ -278,7 +260,8 @@ def _layer_norm(x, weight, bias):
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps=1e-5)
 
 
-def input_embed(w: InputEmbedWeights, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+def input_embed(w: InputEmbedWeights, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                args: Optional[ModelArgs] = None) -> torch.Tensor:
     """input_ids, position_ids: (b, s) -> hidden (b, s, h). Positions are 0-based; OPT adds 2."""
     x = F.embedding(input_ids, w.embed_tokens)
     if w.project_in is not None:
@@ -286,46 +269,10 @@ def input_embed(w: InputEmbedWeights, input_ids: torch.Tensor, position_ids: tor
     return x + F.embedding(position_ids + 2, w.embed_positions)
 
 
-@dataclass
-class AttendGroup:
-    """Rows of a gpu batch and the keys/values they attend over, on one device.
-
-    keys/values are time-major (t, r, h). `rows` indexes the batch.
-    """
-    rows: slice
-    keys: torch.Tensor
-    values: torch.Tensor
-
-
-class KVAccess(Protocol):
-    """What an attention layer needs from the KV cache (see flexgen/kvcache.py)."""
-
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> Sequence[AttendGroup]:
-        """Store this step's k, v (b, s, h); return what each row group attends over."""
-        ...
-
-
-def _attend(q, keys, values, mask, num_heads):
-    """q (r, s, h), already scaled; keys/values time-major (t, r, h); mask bool (r, s, t), True = visible.
-
-    Every query must see at least one key (the caller lets padding rows see themselves);
-    a fully masked row would come out NaN.
-    """
-    r, s, h = q.shape
-    t = keys.shape[0]
-    d = h // num_heads
-    qh = q.view(r, s, num_heads, d).transpose(1, 2)              # (r, nh, s, d)
-    kh = keys.view(t, r, num_heads, d).permute(1, 2, 0, 3)       # (r, nh, t, d), a view
-    vh = values.view(t, r, num_heads, d).permute(1, 2, 0, 3)
-    # Fused attention never materialises the (r, nh, s, t) scores on CUDA (memory-efficient
-    # kernel) and runs the flash kernel on CPU.
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask[:, None], scale=1.0)
-    return out.transpose(1, 2).reshape(r, s, h)
-
-
-def self_attention(w: AttentionWeights, x: torch.Tensor, mask: torch.Tensor, kv: KVAccess,
-                   args: ModelArgs) -> torch.Tensor:
+def self_attention(w: AttentionWeights, x: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor,
+                   kv: KVAccess, args: ModelArgs) -> torch.Tensor:
     """x (b, s, h); mask bool (b, s, t) over all positions attended to. Returns (b, s, h).
+    OPT's positions enter at the input embedding; position_ids is unused here.
 
     Prefill (s = prompt length) and decode (s = 1) share this code; `kv` decides where
     keys and values live and which device attends for which rows (cpu_cache_compute).
@@ -336,15 +283,7 @@ def self_attention(w: AttentionWeights, x: torch.Tensor, mask: torch.Tensor, kv:
     q = F.linear(x, w.q_proj_weight, w.q_proj_bias) * (args.head_dim ** -0.5)
     k = F.linear(x, w.k_proj_weight, w.k_proj_bias)
     v = F.linear(x, w.v_proj_weight, w.v_proj_bias)
-    groups = kv.update(k, v)
-    if len(groups) == 1 and groups[0].keys.device == q.device:
-        attn = _attend(q, groups[0].keys, groups[0].values, mask, args.num_attention_heads)
-    else:
-        attn = torch.empty_like(q)
-        for g in groups:
-            dev = g.keys.device
-            out = _attend(q[g.rows].to(dev), g.keys, g.values, mask[g.rows].to(dev), args.num_attention_heads)
-            attn[g.rows] = out.to(q.device)
+    attn = attend_groups(q, kv.update(k, v), mask, args.num_attention_heads)
     x = residual + F.linear(attn, w.out_proj_weight, w.out_proj_bias)
     if not args.do_layer_norm_before:
         x = _layer_norm(x, w.self_attn_layer_norm_weight, w.self_attn_layer_norm_bias)
@@ -362,10 +301,18 @@ def mlp(w: MLPWeights, x: torch.Tensor, args: ModelArgs) -> torch.Tensor:
     return x
 
 
-def output_embed(w: OutputEmbedWeights, x: torch.Tensor) -> torch.Tensor:
+def output_embed(w: OutputEmbedWeights, x: torch.Tensor, args: ModelArgs) -> torch.Tensor:
     """Hidden of the last position (b, h) -> logits (b, vocab) in float32."""
-    if w.final_layer_norm_weight is not None:
+    # A non-affine final LayerNorm has no weights but is still applied.
+    if args.has_final_layer_norm:
         x = _layer_norm(x, w.final_layer_norm_weight, w.final_layer_norm_bias)
     if w.project_out is not None:
         x = F.linear(x, w.project_out)
     return F.linear(x, w.lm_head).float()
+
+
+def cost_figures(args: ModelArgs) -> CostFigures:
+    h = args.hidden_size
+    # attention: q, k, v and the output (b, s, h) each; MLP: the input copy and fc1's output.
+    return CostFigures(q_width=h, kv_width=h, attn_temp_width=4 * h, mlp_temp_width=h + 2 * args.ffn_dim)
+

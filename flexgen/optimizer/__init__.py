@@ -1,8 +1,8 @@
 """Policy optimizer: hardware profiles, a cost model, and a linear-program policy search.
 
     hw = load_hardware("t4")                      # or a JSON path, or measure_hardware(dir)
-    est = estimate(ModelArgs.from_name("opt-30b"), policy, 512, 32, hw)
-    policy, est = search(ModelArgs.from_name("opt-175b"), 512, 32, hw,
+    est = estimate(args_from_name("opt-30b"), policy, 512, 32, hw)   # models.registry
+    policy, est = search(args_from_name("llama-3-70b"), 512, 32, hw,
                          gpu_mem=16 * GIB, cpu_mem=200 * GIB, disk_mem=1500 * GIB)
     print(format_estimate(est))
 """

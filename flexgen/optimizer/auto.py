@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from flexgen.errors import FlexGenError
-from flexgen.models.opt import ModelArgs
+from flexgen.models.base import ModelArgs
 from flexgen.optimizer.cost_model import GIB, Estimate
 from flexgen.optimizer.hardware import HardwareProfile, default_profile_path, load_hardware
 from flexgen.policy import Policy

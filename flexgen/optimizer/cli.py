@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from flexgen.errors import FlexGenError
-from flexgen.models.opt import ModelArgs
+from flexgen.models.base import ModelArgs
+from flexgen.models.registry import args_from_config_file, args_from_name
 from flexgen.optimizer.cost_model import GIB, estimate
 from flexgen.optimizer.hardware import HardwareProfile, default_profile_path, load_hardware
 from flexgen.optimizer.report import format_estimate
@@ -26,14 +27,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def model_args_for(model: str) -> ModelArgs:
-    """A named size (opt-30b, facebook/opt-30b) or a checkpoint directory with config.json."""
+    """A named size (opt-30b, facebook/opt-30b, llama-3-70b) or a checkpoint directory with config.json."""
     p = Path(model)
     if p.is_dir():
         cfg = p / "config.json"
         if not cfg.is_file():
             raise FlexGenError(f"{model}: no config.json in this directory")
-        return ModelArgs.from_config_file(cfg, name=p.name)
-    return ModelArgs.from_name(model)
+        return args_from_config_file(cfg, name=p.name)
+    return args_from_name(model)
 
 
 def _gib_arg(text: str) -> float:
@@ -65,7 +66,8 @@ def policy_parser() -> argparse.ArgumentParser:
                "The hardware profile's reserves (CUDA context, the process itself) are taken off the "
                "gpu and cpu budgets. Without --hardware, the profile measured by `flexgen profile` "
                f"({default_profile_path()}) is used.")
-    p.add_argument("--model", required=True, help="opt-125m ... opt-175b, or a checkpoint directory")
+    p.add_argument("--model", required=True, help="a named size (opt-125m ... opt-175b, llama-3-70b, "
+                   "qwen2.5-72b, mistral-7b; see README) or a checkpoint directory")
     p.add_argument("--prompt-len", type=_positive_int, default=512)
     p.add_argument("--gen-len", type=_positive_int, default=32)
     p.add_argument("--gpu-mem", type=_gib_arg, help="GiB of accelerator memory to use (default: the profile's)")

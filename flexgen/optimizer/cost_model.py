@@ -39,16 +39,16 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from flexgen.models.opt import ModelArgs, layer_specs
-from flexgen.optimizer.hardware import HardwareProfile
+from flexgen.models.base import ModelArgs
+from flexgen.models.registry import cost_figures, layer_specs
+from flexgen.optimizer.budgets import TIERS, check_budgets
+from flexgen.optimizer.hardware import GIB, HardwareProfile  # noqa: F401 (GIB re-exported)
 from flexgen.placement import split_rows as engine_split_rows
 from flexgen.policy import Policy
 
 VARS = ("wg", "wc", "wd", "cg", "cc", "cd", "hg", "hc", "hd")
 LINKS = ("disk->cpu", "cpu->gpu", "gpu->cpu", "cpu->disk")
-TIERS = ("gpu", "cpu", "disk")
 PHASES = ("prefill", "decode")
-GIB = 1 << 30
 
 
 class Lin:
@@ -142,6 +142,8 @@ class EngineConstants:
     A materialised fp32 softmax would cost 4 to 10.
     mask_bytes: bytes per (gbs, s, t) element of the attention mask while attending: the
     mask, its clone with the diagonal set, and the additive bias the kernel makes of it.
+    Under grouped-query attention the mask is repeated for each query head of a K/V head
+    (models/base.attend), so it counts `CostFigures.query_groups` times.
     """
 
     weight_slots: int = 2          # working copies of a layer on the compute device: current + next
@@ -289,6 +291,7 @@ class BlockModel:
         self.compress_weight, self.compress_cache = compress_weight, compress_cache
         self.cpu_cache_compute, self.overlap = cpu_cache_compute, overlap
         self.dt = hw.dtype_bytes
+        self.fig = cost_figures(args)   # the family's widths: attention, K/V per token (GQA), temporaries
         (self.layers, self.weight_bytes, self.max_slot, self.dequant_numel,
          self._steps) = _layer_table(args, compress_weight, hw.compute_dtype)
         self.decode_steps = gen_len - 1
@@ -298,10 +301,10 @@ class BlockModel:
     # -- sizes -------------------------------------------------------------------------
     def cache_bytes_per_token(self) -> float:
         """Stored bytes of K and V of one token of one row in one layer."""
-        h = self.args.hidden_size
+        kv = self.fig.kv_width
         if self.compress_cache:
-            return 2 * quantized_bytes(h, self.engine)
-        return 2 * h * self.dt
+            return 2 * quantized_bytes(kv, self.engine)
+        return 2 * kv * self.dt
 
     @property
     def block_size(self) -> int:
@@ -315,6 +318,7 @@ class BlockModel:
     def _interval(self, phase: str, layer: LayerCost, nxt: LayerCost, count: int) -> Interval:
         hw, a = self.hw, self.args
         b, nb, dt, h = self.b, self.nb, self.dt, a.hidden_size
+        qw, kv = self.fig.q_width, self.fig.kv_width   # attention FLOPs follow q, cache traffic K/V
         V = Lin.var
         prefill = phase == "prefill"
         s_cur = self.s if prefill else 1
@@ -353,28 +357,28 @@ class BlockModel:
                 # K, V of the prompt go to their homes; attention runs on the device.
                 io["gpu->cpu"] += nb * non_gpu * self.s * tok
                 io["cpu->disk"] += nb * disk_rows * self.s * tok
-                gpu += nb * 4 * b * self.s * self.s * h / hw.gpu_attn_flops_prefill
+                gpu += nb * 4 * b * self.s * self.s * qw / hw.gpu_attn_flops_prefill
                 if self.compress_cache:
-                    gpu += nb * 2 * b * self.s * h / hw.gpu_dequant_rate
+                    gpu += nb * 2 * b * self.s * kv / hw.gpu_dequant_rate
             else:
                 io["cpu->disk"] += nb * disk_rows * tok           # the new token's K, V
                 io["disk->cpu"] += nb * disk_rows * t_load * tok
                 if self.cpu_cache_compute:
                     # Non-gpu rows attend on the host: q, k, v of those rows go down and
                     # the attention output comes back; cache rows stay where they are.
-                    io["gpu->cpu"] += nb * non_gpu * 3 * h * dt
-                    io["cpu->gpu"] += nb * non_gpu * h * dt
+                    io["gpu->cpu"] += nb * non_gpu * (qw + 2 * kv) * dt
+                    io["cpu->gpu"] += nb * non_gpu * qw * dt
                     dev_rows = b * V("cg")
-                    host += nb * 4 * non_gpu * t_att * h / hw.cpu_attn_flops
+                    host += nb * 4 * non_gpu * t_att * qw / hw.cpu_attn_flops
                     if self.compress_cache:
-                        host += nb * 2 * non_gpu * t_att * h / hw.cpu_dequant_rate
+                        host += nb * 2 * non_gpu * t_att * kv / hw.cpu_dequant_rate
                 else:
                     io["cpu->gpu"] += nb * non_gpu * t_load * tok
                     io["gpu->cpu"] += nb * non_gpu * tok
                     dev_rows = Lin(b)
-                gpu += nb * 4 * dev_rows * t_att * h / hw.gpu_attn_flops_decode
+                gpu += nb * 4 * dev_rows * t_att * qw / hw.gpu_attn_flops_decode
                 if self.compress_cache:
-                    gpu += nb * (2 * dev_rows * t_att * h + 2 * b * h) / hw.gpu_dequant_rate
+                    gpu += nb * (2 * dev_rows * t_att * kv + 2 * b * kv) / hw.gpu_dequant_rate
 
         copy_in, copy_out = io["cpu->gpu"] / hw.cpu_to_gpu_bw, io["gpu->cpu"] / hw.gpu_to_cpu_bw
         if hw.unified_memory:
@@ -401,7 +405,7 @@ class BlockModel:
                   with compression, one dequantized copy of each layer kind's compressed
                   tensors (weights.PlacedWeights reuses them).
         kv cache  resident rows, allocated for prompt + generation (kvcache.KVCache);
-                  decode working K/V of (t+1, rows, h) for each (layer, batch) in flight,
+                  decode working K/V of (t+1, rows, kv width) for each (layer, batch) in flight,
                   one per cache part not used in place: the non-gpu rows on the device
                   (every row when compressed); with cpu_cache_compute the disk rows (every
                   host row when compressed) on the host.
@@ -412,7 +416,8 @@ class BlockModel:
         compute   the largest layer's temporaries (attention: see `EngineConstants`).
         """
         a, e = self.args, self.engine
-        b, nb, dt, h, f = self.b, self.nb, self.dt, a.hidden_size, a.ffn_dim
+        b, nb, dt, h = self.b, self.nb, self.dt, a.hidden_size
+        kv, fig = self.fig.kv_width, self.fig
         L, nh, vocab = a.num_hidden_layers, a.num_attention_heads, a.vocab_size
         V = Lin.var
         prefill = phase == "prefill"
@@ -420,7 +425,7 @@ class BlockModel:
         t_max = self.s + self.n
         tok = self.cache_bytes_per_token()
         row_cache = t_max * tok                      # one row, one layer, stored
-        row_work = 2 * t_max * h * dt                # one row, one layer, K+V working copy
+        row_work = 2 * t_max * kv * dt               # one row, one layer, K+V working copy
         B = b * nb
         hid = b * s_cur * h * dt                     # hidden of one gpu batch
         cuda = self.hw.compute_device == "cuda"
@@ -456,14 +461,14 @@ class BlockModel:
         if prefill:
             # The previous batch's K, V wait for their store; disk rows pass through host memory.
             if self.compress_cache:
-                gpu["cache buffers"] = Lin(2 * b * self.s * h * dt)
+                gpu["cache buffers"] = Lin(2 * b * self.s * kv * dt)
             else:
-                gpu["cache buffers"] = Switched("cg<1", 2 * b * self.s * h * dt, 1 - V("cg"))
-            cpu["cache staging"] = V("cd") * (b * self.s * h * dt)
+                gpu["cache buffers"] = Switched("cg<1", 2 * b * self.s * kv * dt, 1 - V("cg"))
+            cpu["cache staging"] = V("cd") * (b * self.s * kv * dt)
             # Scores (if materialised), the mask while attending, and every batch's step mask.
-            score = b * self.s * self.s * (nh * e.attn_score_bytes + e.mask_bytes + nb)
-            attn = 4 * b * self.s * h * dt + score
-            mlp = b * self.s * (h + 2 * f) * dt
+            score = b * self.s * self.s * (nh * e.attn_score_bytes + e.mask_bytes * fig.query_groups + nb)
+            attn = b * self.s * fig.attn_temp_width * dt + score
+            mlp = b * self.s * fig.mlp_temp_width * dt
             inp = 3 * b * self.s * h * dt
         else:
             # One working buffer per cache part that is not used in place (kvcache.KVSlot.begin):
@@ -481,9 +486,9 @@ class BlockModel:
             # uncompressed; otherwise they pass through a host buffer of their stored bytes.
             if self.compress_cache or (cuda and not self.cpu_cache_compute):
                 cpu["cache staging"] = V("cd") * (in_flight * b * row_cache)
-            score = b * t_max * (nh * e.attn_score_bytes + e.mask_bytes + nb)
-            attn = 4 * b * h * dt + score
-            mlp = b * (h + 2 * f) * dt
+            score = b * t_max * (nh * e.attn_score_bytes + e.mask_bytes * fig.query_groups + nb)
+            attn = b * fig.attn_temp_width * dt + score
+            mlp = b * fig.mlp_temp_width * dt
             inp = 3 * b * h * dt
         out = b * vocab * (dt + 4 + 8)               # logits, their fp32 copy, sampling
         gpu["compute"] = Lin(max(attn, mlp, out, inp))
@@ -624,12 +629,11 @@ def estimate(model_args: ModelArgs, policy: Policy, prompt_len: int, gen_len: in
              hw: HardwareProfile, budgets=None, engine: EngineConstants = DEFAULT_ENGINE) -> Estimate:
     """Predict throughput, time, I/O and peak memory of `policy`.
 
-    `budgets` (a `solver.Budgets`, optional) fills `Estimate.budgets` and `shortfalls`:
+    `budgets` (a `budgets.Budgets`, optional) fills `Estimate.budgets` and `shortfalls`:
     one sentence per tier whose peak exceeds its usable budget.
     """
     model = block_model_for(model_args, policy, prompt_len, gen_len, hw, engine)
     est = evaluate(model, fractions_of(policy), policy)
     if budgets is not None:
-        from flexgen.optimizer.solver import check_budgets
         check_budgets(est, budgets)
     return est

@@ -111,20 +111,17 @@ def transfer_bandwidth(device, nbytes: int) -> tuple[float, float]:
     return nbytes / t_h2d, nbytes / t_d2h
 
 
-def _attention(q, k, v):
-    """The engine's attention: scores in fp32, softmax, weighted sum. q (r, s, d); k, v (r, t, d)."""
-    scores = torch.bmm(q, k.transpose(1, 2)).float()
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    return torch.bmm(probs, v)
-
-
 def attention_flops(device, dtype, rows: int, heads: int, head_dim: int, s: int, t: int) -> float:
-    """flop/s of attention for `rows` sequences: s queries over t keys (4 * s * t * hidden)."""
-    r = rows * heads
-    q = torch.randn(r, s, head_dim, device=device, dtype=dtype)
-    k = torch.randn(r, t, head_dim, device=device, dtype=dtype)
-    v = torch.randn(r, t, head_dim, device=device, dtype=dtype)
-    tm = _best_time(lambda: _attention(q, k, v), device)
+    """flop/s of the engine's own attention (models.base.attend: fused scaled_dot_product_attention
+    with a boolean mask, causal in prefill) for `rows` sequences: s queries over t keys
+    (4 * s * t * hidden)."""
+    from flexgen.models.base import attend
+    h = heads * head_dim
+    q = torch.randn(rows, s, h, device=device, dtype=dtype)
+    k = torch.randn(t, rows, h, device=device, dtype=dtype)      # time-major, as the KV cache
+    v = torch.randn(t, rows, h, device=device, dtype=dtype)
+    mask = torch.ones(rows, s, t, dtype=torch.bool, device=device).tril(t - s)
+    tm = _best_time(lambda: attend(q, k, v, mask, heads), device)
     return 4 * rows * s * t * heads * head_dim / tm
 
 
@@ -181,7 +178,7 @@ def engine_layer_overhead(hw: HardwareProfile, offload_dir: Path) -> float:
     futures, cache bookkeeping, kernel launches) to each layer step.
     """
     from flexgen.engine import load_model
-    from flexgen.models.opt import ModelArgs
+    from flexgen.models.registry import args_from_name
     from flexgen.optimizer.cost_model import estimate
     from flexgen.policy import Policy
 
@@ -192,7 +189,7 @@ def engine_layer_overhead(hw: HardwareProfile, offload_dir: Path) -> float:
         model.generate(ids, max_new_tokens=4, eos_token_id=[])          # warm up
         model.generate(ids, max_new_tokens=steps + 1, eos_token_id=[])
         measured = model.stats.decode_time / steps
-    args = ModelArgs.from_name("opt-125m")
+    args = args_from_name("opt-125m")
     bare = estimate(args, policy, 16, steps + 1, hw.replace(layer_overhead=0.0)).decode_time / steps
     layers = 2 * args.num_hidden_layers + 2
     return max(0.0, (measured - bare) / layers)
