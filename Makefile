@@ -11,7 +11,7 @@ EXTRAS ?= test,helm
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.flexgen-installed
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench gpu-suite clean
 
 # crfm-helm would otherwise replace the pinned torch: the extras install under a constraint that
 # holds it. It also pulls torchvision (a CUDA build) that breaks transformers' model imports on a
@@ -40,6 +40,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_vs_hf.py
+
+# One call on a GPU machine: OK/FAIL per check, figures in gpu_suite.json (see README).
+gpu-suite:
+	PYTHONPATH=. $(PYTHON) benchmarks/gpu_suite.py --out gpu_suite.json
 
 clean:
 	$(PY) -m flexgen clean --offload-dir ./offload || true

@@ -186,6 +186,7 @@ def report(model, stats, a) -> dict:
         "disk_write_bytes": stats.disk_write_bytes,
         "process_peak_rss_bytes": stats.process_peak_rss,
         "cuda_peak_allocated_bytes": stats.cuda_peak_allocated,
+        "cuda_peak_reserved_bytes": stats.cuda_peak_reserved,
         "disk_io_mode": {True: "O_DIRECT", False: "buffered (page cache)", None: "no disk tier used"}[stats.direct_io],
         "timings_s": dict(stats.timings),
     }
@@ -213,7 +214,8 @@ def print_report(r: dict) -> None:
     extra = (f"disk read {_fmt_bytes(r['disk_read_bytes'])}, written {_fmt_bytes(r['disk_write_bytes'])}; "
              f"process peak RSS {_fmt_bytes(r['process_peak_rss_bytes'])}")
     if r["cuda_peak_allocated_bytes"] is not None:
-        extra += f", CUDA peak allocated {_fmt_bytes(r['cuda_peak_allocated_bytes'])}"
+        extra += (f", CUDA peak allocated {_fmt_bytes(r['cuda_peak_allocated_bytes'])}"
+                  f" / reserved {_fmt_bytes(r['cuda_peak_reserved_bytes'])}")
     print(extra)
 
 
@@ -240,7 +242,8 @@ def run_main(argv: list[str]) -> int:
     if a.num_prompts is not None and a.num_prompts < 1:
         raise FlexGenError(f"--num-prompts must be >= 1, got {a.num_prompts}")
     model = load_model(a.model, policy, device=a.device, dtype=a.dtype, offload_dir=a.offload_dir,
-                       dummy=a.dummy, seed=a.seed, progress=not a.quiet)
+                       dummy=a.dummy, seed=a.seed, progress=not a.quiet,
+                       gpu_mem=a.gpu_mem * 2**30 if a.gpu_mem is not None else None)
     try:
         if a.prompt_len + a.gen_len > model.args.max_position_embeddings:
             raise FlexGenError(f"--prompt-len {a.prompt_len} + --gen-len {a.gen_len} exceed the model's "

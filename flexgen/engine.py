@@ -48,6 +48,7 @@ class GenerationStats:
     cache_bytes: dict = field(default_factory=dict)     # tier -> bytes of one block's KV cache
     process_peak_rss: int = 0
     cuda_peak_allocated: Optional[int] = None
+    cuda_peak_reserved: Optional[int] = None      # what --gpu-mem caps (allocator blocks)
     direct_io: Optional[bool] = None
     disk_read_bytes: int = 0      # weights, KV cache and activations read from disk
     disk_write_bytes: int = 0
@@ -291,6 +292,7 @@ class FlexGenModel:
         self.stats.process_peak_rss = process_peak_rss()
         if self.device.is_cuda:
             self.stats.cuda_peak_allocated = torch.cuda.max_memory_allocated(self.device.device)
+            self.stats.cuda_peak_reserved = torch.cuda.max_memory_reserved(self.device.device)
 
     # -- lifetime ---------------------------------------------------------------------
 
@@ -318,17 +320,20 @@ def _merge_direct(*flags):
 
 
 def load_model(model: str, policy: Optional[Policy] = None, *, device=None, dtype=None, offload_dir=None,
-               dummy: bool = False, seed: int = 0, progress: bool = False) -> FlexGenModel:
+               dummy: bool = False, seed: int = 0, progress: bool = False, gpu_mem: Optional[float] = None
+               ) -> FlexGenModel:
     """Place a model (OPT, LLaMA, Mistral, Qwen2: see models/registry.py) for generation.
 
     model: a named size (opt-1.3b, llama-3-8b, ..., with dummy=True), a Hugging Face checkpoint directory,
     or a Hugging Face id already in the local cache. device: "cuda" or "cpu" (default:
     cuda when available). dtype: default fp16 on CUDA, bf16 on a CPU that supports it,
     else fp32. offload_dir: where the weight store and run files go (default
-    $FLEXGEN_OFFLOAD_DIR or ~/.cache/flexgen).
+    $FLEXGEN_OFFLOAD_DIR or ~/.cache/flexgen). gpu_mem: bytes of CUDA memory the run may
+    reserve (a larger card is capped to it).
     """
     policy = policy or Policy()
     dev = ComputeDevice(device)
+    dev.limit_memory(gpu_mem)
     if isinstance(dtype, str):
         try:
             dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,

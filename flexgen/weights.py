@@ -48,10 +48,21 @@ class PlacedWeights:
                 progress.update(1)
         # Two working buffers (current + prefetched layer), sized for the largest layer
         # that is not wholly resident on the gpu tier. Allocated once and reused.
+        # Allocated here, on the compute thread: an I/O thread allocating them lazily would
+        # take them from the compute stream's pool, maybe a block compute still reads.
         partial = [lay.file_bytes for lay, seg in zip(layouts, segments) if seg.gpu_end < seg.total]
         self.slot_bytes = max(partial, default=0)
         self._slots: list[Optional[torch.Tensor]] = [None, None]
+        if self.slot_bytes:
+            self._slots = [self._new_slot() for _ in range(2)]
+        # On CUDA, disk bytes pass through a page-locked staging buffer per slot; the next
+        # disk read into it waits for the device copy that last read it (its event).
+        disk = any(seg.cpu_end < seg.total for seg in segments)
         self._staging: list[Optional[torch.Tensor]] = [None, None]
+        self._staging_done = [None, None]
+        if disk and device.is_cuda:
+            self._staging = [device.host_bytes(self.slot_bytes, pin=True) for _ in range(2)]
+            self.tracker.add(Tier.CPU, 2 * self.slot_bytes)
         self._resident_cache: dict[int, object] = {}       # idx -> weight dataclass
         self._resident_loaded: dict[int, LoadedLayer] = {}
         # Dequantized weights: one buffer per (layer kind, field), reused layer after layer.
@@ -111,19 +122,17 @@ class PlacedWeights:
         files = [f for f in self.disk_files if f is not None]
         return all(f.direct for f in files) if files else None
 
-    def _slot(self, i: int) -> torch.Tensor:
-        if self._slots[i] is None:
-            if self.device.is_cuda:
-                self._slots[i] = self.device.empty((self.slot_bytes,), torch.uint8)
-            else:  # host memory: aligned so disk reads land in it directly
-                self._slots[i] = aligned_empty(self.slot_bytes)
-            self.tracker.add(Tier.GPU, self.slot_bytes)
-        return self._slots[i]
+    def _new_slot(self) -> torch.Tensor:
+        self.tracker.add(Tier.GPU, self.slot_bytes)
+        if self.device.device.type == "cuda":
+            return self.device.empty((self.slot_bytes,), torch.uint8)
+        return aligned_empty(self.slot_bytes)   # host memory: aligned so disk reads land in it directly
 
-    def load(self, idx: int, slot: int, after=None) -> LoadedLayer:
+    def load(self, idx: int, slot: int) -> LoadedLayer:
         """Bring layer `idx` to the compute device (runs on an I/O thread).
 
-        `after` is a mark on the compute stream after which the slot is free to overwrite.
+        On CUDA it runs on the I/O thread's side stream, which first waits for the mark
+        after which the slot is free to overwrite (ComputeDevice.io_task).
         """
         lay, seg = self.layouts[idx], self.segments[idx]
         gpu = self.gpu_parts[idx]
@@ -131,31 +140,28 @@ class PlacedWeights:
             if idx not in self._resident_loaded:
                 self._resident_loaded[idx] = LoadedLayer(idx, {(a.field, a.part): _view(gpu, a) for a in lay.arrays})
             return self._resident_loaded[idx]
-        flat = self._slot(slot)
-        with self.device.io_stream(after):
-            if seg.cpu_end < seg.total:
-                start = seg.cpu_end // ALIGN * ALIGN
-                if self.device.is_cuda:
-                    staging = self._staging_buf(slot)[: lay.file_bytes - start]
-                    self.disk_files[idx].read(start, staging)
-                    flat[seg.cpu_end:seg.total].copy_(staging[seg.cpu_end - start: seg.total - start],
-                                                      non_blocking=True)
-                else:
-                    self.disk_files[idx].read(start, flat[start:lay.file_bytes])
-            # After the disk read: its aligned start may have covered the cpu part's tail.
-            if seg.cpu_end > seg.gpu_end:
-                flat[seg.gpu_end:seg.cpu_end].copy_(self.cpu_parts[idx], non_blocking=True)
-            straddle = min((a.offset for a in lay.arrays if a.offset < seg.gpu_end < a.end), default=None)
-            if straddle is not None:
-                flat[straddle:seg.gpu_end].copy_(gpu[straddle:seg.gpu_end])
+        flat = self._slots[slot]
+        if seg.cpu_end < seg.total:
+            start = seg.cpu_end // ALIGN * ALIGN
+            if self.device.is_cuda:
+                if self._staging_done[slot] is not None:
+                    self._staging_done[slot].synchronize()   # the copy two layers ago, long done
+                staging = self._staging[slot][: lay.file_bytes - start]
+                self.disk_files[idx].read(start, staging)
+                flat[seg.cpu_end:seg.total].copy_(staging[seg.cpu_end - start: seg.total - start],
+                                                  non_blocking=True)
+                self._staging_done[slot] = torch.cuda.Event()
+                self._staging_done[slot].record(torch.cuda.current_stream(self.device.device))
+            else:
+                self.disk_files[idx].read(start, flat[start:lay.file_bytes])
+        # After the disk read: its aligned start may have covered the cpu part's tail.
+        if seg.cpu_end > seg.gpu_end:
+            flat[seg.gpu_end:seg.cpu_end].copy_(self.cpu_parts[idx], non_blocking=True)
+        straddle = min((a.offset for a in lay.arrays if a.offset < seg.gpu_end < a.end), default=None)
+        if straddle is not None:
+            flat[straddle:seg.gpu_end].copy_(gpu[straddle:seg.gpu_end], non_blocking=True)
         arrays = {(a.field, a.part): _view(gpu if a.end <= seg.gpu_end else flat, a) for a in lay.arrays}
         return LoadedLayer(idx, arrays)
-
-    def _staging_buf(self, slot: int) -> torch.Tensor:
-        if self._staging[slot] is None:
-            self._staging[slot] = aligned_empty(self.slot_bytes, pin=True)
-            self.tracker.add(Tier.CPU, self.slot_bytes)
-        return self._staging[slot]
 
     def weights(self, loaded: LoadedLayer):
         """The layer's weight dataclass, dequantizing packed arrays (on the compute thread)."""
@@ -191,6 +197,7 @@ class PlacedWeights:
         self._own_files.clear()
         self.disk_files = []
         self.gpu_parts, self.cpu_parts, self._slots, self._staging = [], [], [None, None], [None, None]
+        self._staging_done = [None, None]
         self._resident_cache.clear()
         self._resident_loaded.clear()
         self._dequant_out.clear()

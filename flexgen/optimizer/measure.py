@@ -305,7 +305,8 @@ def measure_hardware(offload_dir: str | Path, quick: bool = False, device: str |
         # this is the compute device itself, so keep the device's numbers.
     else:
         cpu_mm = matmul_flops(host, torch.float32, 256, 1024, 2048)
-        cpu_attn = attention_flops(host, torch.float32, rows_d, heads, hd, 1, t_d)
+        from flexgen.kvcache import HOST_ATTN_DTYPE   # what kvcache.HostAttention attends in
+        cpu_attn = attention_flops(host, HOST_ATTN_DTYPE, rows_d, heads, hd, 1, t_d)
         cpu_dq = dequant_rate(host, torch.float32, (1 << 20) if quick else (8 << 20))
     log("host <-> device transfers")
     c2g, g2c = transfer_bandwidth(dev, big)
