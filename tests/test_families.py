@@ -200,3 +200,17 @@ def test_every_config_eos_ends_a_row(tmp_path, prompts, offload):
         assert m.args.eos_token_ids == tuple(eos)
         out = m.generate(ids, mask, max_new_tokens=GEN, pad_token_id=1)
     assert torch.equal(out, ref)
+
+
+def test_registry_by_model_type_or_architectures():
+    from flexgen.models import llama, mistral, opt, qwen2
+    from flexgen.models.registry import args_from_config, family_of
+    for model_type, mod in (("llama", llama), ("mistral", mistral), ("qwen2", qwen2)):
+        args = args_from_config(dict(TINY, model_type=model_type), "x")
+        assert family_of(args) is mod and args.kv_width == 64
+    arch = args_from_config(dict(TINY, num_key_value_heads=2, architectures=["Qwen2ForCausalLM"]), "x")
+    assert family_of(arch) is qwen2 and arch.kv_width == 32 and arch.qkv_bias
+    assert family_of(args_from_config(dict(model_type="opt", hidden_size=64, num_hidden_layers=1,
+                                           num_attention_heads=4, ffn_dim=128), "x")) is opt
+    with pytest.raises(FlexGenError, match="model_type 'gpt2'.*not supported"):
+        args_from_config(dict(TINY, model_type="gpt2"), "x")

@@ -31,12 +31,21 @@ def family_of(args) -> ModuleType:
     return importlib.import_module(type(args).__module__)
 
 
-def family_for_config(config: dict, name: str = "model") -> ModuleType:
+def _family_name(config: dict) -> str | None:
     model_type = config.get("model_type")
     archs = config.get("architectures") or []
     for family, (types, architectures) in FAMILIES.items():
         if model_type in types or (model_type is None and any(a in architectures for a in archs)):
-            return _module(family)
+            return family
+    return None
+
+
+def family_for_config(config: dict, name: str = "model") -> ModuleType:
+    family = _family_name(config)
+    if family is not None:
+        return _module(family)
+    model_type = config.get("model_type")
+    archs = config.get("architectures") or []
     known = sorted(t for types, _ in FAMILIES.values() for t in types)
     raise FlexGenError(f"{name}: model_type {model_type!r} ({', '.join(archs) or 'no architectures'}) is not "
                        f"supported; supported model types: {', '.join(known)}")
@@ -44,7 +53,10 @@ def family_for_config(config: dict, name: str = "model") -> ModuleType:
 
 def args_from_config(config: dict, name: str = "model"):
     """ModelArgs of the right family from a Hugging Face config.json dict."""
-    return family_for_config(config, name).ModelArgs.from_config(config, name=name)
+    mod = family_for_config(config, name)
+    if config.get("model_type") is None:  # found by `architectures`: give the family its own type
+        config = dict(config, model_type=mod.MODEL_TYPES[0])
+    return mod.ModelArgs.from_config(config, name=name)
 
 
 def args_from_config_file(path: Path, name: str):
