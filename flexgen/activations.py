@@ -29,13 +29,17 @@ class HiddenSlot:
         # page-locked on CUDA (copied to the device every layer; disk rows pass through it).
         # Reuse is safe: a store waits for compute, which waited for the last load's copy,
         # and the next load waits for the store.
+        # Tracked: the host buffers on the cpu tier, the disk rows' file on the disk tier.
         self._host = {}
         for tier, a, b in self.ranges:
             if tier is not Tier.GPU:
                 n = (b - a) * max_bytes_per_row
                 self._host[a] = device.host_bytes(n, pin=True)
                 self.held.append((Tier.CPU, n))
-                tracker.add(Tier.CPU, n)
+                if tier is Tier.DISK:
+                    self.held.append((Tier.DISK, n))
+        for tier, n in self.held:
+            tracker.add(tier, n)
 
     def _host_view(self, a: int, shape, dtype) -> torch.Tensor:
         n = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()

@@ -220,3 +220,36 @@ def test_compute_time_is_measured_with_cuda_events(fake_cuda, opt_dir, prompts, 
     layers = 2 * m.args.num_hidden_layers + 2
     assert fake_cuda.timing_events >= 2 * layers * GEN
     assert m.stats.timings["decode.compute"] > 0
+
+
+FAMILY_POLICIES = ["weights-disk", "act-cpu-disk", "mixed-ngb2", "cpu-cache-compute-disk", "compressed-cpu-cache-compute"]
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+    from test_families import CHECKPOINTS, make_family_checkpoint
+    out = {}
+    for name in ("llama-gqa", "mistral-window"):
+        family, overrides = CHECKPOINTS[name]
+        d = tmp_path_factory.mktemp(name)
+        make_family_checkpoint(d, family, seed=7, **overrides)
+        out[name] = d
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "mistral-window"])
+def test_cuda_branches_of_other_families(fake_cuda, family_dirs, prompts, offload, tmp_path, family):
+    """Grouped-query attention and a sliding window through the CUDA branches (host
+    attention included): the same logits as the CPU branches, stream-safe hand-offs."""
+    ids, mask = prompts
+    for name in FAMILY_POLICIES:
+        (out, logits), _ = generate(family_dirs[family], POLICIES[name], ids, mask, offload, logits=True)
+        assert fake_cuda.violations == [], name
+        with pytest.MonkeyPatch.context() as mp:   # the same run with the CPU branches
+            from flexgen import tiers
+            mp.setattr(tiers.ComputeDevice, "is_cuda", property(lambda self: False))
+            (ref, ref_logits), _ = generate(family_dirs[family], POLICIES[name], ids, mask, tmp_path / name,
+                                            logits=True)
+        fake_cuda.violations.clear()   # the CPU branches hand off without streams, by design
+        assert torch.equal(out, ref), name
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
