@@ -92,6 +92,9 @@ def test_clean_stale_stores_of_changed_or_missing_checkpoints(opt_dir, tmp_path)
     shutil.rmtree(ckpt)
     res = cli("clean", "--stale", "--offload-dir", off)
     assert "no longer exists" in res.stdout and not (off / "weights").exists()
+    (off / "weights").mkdir()
+    (off / "weights" / "never-built.lock").touch()    # a build that failed
+    assert cli("clean", "--offload-dir", off).returncode == 0 and not (off / "weights").exists()
 
 
 # -- 2: corrupt stores -----------------------------------------------------------------------
