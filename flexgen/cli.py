@@ -337,6 +337,7 @@ def clean_main(argv: list[str]) -> int:
         print(n)
     if not a.dry_run:
         try:
+            offload.remove_orphan_locks(root / "weights")
             (root / "weights").rmdir()   # only if nothing is left in it
         except OSError:
             pass

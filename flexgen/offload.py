@@ -326,3 +326,18 @@ def remove(item: Removal) -> Optional[str]:
         return None
     shutil.rmtree(d, ignore_errors=True)
     return None
+
+
+def remove_orphan_locks(weights: Path) -> None:
+    """Lock files of stores that do not exist (a failed or removed build), when nobody holds them."""
+    for f in sorted(Path(weights).glob("*.lock")):
+        store = f.with_suffix("")
+        if store.exists() or f.is_symlink() or not f.is_file():
+            continue
+        lk = lock(f, wait=False)
+        if lk is not None:
+            try:
+                if not store.exists():
+                    f.unlink(missing_ok=True)
+            finally:
+                lk.release()

@@ -92,6 +92,9 @@ def test_clean_stale_stores_of_changed_or_missing_checkpoints(opt_dir, tmp_path)
     shutil.rmtree(ckpt)
     res = cli("clean", "--stale", "--offload-dir", off)
     assert "no longer exists" in res.stdout and not (off / "weights").exists()
+    (off / "weights").mkdir()
+    (off / "weights" / "never-built.lock").touch()    # a build that failed
+    assert cli("clean", "--offload-dir", off).returncode == 0 and not (off / "weights").exists()
 
 
 # -- 2: corrupt stores -----------------------------------------------------------------------
@@ -245,14 +248,16 @@ def test_store_build_waits_for_the_builder(opt_dir, tmp_path):
     lk = offload.lock(tmp_path / "weights" / f"{key}.lock")
     proc = subprocess.Popen([PY, "-m", "flexgen", "--model", str(path), *map(str, TINY), "--offload-dir",
                              str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(3)
-    assert proc.poll() is None      # waiting on the lock, not failing
+    first = proc.stderr.readline()   # blocks until the process reaches the lock
+    assert "waiting for another process" in first and proc.poll() is None, first
     layouts = model_layouts(src.args, torch.float32, False)
     weights = tmp_path / "weights"
     offload._build(weights, key, weights / key, lambda tmp: WeightStore(tmp, layouts)._build(src, False))
+    ours = (weights / key / "manifest.json").stat().st_ino
     lk.release()
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and "waiting for another process" in err, err
+    assert proc.returncode == 0, err
+    assert (weights / key / "manifest.json").stat().st_ino == ours   # it re-used the store, no rebuild
     assert not list((tmp_path / "weights").glob(".build-*"))
 
 
