@@ -1,0 +1,143 @@
+"""Pipeline stages on torch.distributed (gloo, processes on this machine): the same greedy
+tokens as the single-process engine, and a dead rank ends the others."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+
+import pytest
+import torch
+
+import flexgen
+from flexgen import Policy
+from flexgen.pipeline import _groups, split_layers
+
+GEN = 6
+
+
+def P(wg=100, wc=0, cg=100, cc=0, hg=100, hc=0, **kw):
+    kw.setdefault("gpu_batch_size", 2)
+    return Policy(w_gpu_percent=wg, w_cpu_percent=wc, cache_gpu_percent=cg, cache_cpu_percent=cc,
+                  act_gpu_percent=hg, act_cpu_percent=hc, **kw)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, path, offload, cases, ids, mask, out_dir, die_after=None):
+    """One stage: every case with its own (per-rank) policy; results to out_dir/rank.pt."""
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=__import__("datetime").timedelta(seconds=30))
+    results = []
+    for policies, kw in cases:
+        policy = policies[rank % len(policies)]
+        with flexgen.load_model(str(path), policy, device="cpu", dtype=torch.float32, offload_dir=offload) as m:
+            if die_after is not None and rank == die_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+            results.append(m.generate(ids, mask, max_new_tokens=GEN, **kw))
+    torch.save(results, os.path.join(out_dir, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _spawn(world, *args, die_after=None, timeout=120):
+    ctx = torch.multiprocessing.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, *args), kwargs={"die_after": die_after})
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    t0 = time.monotonic()
+    for p in procs:
+        p.join(max(1.0, timeout - (time.monotonic() - t0)))
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+        p.join()
+    return [p.exitcode for p in procs], alive
+
+
+@pytest.fixture(scope="module")
+def deep_opt(tmp_path_factory):
+    from conftest import make_checkpoint
+    d = tmp_path_factory.mktemp("opt-3l")
+    model = make_checkpoint(d, layers=3, tokenizer=False, seed=4)
+    return d, model
+
+
+def _reference(path, policy, ids, mask, offload, kw):
+    with flexgen.load_model(str(path), policy, device="cpu", dtype=torch.float32, offload_dir=offload) as m:
+        return m.generate(ids, mask, max_new_tokens=GEN, **kw)
+
+
+def test_split_layers_contiguous_balanced():
+    costs = [10, 1, 4, 1, 4, 1, 4, 10]
+    for n in (1, 2, 3, len(costs)):
+        s = split_layers(costs, n)
+        assert len(s) == n and s[0].start == 0 and s[-1].stop == len(costs)
+        assert all(a.stop == b.start and a.stop > a.start for a, b in zip(s, s[1:]))
+    assert split_layers(costs, 2) == [slice(0, 5), slice(5, 8)]
+    assert [len(g) for g in _groups(4, 3)] == [1, 2, 1] and _groups(1, 3) == [range(0, 1)]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_stages_match_single_process(deep_opt, prompts, tmp_path, world):
+    """Per stage, weights / cache / hidden on different tiers; ngb 1, 2 and 4 (so 1 or
+    more gpu batches per group); 4-bit weights and cache; early stop by EOS and by a
+    stop sequence."""
+    path, model = deep_opt
+    ids, mask = prompts
+    offload = tmp_path / "offload"
+    P0 = ids.shape[1]
+    ref = _reference(path, P(), ids, mask, offload, {"eos_token_id": []})
+    eos_all = sorted({int(t) for t in ref[:, P0 + 1]})      # every row stops at its 2nd token
+    stop = ref[1, P0 + 1:P0 + 3].tolist()
+    tiers = ([P(0, 0), P(cg=0, cc=0, hg=0, hc=0), P(30, 30, 30, 30, 30, 30)], {"eos_token_id": []})
+    if world == 2:
+        cases = [
+            tiers,
+            ([P(0, 0, 0, 0, 0, 0, gpu_batch_size=1, num_gpu_batches=4, overlap=False),
+              P(0, 50, 0, 50, 50, 0, gpu_batch_size=1, num_gpu_batches=4)], {"eos_token_id": []}),
+            ([P(50, 0, 50, 0, compress_weight=True, compress_cache=True, num_gpu_batches=2),
+              P(0, 50, 0, 50, compress_weight=True, compress_cache=True, num_gpu_batches=2)], {"eos_token_id": []}),
+            ([P(num_gpu_batches=2), P(0, 0, 0, 0, num_gpu_batches=2)], {"eos_token_id": eos_all}),
+            ([P(num_gpu_batches=2), P(0, 50, cg=0, cc=100, num_gpu_batches=2)],
+             {"eos_token_id": [], "stop": [stop]}),
+        ]
+    else:
+        cases = [
+            tiers,
+            ([P(30, 30, 30, 30, 30, 30, num_gpu_batches=2), P(0, 100, 0, 100, num_gpu_batches=2),
+              P(num_gpu_batches=2)], {"eos_token_id": []}),
+            ([P(gpu_batch_size=1, num_gpu_batches=4)], {"eos_token_id": [int(ref[0, P0])]}),
+        ]
+    expected = [_reference(path, pols[0], ids, mask, offload, kw) for pols, kw in cases]
+    if world == 2:
+        assert expected[3].shape[1] <= P0 + 2 and expected[4][1, -1] == 1   # the early stops happen
+    codes, hung = _spawn(world, path, offload, cases, ids, mask, str(tmp_path))
+    assert not hung and codes == [0] * world
+    for r in range(world):
+        got = torch.load(tmp_path / f"{r}.pt")
+        for n, (g, e) in enumerate(zip(got, expected)):
+            assert torch.equal(g, e), (r, n)
+    assert not any(offload.glob("run-*"))   # every stage removed its run files
+
+
+def test_killed_rank_ends_the_others(deep_opt, prompts, tmp_path):
+    path, _ = deep_opt
+    ids, mask = prompts
+    offload = tmp_path / "offload"
+    cases = [([P(0, 0, 0, 0, 0, 0)], {"eos_token_id": []})]
+    t0 = time.monotonic()
+    codes, hung = _spawn(2, path, offload, cases, ids, mask, str(tmp_path), die_after=1, timeout=60)
+    assert not hung, "a stage waited past the timeout for its dead peer"
+    assert codes[1] == -signal.SIGKILL and codes[0] != 0
+    assert time.monotonic() - t0 < 60
+    assert not any(offload.glob("run-*/*"))   # the surviving stage removed its run files
