@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -219,7 +220,12 @@ def print_report(r: dict) -> None:
 
 def run_main(argv: list[str]) -> int:
     a = build_parser().parse_args(argv)
+    from flexgen import pipeline
     from flexgen.engine import load_model
+
+    if pipeline.rank() != 0:  # under torchrun, rank 0 alone prints (errors still go to stderr)
+        sys.stdout = open(os.devnull, "w")
+        a.quiet = True
 
     auto = a.percent is None and a.policy is None and (
         a.gpu_mem is not None or a.cpu_mem is not None or a.disk_mem is not None or a.dry_run)
@@ -253,7 +259,13 @@ def run_main(argv: list[str]) -> int:
             text = tokenizer.decode(out[0], skip_special_tokens=True)
             print(f"sample: {text!r}")
         r = report(model, model.stats, a)
+        if pipeline.world_size() > 1:
+            r = pipeline.gather_report(model, r)
+            if r is None:
+                return 0
         print_report(r)
+        if "stages" in r:
+            pipeline.print_stages(r)
         if a.json_out:
             try:
                 Path(a.json_out).write_text(json.dumps(r, indent=2) + "\n")

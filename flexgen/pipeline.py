@@ -22,7 +22,10 @@ block's tokens, stop state and log-probs, so every rank returns the same results
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Optional
 
@@ -58,9 +61,29 @@ def init_process_group(device: str = "cpu", timeout_s: Optional[float] = None) -
     if timeout_s is None:
         timeout_s = float(os.environ.get("FLEXGEN_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
     backend = "nccl" if str(device).startswith("cuda") else "gloo"
+    # torchrun ends the other ranks with SIGTERM when one fails: exit through Python so
+    # that `finally` blocks and finalizers remove this stage's run files.
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+
+
+def _exit_on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)   # a second one ends the process at once
+    raise SystemExit(128 + signum)
+
+
+@contextmanager
+def _peer_errors(stage: int, num_stages: int):
+    """A failed or silent peer as one clear error (the backend's first line kept)."""
+    try:
+        yield
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FlexGenError(f"pipeline stage {stage} of {num_stages}: a peer stage failed or did not answer "
+                           f"within the timeout ($FLEXGEN_DIST_TIMEOUT): {first}") from e
 
 
 def split_layers(costs: list[float], num_stages: int) -> list[slice]:
@@ -142,14 +165,16 @@ class StageScheduler(Scheduler):
 
     def _send(self, t: torch.Tensor, dst: int) -> None:
         s0 = time.perf_counter()
-        self._sends.append((dist.isend(t.to(self.comm_device).contiguous(), dst), t))
+        with _peer_errors(self.stage, self.num_stages):
+            self._sends.append((dist.isend(t.to(self.comm_device).contiguous(), dst), t))
         self._sends = [(w, x) for w, x in self._sends if not w.is_completed()]
         self.hook("pipeline.send", time.perf_counter() - s0)
 
     def _recv(self, shape, dtype, src: int) -> torch.Tensor:
         w0 = time.perf_counter()
         buf = torch.empty(shape, dtype=dtype, device=self.comm_device)
-        dist.recv(buf, src)
+        with _peer_errors(self.stage, self.num_stages):
+            dist.recv(buf, src)
         self.hook("pipeline.recv", time.perf_counter() - w0)
         return buf.to(self.device.device)
 
@@ -198,8 +223,9 @@ class StageScheduler(Scheduler):
                 self.hook("prefill" if i == 0 else "decode", time.perf_counter() - t0)
                 if not any(active):
                     break
-            for w, _ in self._sends:
-                w.wait()
+            with _peer_errors(self.stage, self.num_stages):
+                for w, _ in self._sends:
+                    w.wait()
             self._sends = []
         finally:
             self._drain(pending)
@@ -303,7 +329,50 @@ class StageScheduler(Scheduler):
             tensors.append(block.logits)
         src = self.num_stages - 1
         for t in tensors:
-            buf = t.to(self.comm_device)
-            dist.broadcast(buf, src)
+            buf = t.to(self.comm_device, torch.long if t.dtype == torch.bool else t.dtype)
+            with _peer_errors(self.stage, self.num_stages):
+                dist.broadcast(buf, src)
             if buf is not t:
                 t.copy_(buf)
+
+
+# -- reports ------------------------------------------------------------------------------
+
+def stage_figures(model) -> dict:
+    """This stage's share of the work: its layers, where its time went, its memory."""
+    t = model.stats.timings
+    return {
+        "stage": dist.get_rank(),
+        "layers": [model.layers.start or 0, (model.layers.start or 0) + len(model.weights.layouts)],
+        "compute_s": t.get("prefill.compute", 0.0) + t.get("decode.compute", 0.0),
+        "io_wait_s": t.get("prefill.wait", 0.0) + t.get("decode.wait", 0.0),
+        "recv_wait_s": t.get("pipeline.recv", 0.0),
+        "send_s": t.get("pipeline.send", 0.0),
+        "total_s": model.stats.total_time,
+        "peak_memory_bytes": dict(model.stats.peak_memory),
+        "weights_held_bytes": model.placement.weight_bytes(),
+        "policy": model.policy.to_dict(),
+    }
+
+
+def gather_report(model, report: dict) -> Optional[dict]:
+    """The run's report with every stage's figures under "stages", on rank 0 (None elsewhere).
+    Throughput is over the whole pipeline: the generated tokens over rank 0's time, which
+    spans the first prefill to the last token handed back."""
+    figures = [None] * dist.get_world_size()
+    dist.all_gather_object(figures, stage_figures(model))
+    if dist.get_rank() != 0:
+        return None
+    return {**report, "num_stages": len(figures), "stages": figures}
+
+
+def print_stages(report: dict) -> None:
+    from flexgen.cli import _fmt_bytes
+    print(f"pipeline of {report['num_stages']} stages (time in s; memory: peak held per tier)")
+    print(f"{'stage':<6} {'layers':>8} {'compute':>9} {'I/O wait':>9} {'recv wait':>10} {'send':>7} "
+          f"{'gpu':>10} {'cpu':>10} {'disk':>10}")
+    for s in report["stages"]:
+        mem = s["peak_memory_bytes"]
+        print(f"{s['stage']:<6} {s['layers'][0]:>3}-{s['layers'][1] - 1:<4} {s['compute_s']:>9.3f} "
+              f"{s['io_wait_s']:>9.3f} {s['recv_wait_s']:>10.3f} {s['send_s']:>7.3f} "
+              + " ".join(f"{_fmt_bytes(mem.get(t)):>10}" for t in ("gpu", "cpu", "disk")))

@@ -13,6 +13,7 @@ import torch
 
 import flexgen
 from flexgen import Policy
+from flexgen.errors import FlexGenError
 from flexgen.pipeline import _groups, split_layers
 
 GEN = 6
@@ -37,12 +38,17 @@ def _worker(rank, world, port, path, offload, cases, ids, mask, out_dir, die_aft
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=__import__("datetime").timedelta(seconds=30))
     results = []
-    for policies, kw in cases:
-        policy = policies[rank % len(policies)]
-        with flexgen.load_model(str(path), policy, device="cpu", dtype=torch.float32, offload_dir=offload) as m:
-            if die_after is not None and rank == die_after:
-                os.kill(os.getpid(), signal.SIGKILL)
-            results.append(m.generate(ids, mask, max_new_tokens=GEN, **kw))
+    try:
+        for policies, kw in cases:
+            policy = policies[rank % len(policies)]
+            with flexgen.load_model(str(path), policy, device="cpu", dtype=torch.float32, offload_dir=offload) as m:
+                if die_after is not None and rank == die_after:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                results.append(m.generate(ids, mask, max_new_tokens=GEN, **kw))
+    except FlexGenError as e:
+        with open(os.path.join(out_dir, f"error-{rank}.txt"), "w") as f:
+            f.write(str(e))
+        raise SystemExit(3)
     torch.save(results, os.path.join(out_dir, f"{rank}.pt"))
     dist.destroy_process_group()
 
@@ -138,6 +144,29 @@ def test_killed_rank_ends_the_others(deep_opt, prompts, tmp_path):
     t0 = time.monotonic()
     codes, hung = _spawn(2, path, offload, cases, ids, mask, str(tmp_path), die_after=1, timeout=60)
     assert not hung, "a stage waited past the timeout for its dead peer"
-    assert codes[1] == -signal.SIGKILL and codes[0] != 0
+    assert codes[1] == -signal.SIGKILL and codes[0] == 3
+    assert "pipeline stage 0 of 2: a peer stage failed" in (tmp_path / "error-0.txt").read_text()
     assert time.monotonic() - t0 < 60
     assert not any(offload.glob("run-*/*"))   # the surviving stage removed its run files
+
+
+def test_torchrun_benchmark_cli(deep_opt, tmp_path):
+    """`torchrun -m flexgen` runs the benchmark as 2 stages; rank 0 reports every stage."""
+    import json
+    import subprocess
+    import sys
+    path, _ = deep_opt
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(_free_port()), "-m", "flexgen", "--model", str(path), "--percent", "0", "50", "50", "50", "100", "0",
+           "--gpu-batch-size", "2", "--num-gpu-batches", "2", "--prompt-len", "8", "--gen-len", "4",
+           "--device", "cpu", "--dtype", "float32", "--offload-dir", str(tmp_path / "off"), "--quiet",
+           "--json-out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.count("pipeline of 2 stages") == 1
+    r = json.loads(out.read_text())
+    assert [s["layers"] for s in r["stages"]] == [[0, 4], [4, 8]]
+    assert r["num_sequences"] == 4 and r["total_throughput_tok_s"] > 0
+    assert not any((tmp_path / "off").glob("run-*"))
