@@ -170,3 +170,48 @@ def test_torchrun_benchmark_cli(deep_opt, tmp_path):
     assert [s["layers"] for s in r["stages"]] == [[0, 4], [4, 8]]
     assert r["num_sequences"] == 4 and r["total_throughput_tok_s"] > 0
     assert not any((tmp_path / "off").glob("run-*"))
+
+
+LLM_SCRIPT = '''
+import json, sys, torch
+from flexgen import LLM, Policy, SamplingParams
+path, offload, out = sys.argv[1:4]
+prompts = ["Paris is the capital", "the quick brown fox jumps over", "def generate model", "France", "lazy dog"]
+params = [SamplingParams(max_new_tokens=6, logprobs=2, prompt_logprobs=True),
+          SamplingParams(max_new_tokens=6, temperature=1.0, seed=7, stop=list("aeiou ")),
+          SamplingParams(max_new_tokens=6, temperature=0.8, top_k=20, seed=8),
+          SamplingParams(max_new_tokens=6, stop_token_ids=list(range(4, 200))),
+          SamplingParams(max_new_tokens=3)]
+policy = Policy(gpu_batch_size=2, num_gpu_batches=2, w_gpu_percent=30, w_cpu_percent=30, cache_gpu_percent=50,
+                cache_cpu_percent=25)
+with LLM(path, policy, device="cpu", dtype=torch.float32, offload_dir=offload, progress=False) as llm:
+    res = llm.generate(prompts, params, progress=False)
+import torch.distributed as dist
+if not dist.is_initialized() or dist.get_rank() == 0:
+    json.dump([[o.text, o.token_ids, o.finish_reason,
+                [(t.token_id, round(t.logprob, 4), [tid for tid, _ in t.top]) for t in o.logprobs or []],
+                [None if t is None else round(t.logprob, 4) for t in o.prompt_logprobs or []]] for o in res],
+              open(out, "w"))
+'''
+
+
+def test_llm_api_under_torchrun(opt_dir, tmp_path):
+    """flexgen.LLM under torchrun: the same texts, tokens, finish reasons and log-probs
+    as in one process (greedy, seeded sampling, stop strings and stop tokens)."""
+    import json
+    import subprocess
+    import sys
+    path, _ = opt_dir
+    script = tmp_path / "llm_run.py"
+    script.write_text(LLM_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(script), str(path), str(tmp_path / "off"), str(tmp_path / "one.json")],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(_free_port()), str(script), str(path), str(tmp_path / "off"),
+                          str(tmp_path / "two.json")], capture_output=True, text=True, timeout=120, env=env)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
+    assert a == b
+    assert {r[2] for r in a} >= {"length", "stop"}
