@@ -215,3 +215,31 @@ def test_llm_api_under_torchrun(opt_dir, tmp_path):
     a, b = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
     assert a == b
     assert {r[2] for r in a} >= {"length", "stop"}
+
+
+def test_pipeline_cost_model():
+    """One stage is the single-process estimate; compute-bound stages with their weights
+    resident scale with the number of stages; each stage holds its share of the weights."""
+    from flexgen.models.registry import args_from_name
+    from flexgen.optimizer.cost_model import estimate
+    from flexgen.optimizer.hardware import load_hardware
+    from flexgen.optimizer.pipeline import estimate_pipeline
+
+    args, hw = args_from_name("opt-1.3b"), load_hardware("t4")
+    pol = Policy(gpu_batch_size=8, num_gpu_batches=4)
+    one = estimate_pipeline(args, [pol], 128, 16, hw, 1)
+    assert one.throughput == pytest.approx(estimate(args, pol, 128, 16, hw).throughput, rel=1e-9)
+    two = estimate_pipeline(args, [pol], 128, 16, hw, 2, link_latency=0)
+    assert 1.5 < two.throughput / one.throughput <= 2.05 and two.bubble < 0.1
+    assert two.stages[0].memory["gpu"] < 0.7 * one.stages[0].memory["gpu"]
+    three = estimate_pipeline(args, [Policy(gpu_batch_size=8, num_gpu_batches=1)], 128, 16, hw, 3)
+    assert three.groups == 1 and three.bubble > 0.6    # one group: the stages take turns
+
+
+def test_policy_cli_num_stages(capsys):
+    import json
+    from flexgen.cli import main
+    assert main(["policy", "--model", "opt-1.3b", "--hardware", "t4", "--percent", "100", "0", "100", "0", "100",
+                 "0", "--gpu-batch-size", "8", "--num-gpu-batches", "2", "--num-stages", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [s["layers"] for s in out["pipeline"]["stages"]][0][0] == 0 and out["pipeline"]["throughput"] > 0

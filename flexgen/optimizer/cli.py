@@ -93,6 +93,11 @@ def policy_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", help="evaluate a policy JSON file instead of searching")
     p.add_argument("--save", metavar="FILE", help="write the chosen / evaluated policy to FILE (JSON)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--num-stages", type=_positive_int, default=1,
+                   help="predict a pipeline of N stages (torchrun ranks), each running the policy over its layers")
+    p.add_argument("--link-bw", type=float, metavar="GB/S", help="bandwidth between stages (default 10)")
+    p.add_argument("--link-latency", type=float, metavar="US", help="latency per message between stages "
+                   "(default 20)")
     return p
 
 
@@ -148,6 +153,17 @@ def policy_main(argv: list[str]) -> int:
             "policy": policy.to_dict(), "model": model.name, "prompt_len": args.prompt_len,
             "gen_len": args.gen_len, "hardware": hw.name, "predicted_throughput": est.throughput}, indent=2) + "\n")
 
+    if args.num_stages > 1:
+        from flexgen.optimizer.pipeline import estimate_pipeline, format_pipeline
+        pe = estimate_pipeline(model, [policy], args.prompt_len, args.gen_len, hw, args.num_stages,
+                               link_bw=args.link_bw and args.link_bw * 1e9,
+                               link_latency=None if args.link_latency is None else args.link_latency * 1e-6)
+        if args.json:
+            print(json.dumps({"mode": mode, "policy": policy.to_dict(), "pipeline": pe.to_dict()}))
+        else:
+            print(format_pipeline(pe, f"{model.name}: prompt {args.prompt_len}, generate {args.gen_len}, hardware "
+                                      f"{hw.name} — the policy on every stage of a {args.num_stages}-stage pipeline"))
+        return 0
     if args.json:
         out = {"mode": mode, "policy": policy.to_dict(), "throughput": est.throughput,
                "memory": est.memory, "bottleneck": est.bottleneck, "hardware": hw.name,
