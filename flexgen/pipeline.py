@@ -106,9 +106,16 @@ def split_layers(costs: list[float], num_stages: int) -> list[slice]:
 
 
 def layer_costs(args, dtype, compress: bool) -> list[float]:
-    """The bytes each layer streams; a stage's decode time follows them closely."""
+    """Each layer's share of the bytes to stream plus its share of the matmul FLOPs, so
+    that stages balance whether their time goes to I/O or to compute (the input
+    embedding is large but costs no FLOPs; the head costs both)."""
     from flexgen.checkpoint import model_layouts
-    return [float(lay.nbytes) for lay in model_layouts(args, dtype, compress)]
+    layouts = model_layouts(args, dtype, compress)
+    nbytes = [float(lay.nbytes) for lay in layouts]
+    flops = [0.0 if lay.spec.kind == "input" else float(sum(e.numel for e in lay.spec.entries if len(e.shape) >= 2))
+             for lay in layouts]
+    tb, tf = sum(nbytes) or 1.0, sum(flops) or 1.0
+    return [b / tb + f / tf for b, f in zip(nbytes, flops)]
 
 
 def load_stage(args, policy, device, dtype, offload_dir, source, progress: bool = False, groups: Optional[int] = None):

@@ -167,7 +167,8 @@ def test_torchrun_benchmark_cli(deep_opt, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.count("pipeline of 2 stages") == 1
     r = json.loads(out.read_text())
-    assert [s["layers"] for s in r["stages"]] == [[0, 4], [4, 8]]
+    (a0, b0), (a1, b1) = [s["layers"] for s in r["stages"]]
+    assert a0 == 0 and b0 == a1 and b1 == 8 and a1 > 1
     assert r["num_sequences"] == 4 and r["total_throughput_tok_s"] > 0
     assert not any((tmp_path / "off").glob("run-*"))
 

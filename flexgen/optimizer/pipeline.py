@@ -1,6 +1,6 @@
 """The cost model of a pipeline of N stages (flexgen/pipeline.py runs it).
 
-Each stage holds a contiguous slice of the layers (`split_layers`, by bytes) and runs,
+Each stage holds a contiguous slice of the layers (`split_layers`, by bytes and FLOPs) and runs,
 per token step, one group of `num_gpu_batches / G` gpu batches at a time (G = groups =
 min(N, num_gpu_batches)): its time per group is the single-process cost model's block
 time over its layers with that group as the block. A group's hand-off to the next stage
@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from flexgen.models.base import ModelArgs
-from flexgen.optimizer.cost_model import BlockModel, Estimate, evaluate, fractions_of, layer_costs
+from flexgen.optimizer.cost_model import BlockModel, Estimate, evaluate, fractions_of
 from flexgen.optimizer.hardware import HardwareProfile
 from flexgen.pipeline import _groups, split_layers
+from flexgen.pipeline import layer_costs as stage_layer_costs
 from flexgen.policy import Policy
 
 DEFAULT_LINK_BW = 10e9        # bytes/s between stages (PCIe/NVLink peer copies are faster; gloo on TCP slower)
@@ -71,7 +72,8 @@ def estimate_pipeline(args: ModelArgs, policies: Sequence[Policy], prompt_len: i
     N = num_stages
     pols = list(policies) * N if len(policies) == 1 else list(policies)
     p0 = pols[0]
-    spans = split_layers([lay.stored for lay in layer_costs(args, p0.compress_weight, hw.compute_dtype)], N)
+    import torch
+    spans = split_layers(stage_layer_costs(args, getattr(torch, hw.compute_dtype), p0.compress_weight), N)
     groups = _groups(p0.num_gpu_batches, N)
     G, nb_g = len(groups), max(len(g) for g in groups)
     stages = []
