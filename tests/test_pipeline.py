@@ -31,19 +31,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, path, offload, cases, ids, mask, out_dir, die_after=None):
+def _worker(rank, world, port, path, offload, cases, ids, mask, out_dir, die_after=None, how=signal.SIGKILL,
+            timeout_s=30):
     """One stage: every case with its own (per-rank) policy; results to out_dir/rank.pt."""
     import torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=__import__("datetime").timedelta(seconds=30))
+                            timeout=__import__("datetime").timedelta(seconds=timeout_s))
     results = []
     try:
         for policies, kw in cases:
             policy = policies[rank % len(policies)]
             with flexgen.load_model(str(path), policy, device="cpu", dtype=torch.float32, offload_dir=offload) as m:
                 if die_after is not None and rank == die_after:
-                    os.kill(os.getpid(), signal.SIGKILL)
+                    os.kill(os.getpid(), how)
                 results.append(m.generate(ids, mask, max_new_tokens=GEN, **kw))
     except FlexGenError as e:
         with open(os.path.join(out_dir, f"error-{rank}.txt"), "w") as f:
@@ -53,16 +54,18 @@ def _worker(rank, world, port, path, offload, cases, ids, mask, out_dir, die_aft
     dist.destroy_process_group()
 
 
-def _spawn(world, *args, die_after=None, timeout=120):
+def _spawn(world, *args, die_after=None, timeout=120, wait_for=None, **kw):
+    """Run `world` workers; wait for the ranks in wait_for (default all), kill the rest."""
     ctx = torch.multiprocessing.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, *args), kwargs={"die_after": die_after})
+    procs = [ctx.Process(target=_worker, args=(r, world, port, *args), kwargs={"die_after": die_after, **kw})
              for r in range(world)]
     for p in procs:
         p.start()
     t0 = time.monotonic()
-    for p in procs:
-        p.join(max(1.0, timeout - (time.monotonic() - t0)))
+    waited = [procs[r] for r in (range(world) if wait_for is None else wait_for)]
+    while any(p.is_alive() for p in waited) and time.monotonic() - t0 < timeout:
+        time.sleep(0.1)
     alive = [p for p in procs if p.is_alive()]
     for p in alive:
         p.kill()
@@ -148,6 +151,18 @@ def test_killed_rank_ends_the_others(deep_opt, prompts, tmp_path):
     assert "pipeline stage 0 of 2: a peer stage failed" in (tmp_path / "error-0.txt").read_text()
     assert time.monotonic() - t0 < 60
     assert not any(offload.glob("run-*/*"))   # the surviving stage removed its run files
+
+
+def test_stalled_rank_times_out(deep_opt, prompts, tmp_path):
+    """A rank that stops answering (SIGSTOP: its connections stay open) makes the
+    others fail after the process group's timeout instead of waiting forever."""
+    path, _ = deep_opt
+    ids, mask = prompts
+    cases = [([P()], {"eos_token_id": []})]
+    codes, hung = _spawn(2, path, tmp_path / "offload", cases, ids, mask, str(tmp_path), die_after=1,
+                         how=signal.SIGSTOP, timeout_s=3, timeout=60, wait_for=[0])
+    assert hung and codes[0] == 3    # rank 1 stayed stopped (killed by the test); rank 0 gave up
+    assert "peer stage failed or did not answer" in (tmp_path / "error-0.txt").read_text()
 
 
 def test_torchrun_benchmark_cli(deep_opt, tmp_path):
