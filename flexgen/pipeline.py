@@ -343,6 +343,35 @@ class StageScheduler(Scheduler):
                 t.copy_(buf)
 
 
+def measure_link(nbytes: int = 16 << 20, repeats: int = 5) -> tuple[float, float]:
+    """(bytes/s, seconds per message) between ranks 0 and 1, by ping-pong: the median half
+    round trip of a one-element message, and of `nbytes` less that latency. Every rank
+    calls it; ranks past 1 only wait at the barrier."""
+    r = dist.get_rank()
+    dev = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def half_trip(n: int) -> float:
+        buf = torch.zeros(max(1, n // 4), dtype=torch.float32, device=dev)
+        times = []
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            if r == 0:
+                dist.send(buf, 1)
+                dist.recv(buf, 1)
+            elif r == 1:
+                dist.recv(buf, 0)
+                dist.send(buf, 0)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) / 2)
+        return sorted(times[1:])[len(times[1:]) // 2]
+
+    latency = half_trip(4)
+    big = half_trip(nbytes)
+    dist.barrier()
+    return nbytes / max(big - latency, 1e-9), latency
+
+
 # -- reports ------------------------------------------------------------------------------
 
 def stage_figures(model) -> dict:

@@ -259,3 +259,26 @@ def test_policy_cli_num_stages(capsys):
                  "0", "--gpu-batch-size", "8", "--num-gpu-batches", "2", "--num-stages", "2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [s["layers"] for s in out["pipeline"]["stages"]][0][0] == 0 and out["pipeline"]["throughput"] > 0
+
+
+def test_profile_network_under_torchrun(tmp_path):
+    """`torchrun ... -m flexgen profile --network` stores the measured link in the profile."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import flexgen.optimizer
+    src = Path(flexgen.optimizer.__file__).parent / "profiles" / "hardware_t4.json"
+    out = tmp_path / "hw.json"
+    shutil.copy(src, out)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           "-m", "flexgen", "profile", "--network", "--out", str(out), "--device", "cpu", "--json"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    hw = json.loads(out.read_text())
+    assert hw["link_bw"] != 10e9 and hw["link_bw"] > 0 and hw["link_latency"] > 0
+    assert hw["gpu_matmul_flops"] == json.loads(src.read_text())["gpu_matmul_flops"]   # the rest is kept
+    from flexgen.cli import main
+    assert main(["profile", "--network", "--out", str(out)]) == 2   # not under torchrun: a one-line error

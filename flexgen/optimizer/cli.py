@@ -198,6 +198,9 @@ def profile_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine-overhead", action="store_true",
                    help="calibrate the per-layer overhead on a short engine run (dummy OPT-125M)")
     p.add_argument("--json", action="store_true", help="print the profile as JSON")
+    p.add_argument("--network", action="store_true",
+                   help="measure the link between pipeline stages (run under torchrun with 2 ranks, on one "
+                        "machine or two) and store it in the profile (measured first if there is none)")
     return p
 
 
@@ -216,6 +219,7 @@ def format_profile(hw: HardwareProfile) -> str:
         ("host", f"matmul {hw.cpu_matmul_flops / 1e12:.3f}, attention {hw.cpu_attn_flops / 1e12:.4f} TFLOP/s, "
                  f"dequant {hw.cpu_dequant_rate / 1e9:.2f} G values/s"),
         ("per-layer overhead", f"{hw.layer_overhead * 1e6:.0f} us"),
+        ("pipeline link", f"{hw.link_bw / 1e9:.2f} GB/s, {hw.link_latency * 1e6:.0f} us per message"),
         ("measured", hw.date),
     ]
     out = [f"hardware profile {hw.name!r}"] + [f"  {k:<20} {v}" for k, v in rows]
@@ -228,9 +232,26 @@ def profile_main(argv: list[str]) -> int:
     from flexgen.optimizer.measure import measure_hardware
     args = profile_parser().parse_args(argv)
     log = (lambda s: print(f"measuring {s} ...", file=sys.stderr)) if not args.json else None
-    hw = measure_hardware(args.offload_dir, quick=args.quick, device=args.device, name=args.name, log=log,
-                          engine=args.engine_overhead)
     out = Path(args.out) if args.out else default_profile_path()
+    link = None
+    if args.network:
+        import torch
+
+        from flexgen import pipeline
+        if pipeline.world_size() < 2:
+            raise FlexGenError("--network measures the link between two ranks: run it as "
+                               "`torchrun --nproc-per-node 2 -m flexgen profile --network` (or with --nnodes 2)")
+        pipeline.init_process_group(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        link = pipeline.measure_link()
+        if pipeline.rank() != 0:
+            return 0
+    if link is not None and out.exists():
+        hw = HardwareProfile.load(out)
+    else:
+        hw = measure_hardware(args.offload_dir, quick=args.quick, device=args.device, name=args.name, log=log,
+                              engine=args.engine_overhead)
+    if link is not None:
+        hw = hw.replace(link_bw=link[0], link_latency=link[1])
     try:
         hw.save(out)
     except OSError as e:

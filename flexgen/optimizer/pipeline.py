@@ -27,10 +27,6 @@ from flexgen.pipeline import _groups, split_layers
 from flexgen.pipeline import layer_costs as stage_layer_costs
 from flexgen.policy import Policy
 
-DEFAULT_LINK_BW = 10e9        # bytes/s between stages (PCIe/NVLink peer copies are faster; gloo on TCP slower)
-DEFAULT_LINK_LATENCY = 20e-6  # seconds per message
-
-
 @dataclass
 class StageEstimate:
     stage: int
@@ -66,9 +62,10 @@ class PipelineEstimate:
 def estimate_pipeline(args: ModelArgs, policies: Sequence[Policy], prompt_len: int, gen_len: int,
                       hw: HardwareProfile, num_stages: int, link_bw: Optional[float] = None,
                       link_latency: Optional[float] = None) -> PipelineEstimate:
-    """Predict a pipeline of `num_stages` stages; policies: one for all, or one per stage."""
-    bw = link_bw or DEFAULT_LINK_BW
-    lat = DEFAULT_LINK_LATENCY if link_latency is None else link_latency
+    """Predict a pipeline of `num_stages` stages; policies: one for all, or one per stage.
+    The link between stages: link_bw (bytes/s) and link_latency (s), else the profile's."""
+    bw = link_bw or hw.link_bw
+    lat = hw.link_latency if link_latency is None else link_latency
     N = num_stages
     pols = list(policies) * N if len(policies) == 1 else list(policies)
     p0 = pols[0]
