@@ -40,9 +40,9 @@ def _worker(rank, world, port, path, offload, cases, ids, mask, out_dir, die_aft
                             timeout=__import__("datetime").timedelta(seconds=timeout_s))
     results = []
     try:
-        for policies, kw in cases:
+        for policies, kw, *other in cases:   # other: a checkpoint other than `path`
             policy = policies[rank % len(policies)]
-            with flexgen.load_model(str(path), policy, device="cpu", dtype=torch.float32, offload_dir=offload) as m:
+            with flexgen.load_model(str(other[0] if other else path), policy, device="cpu", dtype=torch.float32, offload_dir=offload) as m:
                 if die_after is not None and rank == die_after:
                     os.kill(os.getpid(), how)
                 results.append(m.generate(ids, mask, max_new_tokens=GEN, **kw))
@@ -81,7 +81,8 @@ def deep_opt(tmp_path_factory):
     return d, model
 
 
-def _reference(path, policy, ids, mask, offload, kw):
+def _reference(path, policy, ids, mask, offload, kw, other=None):
+    path = other or path
     with flexgen.load_model(str(path), policy, device="cpu", dtype=torch.float32, offload_dir=offload) as m:
         return m.generate(ids, mask, max_new_tokens=GEN, **kw)
 
@@ -105,6 +106,10 @@ def test_stages_match_single_process(deep_opt, prompts, tmp_path, world):
     ids, mask = prompts
     offload = tmp_path / "offload"
     P0 = ids.shape[1]
+    if world == 2:
+        from test_families import make_family_checkpoint
+        llama = tmp_path / "llama"
+        make_family_checkpoint(llama, "llama", seed=1, num_key_value_heads=2, num_hidden_layers=3)
     ref = _reference(path, P(), ids, mask, offload, {"eos_token_id": []})
     eos_all = sorted({int(t) for t in ref[:, P0 + 1]})      # every row stops at its 2nd token
     stop = ref[1, P0 + 1:P0 + 3].tolist()
@@ -119,6 +124,9 @@ def test_stages_match_single_process(deep_opt, prompts, tmp_path, world):
             ([P(num_gpu_batches=2), P(0, 0, 0, 0, num_gpu_batches=2)], {"eos_token_id": eos_all}),
             ([P(num_gpu_batches=2), P(0, 50, cg=0, cc=100, num_gpu_batches=2)],
              {"eos_token_id": [], "stop": [stop]}),
+            # Another family through the same seam: LLaMA with grouped-query attention.
+            ([P(30, 30, 30, 30, num_gpu_batches=2), P(0, 0, 0, 100, num_gpu_batches=2)], {"eos_token_id": []},
+             llama),
         ]
     else:
         cases = [
@@ -127,7 +135,7 @@ def test_stages_match_single_process(deep_opt, prompts, tmp_path, world):
               P(num_gpu_batches=2)], {"eos_token_id": []}),
             ([P(gpu_batch_size=1, num_gpu_batches=4)], {"eos_token_id": [int(ref[0, P0])]}),
         ]
-    expected = [_reference(path, pols[0], ids, mask, offload, kw) for pols, kw in cases]
+    expected = [_reference(path, pols[0], ids, mask, offload, kw, *other) for pols, kw, *other in cases]
     if world == 2:
         assert expected[3].shape[1] <= P0 + 2 and expected[4][1, -1] == 1   # the early stops happen
     codes, hung = _spawn(world, path, offload, cases, ids, mask, str(tmp_path))
