@@ -6,15 +6,23 @@
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
+# Extras installed for `make test`: the HELM tests need `helm` (crfm-helm); EXTRAS=test skips it.
+EXTRAS ?= test,helm
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.flexgen-installed
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench gpu-suite clean
 
-$(STAMP): pyproject.toml
+# crfm-helm would otherwise replace the pinned torch: the extras install under a constraint that
+# holds it. It also pulls torchvision (a CUDA build) that breaks transformers' model imports on a
+# CPU-only torch; HELM needs torchvision only for image metrics, so it goes when it breaks them.
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test]"
+	echo "$(TORCH)" > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[$(EXTRAS)]"
+	$(PY) -c "from transformers import OPTForCausalLM" 2>/dev/null || $(PY) -m pip uninstall -y -q torchvision
+	$(PY) -c "from transformers import OPTForCausalLM"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -32,6 +40,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_vs_hf.py
+
+# One call on a GPU machine: OK/FAIL per check, figures in gpu_suite.json (see README).
+gpu-suite:
+	PYTHONPATH=. $(PYTHON) benchmarks/gpu_suite.py --out gpu_suite.json
 
 clean:
 	$(PY) -m flexgen clean --offload-dir ./offload || true

@@ -68,6 +68,10 @@ WORKLOADS = {
                              flexgen_budget=(2, 5, 40), note="prefill-heavy"),
     "short-2.7b": Workload("opt-2.7b", 16, 16, 4, ("accelerate", "flexgen-auto"), peer_batches=(32, 64, 128),
                            flexgen_budget=(1, 2.5, 20), note="short prompts, both near compute-bound"),
+    "inmem-llama-1b": Workload("llama-1b", 128, 32, None, ("transformers", "flexgen"),
+                               note="Llama 3.2 1B's shape (GQA, tied head), random weights, everything fits"),
+    "offload-llama-3-8b": Workload("llama-3-8b", 32, 32, 8, ("accelerate", "flexgen-auto"), peer_batches=(8, 16, 32),
+                                   flexgen_budget=(2, 5, 40), note="16 GB in bf16, 8 GiB limit"),
     "offload-13b": Workload("opt-13b", 32, 64, None, ("accelerate", "flexgen-auto"), peer_batches=(16, 32),
                             flexgen_budget=(8, 10, 60), note="26 GB in bf16: larger than this machine's RAM"),
 }
@@ -88,6 +92,11 @@ def hf_config(model: str) -> dict:
                     num_attention_heads=4, ffn_dim=256, vocab_size=1000, max_position_embeddings=256,
                     word_embed_proj_dim=64, do_layer_norm_before=True, pad_token_id=1, bos_token_id=2,
                     eos_token_id=2, activation_function="relu", enable_bias=True, tie_word_embeddings=True)
+    if model == "llama-1b":   # Llama 3.2 1B's shape; not a named size of flexgen's
+        return dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=2048, num_hidden_layers=16,
+                    num_attention_heads=32, num_key_value_heads=8, intermediate_size=8192, vocab_size=128256,
+                    max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                    bos_token_id=128000, eos_token_id=128001, pad_token_id=128001)
     cfg = args_from_name(model).to_hf_config()
     cfg.setdefault("model_type", "opt")
     cfg.setdefault("architectures", ["OPTForCausalLM"])
@@ -204,6 +213,7 @@ def child(a) -> dict:
         out["prefill_s"] = (clock.first or t1) - t0
         out["decode_s"] = t1 - (clock.first or t1)
         out["generated_tokens"] = (seq.shape[1] - a.prompt_len) * a.batch
+        out["tokens"] = seq[:, a.prompt_len:].tolist()
     else:
         import flexgen
         from flexgen.optimizer.auto import choose_policy
@@ -238,7 +248,8 @@ def child(a) -> dict:
         t0 = time.perf_counter()
         with flexgen.load_model(a.ckpt, policy, device="cpu", dtype=dtype, offload_dir=a.offload_dir) as m:
             out["load_s"] = time.perf_counter() - t0
-            m.generate(ids, max_new_tokens=a.gen_len, eos_token_id=[])
+            seq = m.generate(ids, max_new_tokens=a.gen_len, eos_token_id=[])
+            out["tokens"] = seq[:, a.prompt_len:].tolist()
             s = m.stats
             out.update(prefill_s=s.prefill_time, decode_s=s.decode_time, generated_tokens=s.generated_tokens,
                        timings=dict(s.timings), peak_memory=dict(s.peak_memory), direct_io=s.direct_io)
@@ -371,6 +382,16 @@ def machine() -> dict:
             "python": platform.python_version()}
 
 
+def token_agreement(rows) -> Optional[float]:
+    """Share of equal generated tokens between transformers and fixed-policy flexgen at one batch."""
+    hf = next((r for r in rows if r.get("system") == "transformers" and "tokens" in r), None)
+    fg = next((r for r in rows if r.get("system") == "flexgen" and "tokens" in r), None)
+    if hf is None or fg is None or len(hf["tokens"]) != len(fg["tokens"]):
+        return None
+    pairs = [(x, y) for a, b in zip(hf["tokens"], fg["tokens"]) for x, y in zip(a, b)]
+    return sum(x == y for x, y in pairs) / len(pairs) if pairs else None
+
+
 def _fmt_gib(n) -> str:
     return "-" if n is None else f"{n / GIB:.2f}"
 
@@ -407,7 +428,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16", help="compute dtype of every system (default bfloat16)")
     ap.add_argument("--hardware", help="hardware profile for flexgen-auto (default: this machine's)")
     ap.add_argument("--policy-percent", type=float, nargs=6, default=[100, 0, 100, 0, 100, 0])
-    ap.add_argument("--policy-gbs", type=int, default=8)
+    ap.add_argument("--policy-gbs", type=int, help="default: the workload's largest peer batch")
     ap.add_argument("--policy-ngb", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per system run")
     ap.add_argument("--ablations", action="store_true",
@@ -453,7 +474,8 @@ def main(argv=None) -> int:
                     if a.hardware:
                         extra += ["--hardware", a.hardware]
                 else:
-                    extra += ["--policy-percent", *map(str, a.policy_percent), "--policy-gbs", str(a.policy_gbs),
+                    gbs = a.policy_gbs or w.peer_batches[-1]
+                    extra += ["--policy-percent", *map(str, a.policy_percent), "--policy-gbs", str(gbs),
                               "--policy-ngb", str(a.policy_ngb)]
                 rows.append(run_child(base + extra, w.limit_gib, a.timeout))
         if a.ablations:
@@ -465,6 +487,7 @@ def main(argv=None) -> int:
                 rows.append(run_child(base + extra, w.limit_gib, a.timeout))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    agree = token_agreement(rows)
     ref = next((r["throughput"] for r in rows if r.get("system", "").startswith("flexgen") and "failed" not in r),
                None)
     head = (f"workload {a.workload}: {w.model} ({a.dtype}), prompt {w.prompt_len}, gen {w.gen_len}, memory limit "
@@ -497,12 +520,16 @@ def main(argv=None) -> int:
     for r in rows:
         if "tried" in r:
             lines.append(f"\n{r['system']} throughput by batch: " + ", ".join(f"{b}: {v}" for b, v in r["tried"].items()))
+    if agree is not None:
+        lines.append(f"\ntoken agreement transformers vs flexgen (same weights, prompts and batch): {agree:.1%}")
+    for r in rows:
+        r.pop("tokens", None)
     table = "\n".join(lines)
     print(table)
     mach = machine()
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     if a.json_out:
-        Path(a.json_out).write_text(json.dumps({"workload": asdict(w), "rows": rows, "machine": mach, "date": when},
+        Path(a.json_out).write_text(json.dumps({"workload": asdict(w), "rows": rows, "token_agreement": agree, "machine": mach, "date": when},
                                                indent=2, default=str))
     if a.record:
         cmd = "python benchmarks/compare.py " + " ".join(argv)

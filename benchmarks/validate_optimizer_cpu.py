@@ -28,7 +28,7 @@ from flexgen.optimizer import HardwareProfile, estimate, measure_hardware  # noq
 # states, layer outputs, compute temporaries and transient copies it does not).
 TRACKED = {
     "gpu": ("weights", "weight slots", "kv cache", "dequantized weights"),
-    "cpu": ("weights", "weight staging", "kv cache", "hidden"),
+    "cpu": ("weights", "weight staging", "kv cache", "hidden", "hidden staging"),
     "disk": ("weights", "kv cache", "hidden"),
 }
 TRACKED_DECODE = {"gpu": ("cache buffers",), "cpu": ("cache buffers",), "disk": ()}

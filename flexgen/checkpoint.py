@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,14 +176,35 @@ class CheckpointSource:
             raise FlexGenError(f"cannot read tensor {key} from {f}: {e} (truncated or corrupt file?)") from None
 
     def fingerprint(self) -> str:
-        h = hashlib.sha256((self.path / "config.json").read_bytes())
-        for f in self.files:
-            st = f.stat()
-            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-        return h.hexdigest()
+        return fingerprint(self.path, [f.name for f in self.files])
 
     def close(self):
         self._open.clear()
+
+
+def fingerprint(path: Path, files: list[str]) -> str:
+    """What identifies a checkpoint's contents cheaply: config.json, and each weight file's size and mtime."""
+    h = hashlib.sha256((Path(path) / "config.json").read_bytes())
+    for name in files:
+        st = (Path(path) / name).stat()
+        h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def store_staleness(manifest: dict) -> Optional[str]:
+    """Why a store no longer matches any checkpoint (gone, or changed since), else None."""
+    src = Path(manifest.get("source", ""))
+    if not (src / "config.json").is_file():
+        return f"its checkpoint {src} no longer exists"
+    files, fp = manifest.get("files"), manifest.get("fingerprint")
+    if files is None or fp is None:
+        return None  # written before fingerprints were kept: cannot tell
+    try:
+        if fingerprint(src, files) != fp:
+            return f"its checkpoint {src} changed since it was built"
+    except OSError:
+        return f"its checkpoint {src} changed since it was built"
+    return None
 
 
 def _normalize(key: str) -> str:
@@ -249,11 +270,18 @@ def _hf_cache_lookup(model: str) -> Optional[Path]:
 # The weight store.
 
 class WeightStore:
-    """Per-layer weight files in the offload directory, read by byte range."""
+    """Per-layer weight files in the offload directory, read by byte range.
+
+    Every array's CRC32 is in the manifest. A run checks each array the first time its
+    bytes are read into memory (`check_range`), so a file corrupted in place gives an
+    error instead of different tokens; `verify` reads the whole store.
+    """
 
     def __init__(self, directory: Path, layouts: list[LayerLayout]):
         self.dir = Path(directory)
         self.layouts = layouts
+        self.lock = None          # offload.FileLock, shared, while a model uses the store
+        self._manifest: Optional[dict] = None
 
     def layer_path(self, idx: int) -> Path:
         return self.dir / f"layer_{idx:04d}.bin"
@@ -266,13 +294,34 @@ class WeightStore:
     @classmethod
     def open_or_build(cls, source: CheckpointSource, dtype: torch.dtype, compress: bool, root: Path,
                       progress: bool = True) -> "WeightStore":
+        """The store for (source, dtype, compress), built if missing; safe with concurrent runs."""
+        from flexgen import offload
+
         layouts = model_layouts(source.args, dtype, compress)
-        directory = Path(root) / "weights" / cls.key(source, dtype, compress)
-        store = cls(directory, layouts)
-        if store._valid():
-            return store
-        store._build(source, progress)
+        weights = Path(root) / "weights"
+        key = cls.key(source, dtype, compress)
+        store = cls(weights / key, layouts)
+        log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+        built = []
+
+        def build(tmp: Path) -> None:
+            cls(tmp, layouts)._build(source, progress, name=key)
+            built.append(tmp)
+
+        store.lock = offload.open_store(weights, key, lambda d: cls(d, layouts)._valid(), build, log)
+        if built:
+            _note_older_stores(weights, key, source)
         return store
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def manifest(self) -> dict:
+        if self._manifest is None:
+            self._manifest = json.loads((self.dir / "manifest.json").read_text())
+        return self._manifest
 
     def _valid(self) -> bool:
         manifest = self.dir / "manifest.json"
@@ -280,26 +329,27 @@ class WeightStore:
             return False
         try:
             m = json.loads(manifest.read_text())
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, OSError):
             return False
         if m.get("version") != STORE_VERSION or len(m.get("layers", [])) != len(self.layouts):
             return False
         return all(self.layer_path(i).is_file() and self.layer_path(i).stat().st_size == lay.file_bytes
                    for i, lay in enumerate(self.layouts))
 
-    def _build(self, source: CheckpointSource, progress: bool) -> None:
+    def _build(self, source: CheckpointSource, progress: bool, name: str = "") -> None:
+        """Write the store into self.dir (an empty directory the caller renames into place)."""
         from tqdm import tqdm
 
-        if self.dir.exists():
-            shutil.rmtree(self.dir)
-        try:
-            self.dir.mkdir(parents=True)
-        except OSError as e:
-            raise FlexGenError(f"cannot create weight store {self.dir}: {e.strerror}") from None
-        manifest = {"version": STORE_VERSION, "source": str(getattr(source, "path", source.name)), "layers": []}
+        from flexgen.offload import STORE_FORMAT
+
+        manifest = {"format": STORE_FORMAT, "version": STORE_VERSION,
+                    "source": str(getattr(source, "path", source.name)), "layers": []}
+        if isinstance(source, CheckpointSource):
+            manifest["files"] = [f.name for f in source.files]
+            manifest["fingerprint"] = source.fingerprint()
         total = sum(lay.nbytes for lay in self.layouts)
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"writing weight store {self.dir.name}",
-                   disable=not progress, leave=False)
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"writing weight store {name or self.dir.name}",
+                   disable=None if progress else True, leave=False)
         try:
             for idx, lay in enumerate(self.layouts):
                 entries = []
@@ -324,24 +374,72 @@ class WeightStore:
             tmp.write_text(json.dumps(manifest, indent=1))
             os.replace(tmp, self.dir / "manifest.json")  # written last: marks the store complete
         except OSError as e:
-            shutil.rmtree(self.dir, ignore_errors=True)
             raise FlexGenError(f"writing weight store {self.dir} failed: {e.strerror}") from None
-        except BaseException:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            raise
         finally:
             bar.close()
 
-    def verify(self) -> list[str]:
-        """Names of arrays whose CRC no longer matches the manifest."""
-        m = json.loads((self.dir / "manifest.json").read_text())
-        bad = []
-        for idx, layer in enumerate(m["layers"]):
-            data = self.layer_path(idx).read_bytes()
-            for a in layer["arrays"]:
-                if zlib.crc32(data[a["offset"]:a["offset"] + a["nbytes"]]) != a["crc32"]:
-                    bad.append(f"layer {idx} {a['field']}{'.' + a['part'] if a['part'] else ''}")
-        return bad
+    def check_range(self, idx: int, data: torch.Tensor, start: int, carry: dict[int, int]) -> dict[int, int]:
+        """Check the CRCs of layer idx's arrays against `data`, its bytes from `start` on.
+
+        Call it on consecutive ranges of the layer: an array that runs past the end of
+        `data` keeps its running CRC in `carry` (returned) for the next range.
+        """
+        buf = data.numpy() if isinstance(data, torch.Tensor) else data
+        end = start + len(buf)
+        for a in self.manifest()["layers"][idx]["arrays"]:
+            off, stop = a["offset"], a["offset"] + a["nbytes"]
+            if stop <= start or off >= end:
+                continue
+            if off < start and off not in carry:
+                continue  # its head was not seen (e.g. checked by a full verify instead)
+            crc = zlib.crc32(buf[max(off - start, 0):min(stop, end) - start], carry.pop(off, 0))
+            if stop > end:
+                carry[off] = crc
+            elif crc != a["crc32"]:
+                self._corrupt(idx, a)
+        return carry
+
+    def _corrupt(self, idx: int, a: dict):
+        what = f"{a['field']}{'.' + a['part'] if a['part'] else ''}"
+        raise FlexGenError(f"weight store file {self.layer_path(idx)} is corrupt ({what} fails its checksum); "
+                           f"rebuild the store from the checkpoint: `python -m flexgen clean --offload-dir "
+                           f"{self.dir.parent.parent}`, then run again")
+
+    def verify(self, progress=None) -> None:
+        """Read every array of the store and check its CRC; raises FlexGenError on a mismatch."""
+        chunk = 64 << 20
+        for idx, layer in enumerate(self.manifest()["layers"]):
+            try:
+                with open(self.layer_path(idx), "rb") as f:
+                    for a in layer["arrays"]:
+                        f.seek(a["offset"])
+                        crc, left = 0, a["nbytes"]
+                        while left > 0:
+                            b = f.read(min(chunk, left))
+                            if not b:
+                                break
+                            crc, left = zlib.crc32(b, crc), left - len(b)
+                        if left or crc != a["crc32"]:
+                            self._corrupt(idx, a)
+            except OSError as e:
+                raise FlexGenError(f"cannot read {self.layer_path(idx)}: {e.strerror}") from None
+            if progress is not None:
+                progress(idx)
+
+
+def _note_older_stores(weights: Path, key: str, source) -> None:
+    """A changed checkpoint gets a new store; say that the old one stays until cleaned."""
+    from flexgen.offload import read_manifest, tree_bytes
+
+    src = str(getattr(source, "path", ""))
+    for d in sorted(weights.iterdir()):
+        if d.name == key or d.name.startswith(".") or not d.is_dir():
+            continue
+        m = read_manifest(d)
+        if m is not None and m.get("source") == src and store_staleness(m) is not None:
+            print(f"flexgen: note: the checkpoint changed since weight store {d} was built; it still holds "
+                  f"{tree_bytes(d) / (1 << 30):.2f} GiB (`python -m flexgen clean --stale --offload-dir "
+                  f"{weights.parent}` removes it)", file=sys.stderr)
 
 
 def dummy_layer_bytes(source: DummySource, layout: LayerLayout) -> torch.Tensor:
@@ -353,13 +451,3 @@ def dummy_layer_bytes(source: DummySource, layout: LayerLayout) -> torch.Tensor:
             sa = next(a for a in layout.arrays if a.field == e.field and a.part == part)
             flat[sa.offset:sa.end].copy_(arr.reshape(-1).view(torch.uint8))
     return flat
-
-
-def remove_stores(root: Path) -> int:
-    """Delete every weight store under an offload directory; returns bytes freed."""
-    d = Path(root) / "weights"
-    if not d.is_dir():
-        return 0
-    freed = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
-    shutil.rmtree(d)
-    return freed

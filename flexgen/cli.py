@@ -1,7 +1,7 @@
 """`python -m flexgen`: run a generation benchmark; `policy`, `profile` and `clean` subcommands.
 
-User mistakes print one line `flexgen: error: ...` and exit 2; Ctrl-C removes the run's
-offload files and exits 130.
+User mistakes print one line `flexgen: error: ...` and exit 2; Ctrl-C, SIGTERM and SIGHUP
+remove the run's offload files and exit 128 + the signal number.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from typing import Optional
 
 from flexgen.errors import FlexGenError
 
-SUBCOMMANDS = ("generate", "helm", "policy", "profile", "clean")
+SUBCOMMANDS = ("generate", "helm", "policy", "profile", "clean", "verify")
 DEFAULT_PROMPT = "Paris is the capital city of"
+DEFAULT_LENGTHS = (512, 32)   # the FlexGen paper's workload; `flexgen policy` plans for the same
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -63,17 +64,23 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m flexgen",
         description="Generate with an OPT model offloaded across gpu / cpu / disk and report throughput. "
                     "Subcommands: generate (a JSONL batch job), helm (HELM scenarios), policy (choose or "
-                    "evaluate a policy), profile (measure this machine), clean (remove weight stores).")
+                    "evaluate a policy), profile (measure this machine), clean (remove weight stores and files "
+                    "of dead runs), verify (check weight stores).")
     add_model_args(p)
     add_policy_args(p)
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--gen-len", type=int, default=16)
+    p.add_argument("--prompt-len", type=int, help=f"prompt tokens per sequence (default: the --policy file's, "
+                   f"else {DEFAULT_LENGTHS[0]}, the paper's workload)")
+    p.add_argument("--gen-len", type=int, help=f"tokens to generate per sequence (default: the --policy file's, "
+                   f"else {DEFAULT_LENGTHS[1]})")
     p.add_argument("--num-prompts", type=int, help="sequences to generate (default: one block)")
     p.add_argument("--dry-run", action="store_true", help="print the policy chosen for --gpu-mem and its "
                    "prediction, then stop")
     p.add_argument("--seed", type=int, default=0, help="seed for dummy weights and random prompts")
     p.add_argument("--json-out", metavar="FILE", help="also write the figures as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--verify-store", action="store_true",
+                   help="read the whole weight store and check every checksum before running (each array "
+                        "is always checked when first read)")
     return p
 
 
@@ -117,8 +124,8 @@ def _auto_policy(a):
 
     policy, est = choose_policy(
         model_args_for(a.model), a.prompt_len, a.gen_len, offload_dir=Path(a.offload_dir or default_offload_dir()),
-        gpu_mem=a.gpu_mem, cpu_mem=a.cpu_mem, disk_mem=a.disk_mem, hardware=a.hardware,
-        compress_weight=bool(a.compress_weight), compress_cache=bool(a.compress_cache),
+        gpu_mem=a.gpu_mem, cpu_mem=a.cpu_mem, disk_mem=a.disk_mem, hardware=a.hardware, device=a.device,
+        dtype=a.dtype, compress_weight=bool(a.compress_weight), compress_cache=bool(a.compress_cache),
         cpu_cache_compute=a.cpu_cache_compute, overlap=a.overlap is not False,
         gpu_batch_size=a.gpu_batch_size, num_gpu_batches=a.num_gpu_batches)
     print(format_estimate(est, title=f"chosen policy for {a.model} ({est.hardware})"))
@@ -187,9 +194,18 @@ def report(model, stats, a) -> dict:
         "disk_write_bytes": stats.disk_write_bytes,
         "process_peak_rss_bytes": stats.process_peak_rss,
         "cuda_peak_allocated_bytes": stats.cuda_peak_allocated,
+        "cuda_peak_reserved_bytes": stats.cuda_peak_reserved,
         "disk_io_mode": {True: "O_DIRECT", False: "buffered (page cache)", None: "no disk tier used"}[stats.direct_io],
-        "timings_s": dict(stats.timings),
+        "timings_s": _with_other(dict(stats.timings)),
     }
+
+
+def _with_other(t: dict) -> dict:
+    """Name every second of a phase: what is neither compute nor a wait is scheduling overhead."""
+    for phase in ("prefill", "decode"):
+        if phase in t:
+            t[f"{phase}.other"] = max(0.0, t[phase] - t.get(f"{phase}.compute", 0.0) - t.get(f"{phase}.wait", 0.0))
+    return t
 
 
 def print_report(r: dict) -> None:
@@ -214,8 +230,30 @@ def print_report(r: dict) -> None:
     extra = (f"disk read {_fmt_bytes(r['disk_read_bytes'])}, written {_fmt_bytes(r['disk_write_bytes'])}; "
              f"process peak RSS {_fmt_bytes(r['process_peak_rss_bytes'])}")
     if r["cuda_peak_allocated_bytes"] is not None:
-        extra += f", CUDA peak allocated {_fmt_bytes(r['cuda_peak_allocated_bytes'])}"
+        extra += (f", CUDA peak allocated {_fmt_bytes(r['cuda_peak_allocated_bytes'])}"
+                  f" / reserved {_fmt_bytes(r['cuda_peak_reserved_bytes'])}")
     print(extra)
+
+
+def _lengths_from_policy_file(a) -> None:
+    """Fill unset --prompt-len/--gen-len from the policy file; warn where the file disagrees."""
+    meta = {}
+    if a.policy:
+        try:
+            data = json.loads(Path(a.policy).read_text())
+            meta = data if isinstance(data, dict) and "policy" in data else {}
+        except (OSError, ValueError):
+            pass  # Policy.load reports it
+    for name, default in (("prompt_len", DEFAULT_LENGTHS[0]), ("gen_len", DEFAULT_LENGTHS[1])):
+        given, planned = getattr(a, name), meta.get(name)
+        if given is None:
+            setattr(a, name, planned if isinstance(planned, int) else default)
+        elif isinstance(planned, int) and planned != given:
+            print(f"flexgen: warning: {a.policy} was planned for {name.replace('_', ' ')} {planned}; running "
+                  f"with --{name.replace('_', '-')} {given}", file=sys.stderr)
+    planned = meta.get("model")
+    if isinstance(planned, str) and planned != a.model and Path(a.model).name != planned:
+        print(f"flexgen: warning: {a.policy} was planned for model {planned}; running {a.model}", file=sys.stderr)
 
 
 def run_main(argv: list[str]) -> int:
@@ -227,9 +265,19 @@ def run_main(argv: list[str]) -> int:
         sys.stdout = open(os.devnull, "w")
         a.quiet = True
 
+    _lengths_from_policy_file(a)
+    if a.prompt_len < 1:
+        raise FlexGenError(f"--prompt-len must be >= 1, got {a.prompt_len}")
+    if a.gen_len < 1:
+        raise FlexGenError(f"--gen-len must be >= 1, got {a.gen_len}")
+    if a.num_prompts is not None and a.num_prompts < 1:
+        raise FlexGenError(f"--num-prompts must be >= 1, got {a.num_prompts}")
+    if a.json_out:
+        from flexgen.outputs import check_writable
+        check_writable(a.json_out, "--json-out file")   # now, not after hours of work
     auto = a.percent is None and a.policy is None and (
         a.gpu_mem is not None or a.cpu_mem is not None or a.disk_mem is not None or a.dry_run)
-    if auto and a.gen_len >= 1 and a.prompt_len >= 1:
+    if auto:
         if a.gpu_mem is None:
             raise FlexGenError("choosing a policy needs --gpu-mem (GiB of accelerator memory; on a CPU-only "
                                "machine, the part of host memory that plays the gpu tier)")
@@ -241,16 +289,11 @@ def run_main(argv: list[str]) -> int:
                            "or --policy (see `python -m flexgen policy` to evaluate a given policy)")
     else:
         policy = policy_from_args(a)
-    if a.gen_len < 1:
-        raise FlexGenError(f"--gen-len must be >= 1, got {a.gen_len}")
-    if a.num_prompts is not None and a.num_prompts < 1:
-        raise FlexGenError(f"--num-prompts must be >= 1, got {a.num_prompts}")
     model = load_model(a.model, policy, device=a.device, dtype=a.dtype, offload_dir=a.offload_dir,
-                       dummy=a.dummy, seed=a.seed, progress=not a.quiet)
+                       dummy=a.dummy, seed=a.seed, progress=not a.quiet, prompt_len=a.prompt_len,
+                       gen_len=a.gen_len, verify_store=a.verify_store,
+                       gpu_mem=a.gpu_mem * 2**30 if a.gpu_mem is not None else None)
     try:
-        if a.prompt_len + a.gen_len > model.args.max_position_embeddings:
-            raise FlexGenError(f"--prompt-len {a.prompt_len} + --gen-len {a.gen_len} exceed the model's "
-                               f"{model.args.max_position_embeddings} positions")
         tokenizer = None if a.dummy else _tokenizer(a.model)
         ids = _prompts(model, a, tokenizer)
         # Fixed-length runs, as the paper measures: no early stop at EOS.
@@ -267,31 +310,97 @@ def run_main(argv: list[str]) -> int:
         if "stages" in r:
             pipeline.print_stages(r)
         if a.json_out:
-            try:
-                Path(a.json_out).write_text(json.dumps(r, indent=2) + "\n")
-            except OSError as e:
-                raise FlexGenError(f"cannot write {a.json_out}: {e.strerror}") from None
+            from flexgen.outputs import write_atomic
+            write_atomic(a.json_out, json.dumps(r, indent=2) + "\n", "--json-out file")
     finally:
         model.close()
     return 0
 
 
 def clean_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m flexgen clean",
-                                description="Remove the weight stores under an offload directory.")
+    p = argparse.ArgumentParser(
+        prog="python -m flexgen clean",
+        description="Remove what flexgen made under an offload directory: weight stores (not those in use "
+                    "by a running process) and the run files of processes that are gone. Nothing else in "
+                    "the directory is touched.")
     p.add_argument("--offload-dir", help="default $FLEXGEN_OFFLOAD_DIR or ~/.cache/flexgen")
+    p.add_argument("--stale", action="store_true", help="only what is stale: run files of dead processes, "
+                   "unfinished stores, stores whose checkpoint is gone or has changed")
+    p.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
     a = p.parse_args(argv)
-    from flexgen.checkpoint import remove_stores
+    from flexgen import offload
+    from flexgen.checkpoint import store_staleness
     from flexgen.engine import default_offload_dir
 
     root = Path(a.offload_dir).expanduser() if a.offload_dir else default_offload_dir()
-    freed = remove_stores(root)
-    print(f"removed weight stores under {root} ({_fmt_bytes(freed)})")
+    if not root.is_dir():
+        print(f"nothing to remove: {root} does not exist")
+        return 0
+    items, notes = offload.plan_clean(root, stale_only=a.stale, store_stale=store_staleness)
+    freed = 0
+    for it in items:
+        note = None if a.dry_run else offload.remove(it)
+        if note:
+            notes.append(note)
+            continue
+        freed += it.nbytes
+        print(f"{'would remove' if a.dry_run else 'removed'} {it.path} ({_fmt_bytes(it.nbytes)}): {it.why}")
+    for n in notes:
+        print(n)
+    if not a.dry_run:
+        try:
+            (root / "weights").rmdir()   # only if nothing is left in it
+        except OSError:
+            pass
+    verb = "would free" if a.dry_run else "freed"
+    print(f"{verb} {_fmt_bytes(freed)} under {root}" if items else f"nothing to remove under {root}")
     return 0
 
 
+def verify_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m flexgen verify",
+                                description="Read every weight store under an offload directory and check "
+                                            "each tensor's checksum.")
+    p.add_argument("--offload-dir", help="default $FLEXGEN_OFFLOAD_DIR or ~/.cache/flexgen")
+    a = p.parse_args(argv)
+    from flexgen import offload
+    from flexgen.checkpoint import WeightStore
+    from flexgen.engine import default_offload_dir
+
+    root = Path(a.offload_dir).expanduser() if a.offload_dir else default_offload_dir()
+    weights = root / "weights"
+    stores = [d for d in sorted(weights.iterdir()) if not d.name.startswith(".") and d.is_dir()
+              and offload.read_manifest(d) is not None] if weights.is_dir() else []
+    if not stores:
+        raise FlexGenError(f"no weight store under {root}")
+    for d in stores:
+        WeightStore(d, []).verify()
+        print(f"ok {d}")
+    return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, unwound like Ctrl-C so that every cleanup on the way runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    import signal
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    previous = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            previous[sig] = signal.signal(sig, _raise_terminated)
+    except ValueError:
+        pass  # not the main thread: leave signals alone
     try:
         if argv and argv[0] in SUBCOMMANDS:
             cmd, rest = argv[0], argv[1:]
@@ -303,12 +412,19 @@ def main(argv: Optional[list[str]] = None) -> int:
             if cmd == "helm":
                 from flexgen.helm.cli import helm_main
                 return helm_main(rest)
+            if cmd == "verify":
+                return verify_main(rest)
             from flexgen.optimizer import cli as opt_cli
             return opt_cli.policy_main(rest) if cmd == "policy" else opt_cli.profile_main(rest)
         return run_main(argv)
     except FlexGenError as e:
         print(f"flexgen: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("flexgen: interrupted; run files removed", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        name = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        print(f"flexgen: {name}; run files removed", file=sys.stderr)
+        return 128 + signum
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from flexgen import offload, preflight
 from flexgen.activations import HiddenSlot
 from flexgen.checkpoint import CheckpointSource, DummySource, WeightStore, model_layouts, resolve_source
 from flexgen.errors import FlexGenError
@@ -48,6 +48,7 @@ class GenerationStats:
     cache_bytes: dict = field(default_factory=dict)     # tier -> bytes of one block's KV cache
     process_peak_rss: int = 0
     cuda_peak_allocated: Optional[int] = None
+    cuda_peak_reserved: Optional[int] = None      # what --gpu-mem caps (allocator blocks)
     direct_io: Optional[bool] = None
     disk_read_bytes: int = 0      # weights, KV cache and activations read from disk
     disk_write_bytes: int = 0
@@ -66,17 +67,22 @@ class FlexGenModel:
     """A model of any supported family placed across gpu / cpu / disk by a Policy. Create with `load_model`."""
 
     def __init__(self, args, policy: Policy, device: ComputeDevice, dtype: torch.dtype,
-                 offload_dir: Path, source, progress: bool = True, layers: Optional[slice] = None):
+                 offload_dir: Path, source, progress: bool = True, verify_store: bool = False,
+                 layers: Optional[slice] = None):
         self.args, self.policy, self.device, self.dtype = args, policy, device, dtype
         # A pipeline stage holds a contiguous slice of the layer list (flexgen/pipeline.py).
         self.layers = layers or slice(None)
         self.offload_dir = offload_dir
+        self.progress = progress
+        self._bar, self._bar_rows = None, 0
         self.tracker = MemoryTracker()
         self.stats = GenerationStats()
         self.io = IOPool(num_threads=2)
+        self.store = None
         try:
             offload_dir.mkdir(parents=True, exist_ok=True)
-            self.run_dir = Path(tempfile.mkdtemp(prefix=f"run-{os.getpid()}-", dir=offload_dir))
+            offload.remove_stale_runs(offload_dir)  # left by runs that were killed (SIGKILL, OOM)
+            self.run_dir = offload.make_run_dir(offload_dir)
         except OSError as e:
             raise FlexGenError(f"offload directory {offload_dir} is not writable: {e.strerror}") from None
         # Run files (dummy disk weights, KV cache, activations) go with the run, also on
@@ -88,11 +94,14 @@ class FlexGenModel:
             self.placement: Placement = plan([lay.nbytes for lay in layouts], policy)
             store = None
             if isinstance(source, CheckpointSource):
-                store = WeightStore.open_or_build(source, dtype, policy.compress_weight, offload_dir, progress)
+                store = self.store = WeightStore.open_or_build(source, dtype, policy.compress_weight,
+                                                               offload_dir, progress)
                 source.close()
+                if verify_store:
+                    store.verify()
             from tqdm import tqdm
-            with tqdm(total=len(layouts), desc="placing weights", unit="layer", disable=not progress,
-                      leave=False) as bar:
+            with tqdm(total=len(layouts), desc="placing weights", unit="layer",
+                      disable=None if progress else True, leave=False) as bar:
                 self.weights = PlacedWeights(
                     layouts, self.placement.weights, device, dtype, self.tracker,
                     store=_StoreSlice(store, self.layers.start) if store is not None and self.layers.start else store,
@@ -122,6 +131,8 @@ class FlexGenModel:
         are filled with pad_token_id, and generation stops when every row has ended.
         With output_logits=True returns (sequences, logits (n, new, vocab) float32).
         """
+        if getattr(self, "weights", None) is None:
+            raise FlexGenError("this model is closed; load it again with load_model")
         input_ids = torch.as_tensor(input_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -136,6 +147,7 @@ class FlexGenModel:
         B = self.policy.block_size
         self.begin_stats()
         outputs, logits = [], []
+        self._bar = _progress_bar(n * max_new_tokens, self.progress)
         for start in range(0, n, B):
             real = min(B, n - start)
             stopper = StopCriteria(B, eos, stop or [], pad, self.device.device)
@@ -145,6 +157,8 @@ class FlexGenModel:
             outputs.append(block.output[:real])
             if output_logits:
                 logits.append(block.logits[:real])
+        self._bar.close()
+        self._bar = None
         self.end_stats()
         width = max(o.shape[1] for o in outputs)
         new = torch.full((n, width), pad, dtype=torch.long)
@@ -182,6 +196,8 @@ class FlexGenModel:
         ones are padding (copies of the first row) and are marked done here. Returns the
         Block: output (B, steps), and the stopper's lengths and reasons per row.
         """
+        if getattr(self, "weights", None) is None:
+            raise FlexGenError("this model is closed; load it again with load_model")
         B = self.policy.block_size
         dev = self.device.device
         real, P = input_ids.shape
@@ -200,6 +216,7 @@ class FlexGenModel:
             forced = forced.to(dev)
             block.forced = torch.cat([forced, forced[:1].expand(B - real, -1)]) if real < B else forced
         stopper.done[real:] = True   # padding rows never hold generation back
+        self._bar_rows = real
         self._run_block(block)
         self.stats.generated_tokens += real * block.steps_done
         self.stats.prompt_tokens += real * P
@@ -245,7 +262,7 @@ class FlexGenModel:
         if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
             raise FlexGenError("input_ids must be (batch, prompt_len) with batch >= 1 and prompt_len >= 1, "
                                f"got {tuple(input_ids.shape)}")
-        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
             raise FlexGenError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
         P = input_ids.shape[1]
         if max_new_tokens < 1:
@@ -255,6 +272,14 @@ class FlexGenModel:
                                f"{self.args.max_position_embeddings} positions")
         if attention_mask.shape != input_ids.shape:
             raise FlexGenError("attention_mask must have the shape of input_ids")
+        # Padding after a row's tokens would sit between its prompt and its new tokens.
+        m = attention_mask.bool()
+        right = (~m[:, 1:] & m[:, :-1]).any(dim=1) | ~m.any(dim=1)
+        if bool(right.any()):
+            row = int(right.nonzero()[0])
+            raise FlexGenError(f"prompts must be left-padded (padding before the tokens, as with a tokenizer's "
+                               f"padding_side='left'); row {row} of attention_mask has padding after its tokens "
+                               "or no tokens at all")
         if int(input_ids.max()) >= self.args.vocab_size or int(input_ids.min()) < 0:
             raise FlexGenError(f"token ids must be within [0, {self.args.vocab_size})")
 
@@ -289,12 +314,15 @@ class FlexGenModel:
             self.stats.prefill_time += seconds
         elif name == "decode":
             self.stats.decode_time += seconds
+        if name in ("prefill", "decode") and self._bar is not None:
+            self._bar.update(self._bar_rows)
 
     def _collect_memory(self):
         self.stats.peak_memory = self.tracker.report()
         self.stats.process_peak_rss = process_peak_rss()
         if self.device.is_cuda:
             self.stats.cuda_peak_allocated = torch.cuda.max_memory_allocated(self.device.device)
+            self.stats.cuda_peak_reserved = torch.cuda.max_memory_reserved(self.device.device)
 
     # -- lifetime ---------------------------------------------------------------------
 
@@ -306,6 +334,8 @@ class FlexGenModel:
         if getattr(self, "io", None) is not None:
             self.io.shutdown()
             self.io = None
+        if getattr(self, "store", None) is not None:
+            self.store.release()
         if getattr(self, "_finalizer", None) is not None:
             self._finalizer()
 
@@ -325,6 +355,18 @@ class _StoreSlice:
     def layer_path(self, idx: int) -> Path:
         return self.store.layer_path(self.first + idx)
 
+    def check_range(self, idx: int, *args):
+        return self.store.check_range(self.first + idx, *args)
+
+    def __getattr__(self, name):   # what is not per layer is the store's
+        return getattr(self.store, name)
+
+
+def _progress_bar(total: int, progress: bool):
+    """Generated tokens over all blocks, with rate and ETA; on a terminal only (tqdm's None)."""
+    from tqdm import tqdm
+    return tqdm(total=total, unit="tok", desc="generating", leave=False, disable=None if progress else True)
+
 
 def _merge_direct(*flags):
     known = [f for f in flags if f is not None]
@@ -332,17 +374,23 @@ def _merge_direct(*flags):
 
 
 def load_model(model: str, policy: Optional[Policy] = None, *, device=None, dtype=None, offload_dir=None,
-               dummy: bool = False, seed: int = 0, progress: bool = False) -> FlexGenModel:
+               dummy: bool = False, seed: int = 0, progress: bool = False, gpu_mem: Optional[float] = None,
+               prompt_len: int = 1, gen_len: int = 1, verify_store: bool = False) -> FlexGenModel:
     """Place a model (OPT, LLaMA, Mistral, Qwen2: see models/registry.py) for generation.
 
     model: a named size (opt-1.3b, llama-3-8b, ..., with dummy=True), a Hugging Face checkpoint directory,
     or a Hugging Face id already in the local cache. device: "cuda" or "cpu" (default:
     cuda when available). dtype: default fp16 on CUDA, bf16 on a CPU that supports it,
     else fp32. offload_dir: where the weight store and run files go (default
-    $FLEXGEN_OFFLOAD_DIR or ~/.cache/flexgen).
+    $FLEXGEN_OFFLOAD_DIR or ~/.cache/flexgen). gpu_mem: bytes of CUDA memory the run may
+    reserve (a larger card is capped to it). prompt_len, gen_len: the longest run planned;
+    memory (host, device, disk) is checked for them before anything is placed.
+    verify_store: check every checksum of the weight store first (each array is always
+    checked when it is first read).
     """
     policy = policy or Policy()
     dev = ComputeDevice(device)
+    dev.limit_memory(gpu_mem)
     if isinstance(dtype, str):
         try:
             dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -353,11 +401,24 @@ def load_model(model: str, policy: Optional[Policy] = None, *, device=None, dtyp
     if dtype == torch.float16 and not dev.is_cuda:
         raise FlexGenError("float16 compute on the CPU is about 1000x slower than bfloat16; use bfloat16 or float32")
     source = resolve_source(model, dummy, seed)
-    offload = Path(offload_dir).expanduser() if offload_dir else default_offload_dir()
+    if prompt_len + gen_len > source.args.max_position_embeddings:
+        raise FlexGenError(f"prompt ({prompt_len}) + new tokens ({gen_len}) exceed the model's "
+                           f"{source.args.max_position_embeddings} positions")
+    root = Path(offload_dir).expanduser() if offload_dir else default_offload_dir()
     from flexgen import pipeline
     if pipeline.world_size() > 1:  # under torchrun: this process is one stage of a pipeline
-        return pipeline.load_stage(source.args, policy, dev, dtype, offload, source, progress=progress)
-    return FlexGenModel(source.args, policy, dev, dtype, offload, source, progress=progress)
+        # (no whole-model preflight: a stage holds only its slice of the layers)
+        return pipeline.load_stage(source.args, policy, dev, dtype, root, source, progress=progress,
+                                   verify_store=verify_store)
+    store_bytes = None
+    if isinstance(source, CheckpointSource):
+        key = WeightStore.key(source, dtype, policy.compress_weight)
+        built = (root / "weights" / key / "manifest.json").is_file()
+        store_bytes = 0 if built else sum(lay.file_bytes for lay in model_layouts(source.args, dtype,
+                                                                                  policy.compress_weight))
+    preflight.check(source.args, policy, prompt_len, gen_len, dev, dtype, root, store_bytes)
+    return FlexGenModel(source.args, policy, dev, dtype, root, source, progress=progress,
+                        verify_store=verify_store)
 
 
 __all__ = ["FlexGenModel", "GenerationStats", "load_model", "default_offload_dir"]

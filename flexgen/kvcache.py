@@ -24,15 +24,22 @@ import torch
 
 from flexgen.models.base import AttendGroup
 from flexgen.placement import RowSplit
-from flexgen.tiers import ComputeDevice, DiskFile, MemoryTracker, Tier, align_up, aligned_host_empty
+from flexgen.tiers import ComputeDevice, DiskFile, MemoryTracker, PinnedStaging, Tier, align_up, aligned_host_empty
 
 
 class PlainArray:
-    """A time-major (T, rows, *trailing) array on one tier."""
+    """A time-major (T, rows, *trailing) array on one tier.
+
+    A host-tier array is never page-locked: the host KV cache can be most of host memory
+    (OPT-30B, 4-bit cache on the host: 160 GiB of a 208 GB machine), and page-locked
+    memory that large is refused or starves the host. Its copies to the device go
+    through the driver's own staging. `staging`: where disk reads bound for the device
+    pass through (small, reused, page-locked)."""
 
     def __init__(self, tier: Tier, shape: tuple, dtype: torch.dtype, device: ComputeDevice,
-                 disk: Optional[tuple[DiskFile, int]] = None):
+                 disk: Optional[tuple[DiskFile, int]] = None, staging: Optional[PinnedStaging] = None):
         self.tier, self.shape, self.dtype, self.device = tier, tuple(shape), dtype, device
+        self.staging = staging
         self.row_bytes = int(torch.Size(shape[1:]).numel()) * torch.empty((), dtype=dtype).element_size()
         self.nbytes = self.row_bytes * shape[0]
         self.data = None
@@ -46,8 +53,8 @@ class PlainArray:
     def view(self, t1: int) -> torch.Tensor:
         return self.data[:t1]
 
-    def read(self, t0: int, t1: int, out: torch.Tensor, scratch_after: bool = False) -> None:
-        """Copy positions [t0, t1) into `out` (any device, may be strided).
+    def read(self, t0: int, t1: int, out: torch.Tensor, scratch_after: bool = False, host: bool = True) -> None:
+        """Copy positions [t0, t1) into `out` (may be strided); `host`: out is in host memory.
 
         `scratch_after`: out's storage after it may be overwritten (see DiskFile.read)."""
         if t1 <= t0:
@@ -55,13 +62,19 @@ class PlainArray:
         if self.data is not None:
             out.copy_(self.data[t0:t1], non_blocking=True)
             return
-        if out.device.type == "cpu" and out.is_contiguous():
+        if (host or not self.device.is_cuda) and out.is_contiguous():
             # Straight into the destination: O_DIRECT when it is page-aligned (see _buffer).
             self.file.read(self.base + t0 * self.row_bytes, out, scratch_after)
             return
-        host = aligned_host_empty((t1 - t0, *self.shape[1:]), self.dtype, pin=self.device.is_cuda)
-        self.file.read(self.base + t0 * self.row_bytes, host, scratch_after=True)
-        out.copy_(host, non_blocking=True)
+        shape = (t1 - t0, *self.shape[1:])
+        nbytes = _nbytes(shape, self.dtype)
+        buf = self.staging.take(nbytes)
+        try:
+            stage = buf[:nbytes].view(self.dtype).view(shape)
+            self.file.read(self.base + t0 * self.row_bytes, stage, scratch_after=True)
+            out.copy_(stage, non_blocking=True)
+        finally:
+            self.staging.give(buf)
 
     def write(self, t0: int, x: torch.Tensor) -> None:
         """Store x (s, rows, ...) at positions [t0, t0+s)."""
@@ -69,6 +82,9 @@ class PlainArray:
             self.data[t0:t0 + x.shape[0]].copy_(x, non_blocking=True)
             return
         self.file.write(self.base + t0 * self.row_bytes, x.to("cpu").contiguous())
+
+
+QUANT_CHUNK_ELEMS = 1 << 22   # values quantized per step when storing a prefill's K/V
 
 
 def kv_array_specs(shape: tuple, dtype: torch.dtype, compress: bool) -> dict[str, tuple[tuple, torch.dtype]]:
@@ -79,12 +95,15 @@ def kv_array_specs(shape: tuple, dtype: torch.dtype, compress: bool) -> dict[str
     return {"": (tuple(shape), dtype)}
 
 
-def _buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _buffer(shape, dtype: torch.dtype, device: ComputeDevice, host: bool) -> torch.Tensor:
     """A working buffer; in host memory page-aligned and padded to a whole page, so that a
-    disk read lands in it directly with one operation (DiskFile.read's scratch_after)."""
-    if device.type == "cpu":
+    disk read lands in it directly with one operation (DiskFile.read's scratch_after).
+
+    On the device it is allocated on the calling I/O thread's side stream, never from the
+    compute stream's pool, where a block compute has just freed may still be in use."""
+    if host or device.device.type == "cpu":
         return aligned_host_empty(shape, dtype)
-    return torch.empty(shape, dtype=dtype, device=device)
+    return device.empty(shape, dtype)
 
 
 def _nbytes(shape, dtype) -> int:
@@ -95,43 +114,49 @@ class KVArray:
     """K or V of one part: plain, or 4-bit packed as three plain arrays (data, scale, mn)."""
 
     def __init__(self, tier: Tier, max_len: int, rows: int, hidden: int, dtype: torch.dtype,
-                 device: ComputeDevice, compress: bool, disk_alloc=None):
-        self.dtype, self.compress, self.hidden = dtype, compress, hidden
+                 device: ComputeDevice, compress: bool, disk_alloc=None, staging=None):
+        self.dtype, self.compress, self.hidden, self.device = dtype, compress, hidden, device
         self.shape = (max_len, rows, hidden)
         self.parts = {}
         for name, (shape, dt) in kv_array_specs(self.shape, dtype, compress).items():
             disk = disk_alloc(_nbytes(shape, dt)) if tier is Tier.DISK else None
-            self.parts[name] = PlainArray(tier, tuple(shape), dt, device, disk)
+            self.parts[name] = PlainArray(tier, tuple(shape), dt, device, disk, staging)
         self.nbytes = sum(p.nbytes for p in self.parts.values())
 
     def view(self, t1: int) -> Optional[torch.Tensor]:
         """A live view of positions [0, t1) when no conversion is needed."""
         return None if self.compress else self.parts[""].view(t1)
 
-    def read(self, t1: int, out: torch.Tensor, scratch_after: bool = False) -> None:
-        """Positions [0, t1) into out (t1, rows, h), dequantized. `scratch_after`: out is
-        the head of a working buffer whose remaining positions are not yet filled."""
+    def read(self, t1: int, out: torch.Tensor, scratch_after: bool = False, host: bool = True) -> None:
+        """Positions [0, t1) into out (t1, rows, h), dequantized; `host`: out is in host
+        memory. `scratch_after`: out is the head of a working buffer whose remaining
+        positions are not yet filled."""
         if not self.compress:
-            self.parts[""].read(0, t1, out, scratch_after)
+            self.parts[""].read(0, t1, out, scratch_after, host)
             return
         from flexgen.quant import CACHE_QUANT, Packed, dequantize
         arrays = {}
         for name, p in self.parts.items():
-            buf = _buffer((t1, *p.shape[1:]), p.dtype, out.device)
-            p.read(0, t1, buf, scratch_after=True)   # _buffer pads to a whole page
+            buf = _buffer((t1, *p.shape[1:]), p.dtype, self.device, host)
+            p.read(0, t1, buf, scratch_after=True, host=host)   # _buffer pads to a whole page
             arrays[name] = buf
         packed = Packed(data=arrays["data"], scale=arrays["scale"], mn=arrays["mn"],
                         shape=(t1, *self.shape[1:]), cfg=CACHE_QUANT)
-        out.copy_(dequantize(packed, out.dtype))
+        dequantize(packed, out.dtype, out=out)   # straight into the working buffer
 
     def write(self, t0: int, x: torch.Tensor) -> None:
         if not self.compress:
             self.parts[""].write(t0, x)
             return
         from flexgen.quant import CACHE_QUANT, quantize
-        p = quantize(x, CACHE_QUANT)  # only the new positions: the cache is never re-quantized
-        for name, arr in (("data", p.data), ("scale", p.scale), ("mn", p.mn)):
-            self.parts[name].write(t0, arr)
+        # Only the new positions: the cache is never re-quantized. A prefill's K/V is
+        # quantized a few positions at a time (groups run along the hidden dimension),
+        # so its fp32 temporaries stay small.
+        step = max(1, QUANT_CHUNK_ELEMS // max(1, x[0].numel()))
+        for t in range(0, x.shape[0], step):
+            p = quantize(x[t:t + step], CACHE_QUANT)
+            for name, arr in (("data", p.data), ("scale", p.scale), ("mn", p.mn)):
+                self.parts[name].write(t0 + t, arr)
 
 
 @dataclass
@@ -151,6 +176,7 @@ class _Group:
     k: torch.Tensor = None          # (t + s, n, h) working buffer or a live view
     v: torch.Tensor = None
     live: bool = False              # k/v are views of the part's own storage
+    host: bool = False              # these rows attend on the host (cpu_cache_compute)
 
 
 @dataclass
@@ -171,7 +197,11 @@ class KVWork:
             self.new_k, self.new_v = kt, vt
             return [AttendGroup(slice(None), kt, vt)]
         out = []
+        host = self.slot.host_attention
         for g in self.groups:
+            if host is not None and g.host:
+                out.append(AttendGroup(g.rows, g.k, g.v, host.prepare(g, self.t, kt[:, g.rows], vt[:, g.rows])))
+                continue
             g.k[self.t:self.t + s].copy_(kt[:, g.rows])
             g.v[self.t:self.t + s].copy_(vt[:, g.rows])
             out.append(AttendGroup(g.rows, g.k, g.v))
@@ -179,11 +209,83 @@ class KVWork:
         return out
 
 
+# Host attention runs in fp32: a CPU has no fast fp16 kernels (1.2-2x slower than fp32
+# here), and the hardware profile measures host attention in fp32.
+HOST_ATTN_DTYPE = torch.float32
+
+
+class HostAttention:
+    """Attention on the host for rows whose cache stays in host memory (cpu_cache_compute
+    on CUDA), on the compute thread.
+
+    The new k/v, q and the mask go down through page-locked buffers with non-blocking
+    copies and one event (a single host wait per group), instead of four blocking
+    transfers; the cache is attended in HOST_ATTN_DTYPE through a workspace reused by
+    every layer; the result goes back up from page-locked memory without blocking. Every
+    buffer is reused: the next write to one follows an event recorded after the copy
+    that last read it (all on the compute stream).
+    """
+
+    def __init__(self, device: ComputeDevice, tracker: MemoryTracker):
+        self.device, self.tracker = device, tracker
+        self._bufs: dict[str, torch.Tensor] = {}
+        self.held = 0
+
+    def _buf(self, name: str, shape, dtype, pin: bool) -> torch.Tensor:
+        nbytes = _nbytes(shape, dtype)
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < nbytes:
+            grow = nbytes
+            if buf is not None:   # the mask and workspace grow by a position per step: double
+                grow = max(nbytes, 2 * buf.numel())
+                self.tracker.sub(Tier.CPU, buf.numel())
+                self.held -= buf.numel()
+            buf = self._bufs[name] = self.device.host_bytes(grow, pin=pin)
+            self.tracker.add(Tier.CPU, buf.numel())
+            self.held += buf.numel()
+        return buf[:nbytes].view(dtype).view(shape)
+
+    def _down(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        out = self._buf(name, x.shape, x.dtype, pin=True)
+        out.copy_(x, non_blocking=True)
+        return out
+
+    def prepare(self, g: "_Group", t: int, k: torch.Tensor, v: torch.Tensor):
+        """Start this step's k/v (s, r, h) down to the host; returns the group's `attend`."""
+        # Staged per group: every group's k/v is down before any group attends.
+        nk, nv = self._down(f"k{g.rows.start}", k), self._down(f"v{g.rows.start}", v)
+
+        def attend(q: torch.Tensor, mask: torch.Tensor, fn):
+            hq = self._down("q", q)
+            hm = None if mask is None else self._down("mask", mask)
+            done = torch.cuda.Event()
+            done.record(self.device.stream)
+            done.synchronize()          # the one wait: q, mask, k, v are on the host
+            s = nk.shape[0]
+            g.k[t:t + s].copy_(nk)
+            g.v[t:t + s].copy_(nv)
+            keys, values = g.k[:t + s], g.v[:t + s]
+            if keys.dtype != HOST_ATTN_DTYPE:
+                keys = self._buf("wk", keys.shape, HOST_ATTN_DTYPE, pin=False).copy_(keys)
+                values = self._buf("wv", values.shape, HOST_ATTN_DTYPE, pin=False).copy_(values)
+            out = fn(hq.to(HOST_ATTN_DTYPE), keys, values, hm)
+            up = self._buf("out", out.shape, q.dtype, pin=True)
+            up.copy_(out)
+            return up.to(q.device, non_blocking=True)
+        return attend
+
+    def close(self):
+        self.tracker.sub(Tier.CPU, self.held)
+        self.held = 0
+        self._bufs.clear()
+
+
 class KVSlot:
     def __init__(self, parts: list[_Part], device: ComputeDevice, dtype: torch.dtype, hidden: int,
                  cpu_cache_compute: bool, tracker: MemoryTracker):
         self.parts, self.device, self.dtype, self.hidden = parts, device, dtype, hidden
         self.cpu_cache_compute, self.tracker = cpu_cache_compute, tracker
+        self.host_attention: Optional[HostAttention] = None   # set by KVCache on CUDA
         self.last_store = None   # future of the last `end`; the next `begin` waits for it
         # Wholly on the gpu tier and uncompressed: begin/end only take views, no I/O.
         self.resident = len(parts) == 1 and parts[0].tier is Tier.GPU and parts[0].k.view(1) is not None
@@ -212,31 +314,33 @@ class KVSlot:
         for p in self.parts:
             on_host = self.cpu_cache_compute and p.tier is not Tier.GPU
             device, home = (host, Tier.CPU) if on_host else (self.device.device, Tier.GPU)
-            g = _Group(slice(p.start, p.stop), device, [p])
+            g = _Group(slice(p.start, p.stop), device, [p], host=on_host)
             if p.tier is home and p.k.view(1) is not None:
                 g.k, g.v, g.live = p.k.view(t + s), p.v.view(t + s), True
             else:
-                g.k = _buffer((t + s, p.stop - p.start, self.hidden), self.dtype, device)
-                g.v = _buffer(g.k.shape, self.dtype, device)
-                with self.device.io_stream():
-                    # Positions t.. of the buffer are filled by KVWork.update afterwards.
-                    p.k.read(t, g.k[:t], scratch_after=True)
-                    p.v.read(t, g.v[:t], scratch_after=True)
+                g.k = _buffer((t + s, p.stop - p.start, self.hidden), self.dtype, self.device, on_host)
+                g.v = _buffer(g.k.shape, self.dtype, self.device, on_host)
+                # Positions t.. of the buffer are filled by KVWork.update afterwards.
+                p.k.read(t, g.k[:t], scratch_after=True, host=on_host)
+                p.v.read(t, g.v[:t], scratch_after=True, host=on_host)
+                if not on_host:   # compute writes, reads and frees them
+                    self.device.hand_off(g.k)
+                    self.device.hand_off(g.v)
                 nbytes = 2 * g.k.numel() * g.k.element_size()
                 self.tracker.add(home, nbytes)
                 work.tracked.append((home, nbytes))
             work.groups.append(g)
 
-    def end(self, work: KVWork, after=None) -> None:
-        """Write this step's new positions to every part not updated in place (I/O thread)."""
+    def end(self, work: KVWork) -> None:
+        """Write this step's new positions to every part not updated in place (I/O thread,
+        on its side stream after compute's mark; the caller waits for the copies)."""
         t = work.t
         live = {id(p) for g in work.groups if g.live for p in g.parts}
-        with self.device.io_stream(after):
-            for p in self.parts:
-                if id(p) in live:
-                    continue
-                p.k.write(t, work.new_k[:, p.start:p.stop])
-                p.v.write(t, work.new_v[:, p.start:p.stop])
+        for p in self.parts:
+            if id(p) in live:
+                continue
+            p.k.write(t, work.new_k[:, p.start:p.stop])
+            p.v.write(t, work.new_v[:, p.start:p.stop])
         self.discard(work)
 
     def discard(self, work: KVWork) -> None:
@@ -258,6 +362,19 @@ class KVCache:
         self.slots: dict[tuple[int, int], KVSlot] = {}
         self.held = {t: 0 for t in Tier}
         disk_rows = rows.disk
+        # On CUDA host rows attend through one HostAttention (compute thread, reused buffers).
+        self.host_attention = None
+        if cpu_cache_compute and device.is_cuda and (rows.cpu or rows.disk):
+            self.host_attention = HostAttention(device, tracker)
+        self.staging, self.staging_bytes = None, 0
+        if disk_rows and device.is_cuda and not cpu_cache_compute:
+            # Disk rows bound for the device: one read in flight per load thread, the
+            # largest being one K or V array.
+            biggest = max(_nbytes(sh, dt) for sh, dt in
+                          kv_array_specs((max_len, disk_rows, hidden), dtype, compress).values())
+            self.staging = PinnedStaging(device, biggest, count=2)
+            self.staging_bytes = 2 * align_up(biggest)
+            tracker.add(Tier.CPU, self.staging_bytes)
         per_array = sum(align_up(_nbytes(sh, dt)) for sh, dt in
                         kv_array_specs((max_len, disk_rows, hidden), dtype, compress).values())
         for layer in range(num_layers):
@@ -269,11 +386,12 @@ class KVCache:
                 parts = []
                 for tier, start, stop in rows.ranges():
                     alloc = arena.alloc if tier is Tier.DISK else None
-                    k = KVArray(tier, max_len, stop - start, hidden, dtype, device, compress, alloc)
-                    v = KVArray(tier, max_len, stop - start, hidden, dtype, device, compress, alloc)
+                    k = KVArray(tier, max_len, stop - start, hidden, dtype, device, compress, alloc, self.staging)
+                    v = KVArray(tier, max_len, stop - start, hidden, dtype, device, compress, alloc, self.staging)
                     parts.append(_Part(tier, start, stop, k, v))
                     self.held[tier] += k.nbytes + v.nbytes
                 self.slots[(layer, b)] = KVSlot(parts, device, dtype, hidden, cpu_cache_compute, tracker)
+                self.slots[(layer, b)].host_attention = self.host_attention
         for tier, n in self.held.items():
             tracker.add(tier, n)
 
@@ -291,6 +409,11 @@ class KVCache:
         for tier, n in self.held.items():
             self.tracker.sub(tier, n)
         self.held = {t: 0 for t in Tier}
+        self.tracker.sub(Tier.CPU, self.staging_bytes)
+        self.staging, self.staging_bytes = None, 0
+        if self.host_attention is not None:
+            self.host_attention.close()
+            self.host_attention = None
         self.slots.clear()
 
 

@@ -189,7 +189,8 @@ class LLM:
         if self._model is not None:
             self._model.close()
             self._model = None
-        self._model = load_model(self.model_name, policy, **self._load_kw)
+        # Memory is checked for this batch's lengths before anything is placed.
+        self._model = load_model(self.model_name, policy, prompt_len=prompt_len, gen_len=gen_len, **self._load_kw)
 
     def _choose_policy(self, prompt_len: int, gen_len: int, num_prompts: int) -> tuple[Policy, bool]:
         """The optimizer's policy; a block larger than the batch is shrunk to it (padding
@@ -202,7 +203,8 @@ class LLM:
             b["gpu_mem"] = default_gpu_mem(dev)
             if b["cpu_mem"] is None and torch.device(dev).type == "cpu":
                 b["cpu_mem"] = b["gpu_mem"]
-        kw = dict(offload_dir=self.offload_dir, compress_weight=self._compress["compress_weight"],
+        kw = dict(offload_dir=self.offload_dir, device=self._load_kw["device"], dtype=self._load_kw["dtype"],
+                  compress_weight=self._compress["compress_weight"],
                   compress_cache=self._compress["compress_cache"], **b)
         policy, est = choose_policy(self.args, prompt_len, gen_len, **kw)
         capped = policy.block_size > num_prompts

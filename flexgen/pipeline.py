@@ -118,7 +118,8 @@ def layer_costs(args, dtype, compress: bool) -> list[float]:
     return [b / tb + f / tf for b, f in zip(nbytes, flops)]
 
 
-def load_stage(args, policy, device, dtype, offload_dir, source, progress: bool = False, groups: Optional[int] = None):
+def load_stage(args, policy, device, dtype, offload_dir, source, progress: bool = False, groups: Optional[int] = None,
+               verify_store: bool = False):
     """This process's stage of the pipeline (called by `load_model` under torchrun)."""
     from flexgen.engine import FlexGenModel
 
@@ -135,7 +136,7 @@ def load_stage(args, policy, device, dtype, offload_dir, source, progress: bool 
         dist.barrier()
     try:
         model = FlexGenModel(args, policy, device, dtype, offload_dir, source, progress=progress and r == 0,
-                             layers=layers)
+                             verify_store=verify_store, layers=layers)
     finally:
         if r == 0:
             dist.barrier()
@@ -211,12 +212,17 @@ class StageScheduler(Scheduler):
         if block.keep_logits:
             block.logits = torch.zeros((B, block.max_new_tokens, self.args.vocab_size), device="cpu")
         self._block, self._cache, self._hidden = block, cache, hidden
+        # As Scheduler.run: decode attends without a mask where no row of the gpu batch is padded.
+        prompt = block.attention_mask[:, :block.prompt_len].cpu()
+        windowed = bool(getattr(self.args, "sliding_window", None))
+        self._unpadded = [not windowed and bool(prompt[k * gbs:(k + 1) * gbs].all()) for k in range(ngb)]
         groups = _groups(ngb, self.num_groups)
         active = [True] * len(groups)
         pending = _Pending()
         try:
             for i in range(block.max_new_tokens):
                 t0 = time.perf_counter()
+                self._clocks = []   # compute intervals, read once the step has synchronised
                 for g, batches in enumerate(groups):
                     rows = slice(batches.start * gbs, batches.stop * gbs)
                     if not active[g]:
@@ -228,6 +234,8 @@ class StageScheduler(Scheduler):
                     block.steps_done = i + 1
                 self.device.synchronize()
                 self.hook("prefill" if i == 0 else "decode", time.perf_counter() - t0)
+                self.hook("prefill.compute" if i == 0 else "decode.compute",
+                          sum(self.device.elapsed(a, b) for a, b in self._clocks))
                 if not any(active):
                     break
             with _peer_errors(self.stage, self.num_stages):
@@ -279,9 +287,9 @@ class StageScheduler(Scheduler):
                                self.stage - 1)
             else:
                 x = self._wait(pending.hidden.pop((j, k), None), i)
-            c0 = time.perf_counter()
+            c0 = self.device.clock()
             x = self._compute(i, j, k, layer_weights, inputs[k], x, kv)
-            self.hook("prefill.compute" if i == 0 else "decode.compute", time.perf_counter() - c0)
+            self._clocks.append((c0, self.device.clock()))
             if j == L - 1 and not self.last:
                 self._send(x, self.stage + 1)
             stores = self._issue_stores(j, k, x, kv)
@@ -305,7 +313,7 @@ class StageScheduler(Scheduler):
             inline = self.weights.resident(j)
             after = None if inline else self.device.mark()
             self._flip ^= 1
-            pending.weights[j] = self._submit(inline, self.weights.load, j, self._flip, after)
+            pending.weights[j] = self._submit(inline, self.weights.load, j, self._flip, after=after)
 
     def _check_sequences(self, rows: slice, i: int) -> None:
         """StopCriteria.check_sequences for one group's rows (the others have not reached step i)."""

@@ -62,7 +62,16 @@ def sample(logits: torch.Tensor, params: SampleConfig, generator: Optional[torch
     b = logits.shape[0]
     full = lambda v: torch.full((b,), v, device=logits.device)  # noqa: E731
     logits = _filter(logits, full(float(params.temperature)), full(int(params.top_k)), full(float(params.top_p)))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+    return _multinomial(logits.softmax(dim=-1), generator).squeeze(1)
+
+
+def _multinomial(probs: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """One draw per row, on the generator's device: a CPU generator with CUDA logits (the
+    usual seeded call) would raise, and drawing where the generator lives gives a seed
+    the same tokens on every device."""
+    if generator is not None and generator.device != probs.device:
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator).to(probs.device)
+    return torch.multinomial(probs, 1, generator=generator)
 
 
 class UniformSampler:
@@ -98,12 +107,12 @@ class RowSampler:
         unseeded = [n for n, r in enumerate(idx) if gens[r] is None]
         if unseeded:
             u = torch.tensor(unseeded, device=logits.device)
-            tokens[sel[u]] = torch.multinomial(probs[u], 1, generator=self.shared).squeeze(1)
+            tokens[sel[u]] = _multinomial(probs[u], self.shared).squeeze(1)
         for n, r in enumerate(idx):
             # One draw per step from the row's own generator: the row's stream of draws
             # does not depend on which other rows share its block.
             if gens[r] is not None:
-                tokens[r] = torch.multinomial(probs[n:n + 1], 1, generator=gens[r])[0, 0]
+                tokens[r] = _multinomial(probs[n:n + 1], gens[r])[0, 0]
         return tokens
 
 

@@ -7,7 +7,9 @@ another order: at the start of layer j the weights of the next layer are request
 before computing (j, k) the cache and hidden of the next (j, k) are requested; stores of
 (j, k) run while the next step computes. Loads and stores run on the I/O pool; every
 dependency is an explicit future (a load of a slot waits for the last store to it), and
-on CUDA a mark on the compute stream guards buffers the compute may still read.
+on CUDA a mark on the compute stream guards buffers the compute may still read, and the
+compute stream waits on each load's event (ComputeDevice.io_task): no host sync per layer.
+A step that moves no bytes runs inline, on no stream of its own.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class Block:
 class _StepInputs:
     ids: torch.Tensor          # (gbs, s)
     positions: torch.Tensor    # (gbs, s)
-    mask: torch.Tensor         # (gbs, s, t + s) bool
+    mask: Optional[torch.Tensor]  # (gbs, s, t + s) bool; None: every position visible
 
 
 @dataclass
@@ -80,12 +82,19 @@ class Scheduler:
             block.logits = torch.zeros((gbs * ngb, block.max_new_tokens, self.args.vocab_size), device="cpu")
         self._block, self._cache, self._hidden = block, cache, hidden
         stopper = block.stopper
+        # Decode attends without a mask where no row of the gpu batch is padded: a boolean
+        # mask rules out the flash kernel. Generated positions are always visible.
+        # (A sliding window masks old positions itself: it keeps the mask.)
+        prompt = block.attention_mask[:, :block.prompt_len].cpu()
+        windowed = bool(getattr(self.args, "sliding_window", None))
+        self._unpadded = [not windowed and bool(prompt[k * gbs:(k + 1) * gbs].all()) for k in range(ngb)]
         pending = _Pending()
         overlap = self.policy.overlap
         positions = [(j, k) for j in range(self.num_layers) for k in range(ngb)]
         try:
             for i in range(block.max_new_tokens):
                 t0 = time.perf_counter()
+                clocks = []   # compute intervals, read once the step has synchronised
                 inputs = [self._step_inputs(i, k) for k in range(ngb)]
                 layer_weights = None
                 if overlap and i == 0:
@@ -109,9 +118,9 @@ class Scheduler:
                         layer_weights = self._wait_weights(pending, j, i)
                     kv = self._wait(pending.cache.pop((j, k), None), i)
                     x = self._wait(pending.hidden.pop((j, k), None), i)
-                    c0 = time.perf_counter()
+                    c0 = self.device.clock()
                     x = self._compute(i, j, k, layer_weights, inputs[k], x, kv)
-                    self.hook("prefill.compute" if i == 0 else "decode.compute", time.perf_counter() - c0)
+                    clocks.append((c0, self.device.clock()))
                     stores = self._issue_stores(j, k, x, kv)
                     if not overlap:
                         for f in stores:
@@ -123,6 +132,8 @@ class Scheduler:
                     self._issue_loads(pending, i + 1, 0, 0)
                 self.device.synchronize()
                 self.hook("prefill" if i == 0 else "decode", time.perf_counter() - t0)
+                self.hook("prefill.compute" if i == 0 else "decode.compute",
+                          sum(self.device.elapsed(a, b) for a, b in clocks))
                 if stopper.all_done:
                     break
         finally:
@@ -156,20 +167,29 @@ class Scheduler:
             return _StepInputs(b.input_ids[rows], positions, (causal[None] & m[:, None, :]) | eye)
         t = P + i - 1
         m = mask[:, :t + 1]
+        if self._unpadded[k]:
+            positions = torch.full((gbs, 1), t, dtype=torch.long, device=m.device)
+            return _StepInputs(b.output[rows, i - 1:i], positions, None)
         positions = m.long().sum(1, keepdim=True) - 1
         return _StepInputs(b.output[rows, i - 1:i], positions, m[:, None, :])
 
     # -- issuing loads and stores ---------------------------------------------------------
 
-    def _submit(self, inline: bool, fn, *args):
-        """Run fn on the I/O pool, or here when it moves no bytes (a thread hop costs more)."""
-        return done_future(fn(*args)) if inline else self.io.submit(fn, *args)
+    def _submit(self, inline: bool, fn, *args, after=None, store: bool = False):
+        """Run fn on the I/O pool, or here when it moves no bytes (a thread hop costs more,
+        and so would entering a side stream). The future holds (result, ready event).
+
+        Stores wait for their copies on their own worker (the host may need the bytes:
+        a disk write, the next load of the slot); loads hand compute an event instead."""
+        if inline:
+            return done_future((fn(*args), None))
+        return self.io.submit(self.device.io_task(fn, after, sync=store), *args, store=store)
 
     def _issue_weight(self, pending: _Pending, j: int) -> None:
         if j not in pending.weights:
             inline = self.weights.resident(j)
             after = None if inline else self.device.mark()
-            pending.weights[j] = self._submit(inline, self.weights.load, j, j % 2, after)
+            pending.weights[j] = self._submit(inline, self.weights.load, j, j % 2, after=after)
 
     def _issue_loads(self, pending: _Pending, i: int, j: int, k: int, cache: bool = True,
                      hidden: bool = True) -> None:
@@ -179,7 +199,9 @@ class Scheduler:
             pending.cache[(j, k)] = self._submit(slot.resident, _after(slot.last_store, slot.begin), t, s)
         if hidden and j > 0 and (j, k) not in pending.hidden:
             slot = self._hidden[k]
-            pending.hidden[(j, k)] = self._submit(slot.resident, _after(slot.last_store, slot.load))
+            # The load may read gpu rows that compute wrote: after a mark taken now.
+            after = None if slot.resident else self.device.mark()
+            pending.hidden[(j, k)] = self._submit(slot.resident, _after(slot.last_store, slot.load), after=after)
 
     def _prefetch_cache(self, pending: _Pending, i: int, n: int, positions: list, steps: int) -> None:
         """When the next position has no cache to load (an MLP layer, or the next token's
@@ -197,23 +219,24 @@ class Scheduler:
             self._issue_loads(pending, i2, j2, k2, hidden=False)
 
     def _issue_stores(self, j: int, k: int, x, kv) -> list:
-        futures = []
-        after = self.device.mark()
+        stores = []
         if kv is not None:
             slot = self._cache.slot(self.attn_index[j], k)
-            slot.last_store = self._submit(slot.resident, slot.end, kv, after)
-            futures.append(slot.last_store)
+            stores.append((slot, slot.end, kv))
         if j < self.num_layers - 1:
             slot = self._hidden[k]
-            slot.last_store = self._submit(slot.resident, slot.store, x, after)
-            futures.append(slot.last_store)
-        return futures
+            stores.append((slot, slot.store, x))
+        after = None if all(s.resident for s, _, _ in stores) else self.device.mark()
+        for slot, fn, value in stores:
+            slot.last_store = self._submit(slot.resident, fn, value, after=after, store=True)
+        return [slot.last_store for slot, _, _ in stores]
 
     def _wait(self, fut, i: int):
         if fut is None:
             return None
         w0 = time.perf_counter()
-        out = fut.result()
+        out, ready = fut.result()
+        self.device.wait(ready)
         self.hook("prefill.wait" if i == 0 else "decode.wait", time.perf_counter() - w0)
         return out
 
@@ -227,7 +250,7 @@ class Scheduler:
         for group in (pending.weights, pending.cache, pending.hidden):
             for fut in group.values():
                 try:
-                    out = fut.result()
+                    out, _ = fut.result()
                 except Exception:
                     continue
                 if group is pending.cache:

@@ -27,6 +27,7 @@ class LoadedLayer:
     """A layer's stored arrays on the compute device, keyed by (field, part)."""
     idx: int
     arrays: dict[tuple[str, str], torch.Tensor]
+    built: object = None       # the weight dataclass, when the loader already made it
 
 
 class PlacedWeights:
@@ -39,6 +40,8 @@ class PlacedWeights:
         self.cpu_parts: list[Optional[torch.Tensor]] = []
         self.disk_files: list[Optional[DiskFile]] = []
         self._own_files: list[DiskFile] = []
+        self.store = store
+        self._unchecked: dict[int, dict[int, int]] = {}  # layer -> running CRCs, until its disk part is read
         for idx, (lay, seg) in enumerate(zip(layouts, segments)):
             if store is not None:
                 self._place_from_store(store, idx, lay, seg, pin)
@@ -48,21 +51,35 @@ class PlacedWeights:
                 progress.update(1)
         # Two working buffers (current + prefetched layer), sized for the largest layer
         # that is not wholly resident on the gpu tier. Allocated once and reused.
+        # Allocated here, on the compute thread: an I/O thread allocating them lazily would
+        # take them from the compute stream's pool, maybe a block compute still reads.
         partial = [lay.file_bytes for lay, seg in zip(layouts, segments) if seg.gpu_end < seg.total]
         self.slot_bytes = max(partial, default=0)
         self._slots: list[Optional[torch.Tensor]] = [None, None]
+        if self.slot_bytes:
+            self._slots = [self._new_slot() for _ in range(2)]
+        # On CUDA, disk bytes pass through a page-locked staging buffer per slot; the next
+        # disk read into it waits for the device copy that last read it (its event).
+        disk = any(seg.cpu_end < seg.total for seg in segments)
         self._staging: list[Optional[torch.Tensor]] = [None, None]
+        self._staging_done = [None, None]
+        if disk and device.is_cuda:
+            self._staging = [device.host_bytes(self.slot_bytes, pin=True) for _ in range(2)]
+            self.tracker.add(Tier.CPU, 2 * self.slot_bytes)
         self._resident_cache: dict[int, object] = {}       # idx -> weight dataclass
         self._resident_loaded: dict[int, LoadedLayer] = {}
-        # Dequantized weights: one buffer per (layer kind, field), reused layer after layer.
-        # Only one layer's weights are in use at a time (the next is dequantized after the
-        # previous one's compute, in stream order), and fresh buffers cost page faults.
-        self._dequant_out: dict[tuple[str, str], torch.Tensor] = {}
+        # Dequantized weights: one buffer per (layer kind, field), reused layer after layer
+        # (fresh buffers cost page faults). The loader dequantizes the next layer on an I/O
+        # thread while this one computes: neighbours differ in kind (attention, mlp), so
+        # they never share a buffer; a kind that follows itself gets one per working slot.
+        kinds = [lay.spec.kind for lay in layouts]
+        self._repeats = {kinds[i] for i in range(len(kinds)) if kinds[i] == kinds[i - 1]}
+        self._dequant_out: dict[tuple, torch.Tensor] = {}
 
     def resident(self, idx: int) -> bool:
-        """Wholly on the gpu tier: loading it moves no bytes."""
+        """Wholly on the gpu tier and stored uncompressed: loading it costs nothing."""
         seg = self.segments[idx]
-        return seg.gpu_end == seg.total
+        return seg.gpu_end == seg.total and not self.layouts[idx].compressed
 
     # -- placement --------------------------------------------------------------------
 
@@ -82,10 +99,13 @@ class PlacedWeights:
         f = DiskFile(store.layer_path(idx), lay.file_bytes, create=False)
         head = torch.empty(seg.cpu_end, dtype=torch.uint8)
         f.read(0, head)  # only what stays in memory; the disk part is read on use
+        carry = store.check_range(idx, head, 0, {})
         self._keep(head, seg, pin)
         self.disk_files.append(f if seg.cpu_end < seg.total else None)
         if seg.cpu_end == seg.total:
             f.close()
+        else:
+            self._unchecked[idx] = carry
 
     def _place_dummy(self, source, run_dir: Path, idx: int, lay: LayerLayout, seg: Segments, pin: bool):
         flat = dummy_layer_bytes(source, lay)
@@ -111,56 +131,74 @@ class PlacedWeights:
         files = [f for f in self.disk_files if f is not None]
         return all(f.direct for f in files) if files else None
 
-    def _slot(self, i: int) -> torch.Tensor:
-        if self._slots[i] is None:
-            if self.device.is_cuda:
-                self._slots[i] = self.device.empty((self.slot_bytes,), torch.uint8)
-            else:  # host memory: aligned so disk reads land in it directly
-                self._slots[i] = aligned_empty(self.slot_bytes)
-            self.tracker.add(Tier.GPU, self.slot_bytes)
-        return self._slots[i]
+    def _new_slot(self) -> torch.Tensor:
+        self.tracker.add(Tier.GPU, self.slot_bytes)
+        if self.device.device.type == "cuda":
+            return self.device.empty((self.slot_bytes,), torch.uint8)
+        return aligned_empty(self.slot_bytes)   # host memory: aligned so disk reads land in it directly
 
-    def load(self, idx: int, slot: int, after=None) -> LoadedLayer:
-        """Bring layer `idx` to the compute device (runs on an I/O thread).
+    def load(self, idx: int, slot: int) -> LoadedLayer:
+        """Bring layer `idx` to the compute device, dequantized (runs on an I/O thread).
 
-        `after` is a mark on the compute stream after which the slot is free to overwrite.
+        On CUDA it runs on the I/O thread's side stream, which first waits for the mark
+        after which the slot is free to overwrite (ComputeDevice.io_task).
         """
+        loaded = self._load_bytes(idx, slot)
+        if not self.layouts[idx].compressed:
+            return loaded
+        return LoadedLayer(idx, loaded.arrays, self._build(loaded, slot))
+
+    def _load_bytes(self, idx: int, slot: int) -> LoadedLayer:
         lay, seg = self.layouts[idx], self.segments[idx]
         gpu = self.gpu_parts[idx]
         if seg.gpu_end == seg.total:
             if idx not in self._resident_loaded:
                 self._resident_loaded[idx] = LoadedLayer(idx, {(a.field, a.part): _view(gpu, a) for a in lay.arrays})
             return self._resident_loaded[idx]
-        flat = self._slot(slot)
-        with self.device.io_stream(after):
-            if seg.cpu_end < seg.total:
-                start = seg.cpu_end // ALIGN * ALIGN
-                if self.device.is_cuda:
-                    staging = self._staging_buf(slot)[: lay.file_bytes - start]
-                    self.disk_files[idx].read(start, staging)
-                    flat[seg.cpu_end:seg.total].copy_(staging[seg.cpu_end - start: seg.total - start],
-                                                      non_blocking=True)
-                else:
-                    self.disk_files[idx].read(start, flat[start:lay.file_bytes])
-            # After the disk read: its aligned start may have covered the cpu part's tail.
-            if seg.cpu_end > seg.gpu_end:
-                flat[seg.gpu_end:seg.cpu_end].copy_(self.cpu_parts[idx], non_blocking=True)
-            straddle = min((a.offset for a in lay.arrays if a.offset < seg.gpu_end < a.end), default=None)
-            if straddle is not None:
-                flat[straddle:seg.gpu_end].copy_(gpu[straddle:seg.gpu_end])
+        flat = self._slots[slot]
+        if seg.cpu_end < seg.total:
+            start = seg.cpu_end // ALIGN * ALIGN
+            if self.device.is_cuda:
+                if self._staging_done[slot] is not None:
+                    self._staging_done[slot].synchronize()   # the copy two layers ago, long done
+                staging = self._staging[slot][: lay.file_bytes - start]
+                self.disk_files[idx].read(start, staging)
+                self._check_once(idx, staging, start)
+                flat[seg.cpu_end:seg.total].copy_(staging[seg.cpu_end - start: seg.total - start],
+                                                  non_blocking=True)
+                self._staging_done[slot] = torch.cuda.Event()
+                self._staging_done[slot].record(torch.cuda.current_stream(self.device.device))
+            else:
+                self.disk_files[idx].read(start, flat[start:lay.file_bytes])
+                self._check_once(idx, flat[start:lay.file_bytes], start)
+        # After the disk read: its aligned start may have covered the cpu part's tail.
+        if seg.cpu_end > seg.gpu_end:
+            flat[seg.gpu_end:seg.cpu_end].copy_(self.cpu_parts[idx], non_blocking=True)
+        straddle = min((a.offset for a in lay.arrays if a.offset < seg.gpu_end < a.end), default=None)
+        if straddle is not None:
+            flat[straddle:seg.gpu_end].copy_(gpu[straddle:seg.gpu_end], non_blocking=True)
         arrays = {(a.field, a.part): _view(gpu if a.end <= seg.gpu_end else flat, a) for a in lay.arrays}
         return LoadedLayer(idx, arrays)
 
-    def _staging_buf(self, slot: int) -> torch.Tensor:
-        if self._staging[slot] is None:
-            self._staging[slot] = aligned_empty(self.slot_bytes, pin=True)
-            self.tracker.add(Tier.CPU, self.slot_bytes)
-        return self._staging[slot]
+    def _check_once(self, idx: int, host: torch.Tensor, start: int) -> None:
+        """Checksums of the arrays in a layer's disk part, the first time they are read."""
+        carry = self._unchecked.pop(idx, None)
+        if carry is not None:
+            cpu_end = self.segments[idx].cpu_end  # bytes before it were checked at placement
+            self.store.check_range(idx, host[cpu_end - start:self.layouts[idx].nbytes - start], cpu_end, carry)
 
     def weights(self, loaded: LoadedLayer):
-        """The layer's weight dataclass, dequantizing packed arrays (on the compute thread)."""
+        """The layer's weight dataclass (built by the loader, or here from plain arrays)."""
+        if loaded.built is not None:
+            return loaded.built
         if loaded.idx in self._resident_cache:
             return self._resident_cache[loaded.idx]
+        w = self._build(loaded, 0)
+        if self.resident(loaded.idx):
+            self._resident_cache[loaded.idx] = w   # views of resident bytes: build once
+        return w
+
+    def _build(self, loaded: LoadedLayer, slot: int):
         lay = self.layouts[loaded.idx]
         tensors = {}
         for e in lay.spec.entries:
@@ -171,16 +209,13 @@ class PlacedWeights:
                 a = loaded.arrays
                 packed = Packed(data=a[(e.field, "data")], scale=a[(e.field, "scale")], mn=a[(e.field, "mn")],
                                 shape=e.shape, cfg=WEIGHT_QUANT)
-                key = (lay.spec.kind, e.field)
+                key = (lay.spec.kind, e.field) + ((slot,) if lay.spec.kind in self._repeats else ())
                 out = self._dequant_out.get(key)
                 if out is None or tuple(out.shape) != e.shape:
                     out = self._dequant_out[key] = self.device.empty(e.shape, self.dtype)
                     self.tracker.add(Tier.GPU, out.numel() * out.element_size())
                 tensors[e.field] = dequantize(packed, self.dtype, out=out)
-        w = build_weights(lay.spec, tensors)
-        if self.resident(loaded.idx) and not lay.compressed:
-            self._resident_cache[loaded.idx] = w   # views of resident bytes: build once
-        return w
+        return build_weights(lay.spec, tensors)
 
     def close(self):
         for f in self.disk_files:
@@ -191,6 +226,7 @@ class PlacedWeights:
         self._own_files.clear()
         self.disk_files = []
         self.gpu_parts, self.cpu_parts, self._slots, self._staging = [], [], [None, None], [None, None]
+        self._staging_done = [None, None]
         self._resident_cache.clear()
         self._resident_loaded.clear()
         self._dequant_out.clear()

@@ -158,7 +158,10 @@ def test_killed_rank_ends_the_others(deep_opt, prompts, tmp_path):
     assert codes[1] == -signal.SIGKILL and codes[0] == 3
     assert "pipeline stage 0 of 2: a peer stage failed" in (tmp_path / "error-0.txt").read_text()
     assert time.monotonic() - t0 < 60
-    assert not any(offload.glob("run-*/*"))   # the surviving stage removed its run files
+    # The surviving stage removed its run files; the killed one's are left for the next
+    # run's clean-up of dead processes' runs.
+    from flexgen.offload import stale_runs
+    assert sorted(offload.glob("run-*")) == stale_runs(offload)
 
 
 def test_stalled_rank_times_out(deep_opt, prompts, tmp_path):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -129,11 +129,15 @@ class CostFigures:
 class AttendGroup:
     """Rows of a gpu batch and the keys/values they attend over, on one device.
 
-    keys/values are time-major (t, r, kv_width). `rows` indexes the batch.
+    keys/values are time-major (t, r, kv_width). `rows` indexes the batch. `attend`, when
+    set, attends for these rows itself (the cache's host attention: staging, dtype,
+    workspace): attend(q_rows, mask_rows, fn) with fn(q, keys, values, mask) the layer's
+    attention.
     """
     rows: slice
     keys: torch.Tensor
     values: torch.Tensor
+    attend: Optional[Callable] = None
 
 
 class KVAccess(Protocol):
@@ -146,7 +150,8 @@ class KVAccess(Protocol):
 
 def attend(q, keys, values, mask, num_heads: int, num_kv_heads: Optional[int] = None):
     """q (r, s, nh * d), already scaled; keys/values time-major (t, r, nkv * d); mask bool
-    (r, s, t), True = visible. Grouped-query attention when num_kv_heads < num_heads.
+    (r, s, t), True = visible, or None when every key is visible (lets SDPA pick the flash
+    kernel). Grouped-query attention when num_kv_heads < num_heads.
 
     Every query must see at least one key (the caller lets padding rows see themselves);
     a fully masked row would come out NaN.
@@ -157,7 +162,7 @@ def attend(q, keys, values, mask, num_heads: int, num_kv_heads: Optional[int] = 
     d = hq // num_heads
     kh = keys.view(t, r, nkv, d).permute(1, 2, 0, 3)             # (r, nkv, t, d), a view
     vh = values.view(t, r, nkv, d).permute(1, 2, 0, 3)
-    m = mask[:, None]                                             # (r, 1, s, t)
+    m = None if mask is None else mask[:, None]                   # (r, 1, s, t)
     g = num_heads // nkv
     if g == 1:
         qh = q.view(r, s, num_heads, d).transpose(1, 2)          # (r, nh, s, d)
@@ -167,7 +172,8 @@ def attend(q, keys, values, mask, num_heads: int, num_kv_heads: Optional[int] = 
         # to the math kernel on CUDA, which materialises the scores) and K/V are never copied.
         # Query head i * g + j uses K/V head i, as transformers' repeat_kv.
         qh = q.view(r, s, nkv, g, d).permute(0, 2, 3, 1, 4).reshape(r, nkv, g * s, d)
-        m = m[:, :, None].expand(r, 1, g, s, t).reshape(r, 1, g * s, t)
+        if m is not None:
+            m = m[:, :, None].expand(r, 1, g, s, t).reshape(r, 1, g * s, t)
     # Fused attention never materialises the (r, nh, s, t) scores on CUDA (memory-efficient
     # kernel) and runs the flash kernel on CPU.
     out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=m, scale=1.0)
@@ -179,12 +185,17 @@ def attend(q, keys, values, mask, num_heads: int, num_kv_heads: Optional[int] = 
 def attend_groups(q, groups: Sequence[AttendGroup], mask, num_heads: int, num_kv_heads: Optional[int] = None):
     """Attention of q (b, s, nh * d) over every row group, each on the device that holds
     its keys (the host for rows whose cache stays there with cpu_cache_compute)."""
-    if len(groups) == 1 and groups[0].keys.device == q.device:
+    if len(groups) == 1 and groups[0].attend is None and groups[0].keys.device == q.device:
         return attend(q, groups[0].keys, groups[0].values, mask, num_heads, num_kv_heads)
     out = torch.empty_like(q)
     for g in groups:
+        if g.attend is not None:
+            out[g.rows] = g.attend(q[g.rows], None if mask is None else mask[g.rows],
+                                   lambda q, k, v, m: attend(q, k, v, m, num_heads, num_kv_heads))
+            continue
         dev = g.keys.device
-        o = attend(q[g.rows].to(dev), g.keys, g.values, mask[g.rows].to(dev), num_heads, num_kv_heads)
+        m = None if mask is None else mask[g.rows].to(dev)
+        o = attend(q[g.rows].to(dev), g.keys, g.values, m, num_heads, num_kv_heads)
         out[g.rows] = o.to(q.device)
     return out
 

@@ -53,7 +53,8 @@ def hardware_profile(hardware, offload_dir: Path, log: Callable[[str], None]) ->
 
 def choose_policy(model_args: ModelArgs, prompt_len: int, gen_len: int, *, offload_dir: Path,
                   gpu_mem: Optional[float] = None, cpu_mem: Optional[float] = None,
-                  disk_mem: Optional[float] = None, hardware=None, compress_weight: bool = False,
+                  disk_mem: Optional[float] = None, hardware=None, device=None, dtype=None,
+                  compress_weight: bool = False,
                   compress_cache: bool = False, cpu_cache_compute: Optional[bool] = None, overlap: bool = True,
                   gpu_batch_size: Optional[int] = None, num_gpu_batches: Optional[int] = None,
                   log: Optional[Callable[[str], None]] = None) -> tuple[Policy, Estimate]:
@@ -69,6 +70,17 @@ def choose_policy(model_args: ModelArgs, prompt_len: int, gen_len: int, *, offlo
         raise FlexGenError("choosing a policy needs a gpu memory budget (GiB of accelerator memory; on a "
                            "CPU-only machine, the part of host memory that plays the gpu tier)")
     hw = hardware_profile(hardware, offload_dir, log)
+    import torch
+
+    from flexgen.tiers import default_dtype
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # Plan with the bytes per value the engine will compute in, not the profile's.
+    hw = hw.for_engine(str(dtype).removeprefix("torch.") if dtype else
+                       str(default_dtype(dev)).removeprefix("torch."))
+    for name, budget, reserve in (("gpu", gpu_mem, hw.gpu_reserved), ("cpu", cpu_mem, hw.cpu_reserved)):
+        if budget is not None and reserve and budget * GIB <= reserve:
+            log(f"flexgen: warning: --{name}-mem {budget:g} leaves nothing for tensors: the hardware profile "
+                f"reserves {reserve / GIB:.1f} GiB of {name} memory for the process itself")
     cpu = cpu_mem * GIB if cpu_mem is not None else available_memory()
     disk = disk_mem * GIB if disk_mem is not None else free_disk(offload_dir)
     return search(model_args, prompt_len, gen_len, hw, gpu_mem=gpu_mem * GIB, cpu_mem=cpu, disk_mem=disk,

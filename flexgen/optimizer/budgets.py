@@ -61,7 +61,8 @@ def _reserve_note(budgets: Budgets, tier: str) -> str:
     given = budgets.given[i]
     usable = budgets.of(tier)
     if given and abs(given - usable) > 1:
-        return f"{_gib(usable)} usable of the {_gib(given)} budget"
+        return (f"{_gib(usable)} usable of the {_gib(given)} budget (the hardware profile reserves "
+                f"{_gib(given - usable)} of {tier} memory for the process itself)")
     return f"{_gib(usable)} budget"
 
 

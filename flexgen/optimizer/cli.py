@@ -93,6 +93,9 @@ def policy_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", help="evaluate a policy JSON file instead of searching")
     p.add_argument("--save", metavar="FILE", help="write the chosen / evaluated policy to FILE (JSON)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype of the planned run (default: the engine's, float16 on cuda, bfloat16 "
+                        "on a CPU with bf16, else float32)")
     p.add_argument("--num-stages", type=_positive_int, default=1,
                    help="predict a pipeline of N stages (torchrun ranks), each running the policy over its layers")
     p.add_argument("--link-bw", type=float, metavar="GB/S", help="bandwidth between stages (default 10)")
@@ -104,7 +107,10 @@ def policy_parser() -> argparse.ArgumentParser:
 def policy_main(argv: list[str]) -> int:
     args = policy_parser().parse_args(argv)
     model = model_args_for(args.model)
-    hw = load_hardware(args.hardware)
+    hw = load_hardware(args.hardware).for_engine(args.dtype)
+    if args.save:
+        from flexgen.outputs import check_writable
+        check_writable(args.save, "--save file")  # before the search, not after
     gib = lambda v: None if v is None else v * GIB  # noqa: E731
     budgets = Budgets.from_request(hw, gib(args.gpu_mem), gib(args.cpu_mem), gib(args.disk_mem))
     if args.prompt_len + args.gen_len > model.max_position_embeddings:
@@ -149,9 +155,11 @@ def policy_main(argv: list[str]) -> int:
         policy, est, lp_solves = res.policy, res.estimate, res.lp_solves
 
     if args.save:
-        Path(args.save).write_text(json.dumps({
+        from flexgen.outputs import write_atomic
+        write_atomic(args.save, json.dumps({
             "policy": policy.to_dict(), "model": model.name, "prompt_len": args.prompt_len,
-            "gen_len": args.gen_len, "hardware": hw.name, "predicted_throughput": est.throughput}, indent=2) + "\n")
+            "gen_len": args.gen_len, "hardware": hw.name, "predicted_throughput": est.throughput}, indent=2) + "\n",
+                     "--save file")
 
     if args.num_stages > 1:
         from flexgen.optimizer.pipeline import estimate_pipeline, format_pipeline
@@ -177,6 +185,7 @@ def policy_main(argv: list[str]) -> int:
         print(format_estimate(est, title))
         if lp_solves is not None:
             print(f"\n(searched {lp_solves} linear programs; run the engine with "
+                  f"--prompt-len {args.prompt_len} --gen-len {args.gen_len} "
                   f"--percent {' '.join(f'{v:g}' for v in policy.percent)} --gpu-batch-size "
                   f"{policy.gpu_batch_size} --num-gpu-batches {policy.num_gpu_batches}"
                   + "".join(f" --{k.replace('_', '-')}" for k in ("cpu_cache_compute", "compress_weight",
@@ -231,8 +240,14 @@ def format_profile(hw: HardwareProfile) -> str:
 def profile_main(argv: list[str]) -> int:
     from flexgen.optimizer.measure import measure_hardware
     args = profile_parser().parse_args(argv)
+    from flexgen.outputs import check_writable, write_atomic
+    out = check_writable(args.out or default_profile_path(), "profile")  # before minutes of measuring
+    try:
+        Path(args.offload_dir).expanduser().mkdir(parents=True, exist_ok=True)
+        check_writable(Path(args.offload_dir).expanduser() / "probe", "into --offload-dir")
+    except OSError as e:
+        raise FlexGenError(f"cannot use --offload-dir {args.offload_dir}: {e.strerror}") from None
     log = (lambda s: print(f"measuring {s} ...", file=sys.stderr)) if not args.json else None
-    out = Path(args.out) if args.out else default_profile_path()
     link = None
     if args.network:
         import torch
@@ -252,10 +267,7 @@ def profile_main(argv: list[str]) -> int:
                               engine=args.engine_overhead)
     if link is not None:
         hw = hw.replace(link_bw=link[0], link_latency=link[1])
-    try:
-        hw.save(out)
-    except OSError as e:
-        raise FlexGenError(f"cannot write {out}: {e}") from None
+    write_atomic(out, json.dumps(hw.to_dict(), indent=2) + "\n", "profile")
     if args.json:
         print(json.dumps(hw.to_dict()))
     else:

@@ -152,6 +152,9 @@ class EngineConstants:
     mask_bytes: float = 5.0
     quant_group: int = 64          # 4-bit groups with an fp16 (scale, min) pair each
     quant_bits: int = 4
+    # Page-locked host memory is counted once more by this share: it cannot be swapped or
+    # reclaimed, and each buffer is page-locked whole pages at a time (CUDA only).
+    pinned_headroom: float = 0.05
 
 
 DEFAULT_ENGINE = EngineConstants()
@@ -285,14 +288,15 @@ class BlockModel:
     def __init__(self, args: ModelArgs, prompt_len: int, gen_len: int, gpu_batch_size: int,
                  num_gpu_batches: int, hw: HardwareProfile, *, compress_weight: bool = False,
                  compress_cache: bool = False, cpu_cache_compute: bool = False, overlap: bool = True,
-                 engine: EngineConstants = DEFAULT_ENGINE, span: Optional[tuple] = None):
+                 pin_weight: bool = True, engine: EngineConstants = DEFAULT_ENGINE,
+                 span: Optional[tuple] = None):
         if prompt_len < 1 or gen_len < 1:
             raise ValueError("prompt_len and gen_len must be >= 1")
         self.args, self.hw, self.engine = args, hw, engine
         self.s, self.n = prompt_len, gen_len
         self.b, self.nb = gpu_batch_size, num_gpu_batches
         self.compress_weight, self.compress_cache = compress_weight, compress_cache
-        self.cpu_cache_compute, self.overlap = cpu_cache_compute, overlap
+        self.cpu_cache_compute, self.overlap, self.pin_weight = cpu_cache_compute, overlap, pin_weight
         self.dt = hw.dtype_bytes
         self.fig = cost_figures(args)   # the family's widths: attention, K/V per token (GQA), temporaries
         (self.layers, self.weight_bytes, self.max_slot, self.dequant_numel,
@@ -300,6 +304,7 @@ class BlockModel:
         self.num_attention = sum(lay.kind == "attention" for lay in self.layers)   # KV-cache layers
         self.decode_steps = gen_len - 1
         self.intervals = {p: self._intervals(p) for p in PHASES}
+        self.pinned: dict[str, dict] = {}    # phase -> the cpu components that are page-locked
         self.memory = {p: self._memory(p) for p in PHASES}
 
     # -- sizes -------------------------------------------------------------------------
@@ -415,8 +420,13 @@ class BlockModel:
                   host row when compressed) on the host.
         hidden    per gpu batch, the whole (gbs, s, h) output stays on the device while any
                   of its rows lives there (activations.HiddenSlot keeps a view); host and
-                  disk rows are copies; while not resident, a loaded input, a prefetched
-                  one and one being stored are in flight.
+                  disk rows go through one host buffer per gpu batch sized for the prompt;
+                  while not resident, a loaded input, a prefetched one and one being
+                  stored are in flight on the device.
+        pinned    on CUDA, the host memory that is page-locked: host weights (pin_weight),
+                  the weight and cache staging buffers, the hidden buffers and host
+                  attention's staging (never the host KV cache); counted once more by
+                  `pinned_headroom`.
         compute   the largest layer's temporaries (attention: see `EngineConstants`).
         """
         a, e = self.args, self.engine
@@ -449,8 +459,8 @@ class BlockModel:
         cpu: dict[str, Lin | Switched] = {
             "weights": V("wc") * self.weight_bytes,
             "kv cache": V("cc") * (B * L * row_cache),
-            "hidden": V("hc") * (nb * hid),
-            "hidden staging": V("hd") * (2 * hid),
+            "hidden": V("hc") * (nb * b * self.s * h * dt),
+            "hidden staging": V("hd") * (nb * b * self.s * h * dt),
         }
         disk: dict[str, Lin | Switched] = {
             "weights": V("wd") * self.weight_bytes,
@@ -469,6 +479,8 @@ class BlockModel:
             else:
                 gpu["cache buffers"] = Switched("cg<1", 2 * b * self.s * kv * dt, 1 - V("cg"))
             cpu["cache staging"] = V("cd") * (b * self.s * kv * dt)
+            if cuda and not self.cpu_cache_compute:
+                cpu["cache staging"] = cpu["cache staging"] + V("cd") * (b * row_cache)
             # Scores (if materialised), the mask while attending, and every batch's step mask.
             score = b * self.s * self.s * (nh * e.attn_score_bytes + e.mask_bytes * fig.query_groups + nb)
             attn = b * self.s * fig.attn_temp_width * dt + score
@@ -486,9 +498,18 @@ class BlockModel:
                     cpu["cache buffers"] = V("cd") * work
             else:
                 gpu["cache buffers"] = Lin(work) if self.compress_cache else (V("cc") + V("cd")) * work
+            if cuda and self.cpu_cache_compute:
+                # kvcache.HostAttention: an fp32 copy of one group's K/V (when the dtype is
+                # narrower) and page-locked q, k, v, output and mask of one gpu batch; the
+                # buffers that grow with the sequence double, so up to twice their size.
+                cpu["host attention"] = (1 - V("cg")) * (2 * 2 * t_max * b * h * 4 * (dt < 4))
+                cpu["host attention staging"] = Lin(4 * b * h * dt + 2 * b * t_max)
             # Disk rows land in their working buffer directly when it is in host memory and
             # uncompressed; otherwise they pass through a host buffer of their stored bytes.
-            if self.compress_cache or (cuda and not self.cpu_cache_compute):
+            if cuda and not self.cpu_cache_compute:
+                # kvcache.PinnedStaging: one K or V array per load thread.
+                cpu["cache staging"] = V("cd") * (b * row_cache)
+            elif self.compress_cache:
                 cpu["cache staging"] = V("cd") * (in_flight * b * row_cache)
             score = b * t_max * (nh * e.attn_score_bytes + e.mask_bytes * fig.query_groups + nb)
             attn = b * fig.attn_temp_width * dt + score
@@ -496,6 +517,18 @@ class BlockModel:
             inp = 3 * b * h * dt
         out = b * vocab * (dt + 4 + 8)               # logits, their fp32 copy, sampling
         gpu["compute"] = Lin(max(attn, mlp, out, inp))
+        pinned = {}
+        if cuda:
+            names = ["weight staging", "hidden", "hidden staging", "host attention staging"]
+            names += ["weights"] if self.pin_weight else []
+            names += [] if self.cpu_cache_compute else ["cache staging"]
+            pinned = {k: cpu[k] for k in names if k in cpu}
+            lins = [v for v in pinned.values() if isinstance(v, Lin)]
+            cpu["pinned headroom"] = sum(lins, Lin()) * e.pinned_headroom
+            for k, v in pinned.items():
+                if isinstance(v, Switched):
+                    cpu[f"pinned headroom ({k})"] = Switched(v.key, v.amount * e.pinned_headroom, v.trigger)
+        self.pinned[phase] = pinned
         return {"gpu": gpu, "cpu": cpu, "disk": disk}
 
     def memory_terms(self, phase: str, tier: str) -> list:
@@ -535,6 +568,7 @@ class Estimate:
     bottleneck: dict[str, str]              # phase -> what bounds it
     bottleneck_share: dict[str, dict[str, float]]  # phase -> resource -> share of the phase's time
     fractions: dict[str, float]             # achieved placement fractions
+    pinned_bytes: float = 0.0               # page-locked host bytes (CUDA), within memory["cpu"]
     budgets: dict[str, float] | None = None  # usable bytes per tier, when checked
     shortfalls: list[str] = field(default_factory=list)
 
@@ -557,7 +591,7 @@ class Estimate:
             "feasible": self.feasible, "shortfalls": self.shortfalls,
             "io_bytes": self.io_bytes, "io_per_layer": self.io_per_layer, "busy_time": self.busy_time,
             "bottleneck": self.bottleneck, "bottleneck_share": self.bottleneck_share,
-            "fractions": self.fractions,
+            "fractions": self.fractions, "pinned_bytes": self.pinned_bytes,
         }
 
 
@@ -612,6 +646,7 @@ def evaluate(model: BlockModel, x: Mapping[str, float], policy: Policy) -> Estim
                             for tier in TIERS}
         mem_phase[phase] = {tier: sum(breakdown[phase][tier].values()) for tier in TIERS}
     memory = {tier: max(m[tier] for m in mem_phase.values()) for tier in TIERS}
+    pinned = max(sum(v.value(x) for v in model.pinned[p].values()) for p in mem_phase)
     total = times["prefill"] + times["decode"]
     return Estimate(
         model=model.args.name, prompt_len=model.s, gen_len=model.n, policy=policy, hardware=hw.name,
@@ -619,14 +654,15 @@ def evaluate(model: BlockModel, x: Mapping[str, float], policy: Policy) -> Estim
         prefill_time=times["prefill"], decode_time=times["decode"], memory=memory,
         memory_by_phase=mem_phase, memory_breakdown=breakdown, io_bytes=io_bytes,
         io_per_layer=io_layer, busy_time=busy, bottleneck=bottleneck, bottleneck_share=share,
-        fractions=dict(x))
+        fractions=dict(x), pinned_bytes=pinned)
 
 
 def block_model_for(args: ModelArgs, policy: Policy, prompt_len: int, gen_len: int,
                     hw: HardwareProfile, engine: EngineConstants = DEFAULT_ENGINE) -> BlockModel:
     return BlockModel(args, prompt_len, gen_len, policy.gpu_batch_size, policy.num_gpu_batches, hw,
                       compress_weight=policy.compress_weight, compress_cache=policy.compress_cache,
-                      cpu_cache_compute=policy.cpu_cache_compute, overlap=policy.overlap, engine=engine)
+                      cpu_cache_compute=policy.cpu_cache_compute, overlap=policy.overlap,
+                      pin_weight=policy.pin_weight, engine=engine)
 
 
 def estimate(model_args: ModelArgs, policy: Policy, prompt_len: int, gen_len: int,

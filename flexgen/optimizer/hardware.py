@@ -105,6 +105,17 @@ class HardwareProfile:
         """Bytes per element of working buffers on the compute device."""
         return COMPUTE_DTYPES[self.compute_dtype]
 
+    def for_engine(self, dtype: str | None = None) -> "HardwareProfile":
+        """This profile with the compute dtype a run will use (`dtype`, else the engine's
+        default on this kind of device): bytes per value must be the engine's."""
+        if dtype is None:
+            if self.compute_device == "cpu":
+                from flexgen.tiers import cpu_has_bf16
+                dtype = "bfloat16" if cpu_has_bf16() else "float32"
+            else:
+                dtype = "float16"
+        return self if dtype == self.compute_dtype else self.replace(compute_dtype=dtype)
+
     def replace(self, **changes) -> "HardwareProfile":
         return dataclasses.replace(self, **changes)
 
@@ -138,10 +149,8 @@ class HardwareProfile:
         return cls.from_dict(data, source=str(path))
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+        from flexgen.outputs import write_atomic
+        return write_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n", "hardware profile")
 
 
 # ---------------------------------------------------------------------------------------

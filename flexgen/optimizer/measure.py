@@ -72,14 +72,11 @@ def _host_memory() -> int:
 
 
 def pick_cpu_dtype(quick: bool = False) -> str:
-    """bfloat16 when the CPU multiplies it faster than float32, else float32."""
-    n = 512 if quick else 1024
-    a32 = torch.randn(n, n)
-    b32 = torch.randn(n, n)
-    t32 = _best_time(lambda: a32 @ b32, torch.device("cpu"), repeat=2)
-    a16, b16 = a32.bfloat16(), b32.bfloat16()
-    t16 = _best_time(lambda: a16 @ b16, torch.device("cpu"), repeat=2)
-    return "bfloat16" if t16 < t32 else "float32"
+    """The dtype the engine computes in on this CPU (tiers.default_dtype), so that the
+    profile's figures and the policy's bytes are those of the runs it plans. (A timing
+    race between bf16 and fp32 picked different dtypes on one machine from run to run.)"""
+    from flexgen.tiers import default_dtype
+    return str(default_dtype(torch.device("cpu"))).removeprefix("torch.")
 
 
 def matmul_flops(device, dtype, m: int, k: int, n: int) -> float:
@@ -305,7 +302,8 @@ def measure_hardware(offload_dir: str | Path, quick: bool = False, device: str |
         # this is the compute device itself, so keep the device's numbers.
     else:
         cpu_mm = matmul_flops(host, torch.float32, 256, 1024, 2048)
-        cpu_attn = attention_flops(host, torch.float32, rows_d, heads, hd, 1, t_d)
+        from flexgen.kvcache import HOST_ATTN_DTYPE   # what kvcache.HostAttention attends in
+        cpu_attn = attention_flops(host, HOST_ATTN_DTYPE, rows_d, heads, hd, 1, t_d)
         cpu_dq = dequant_rate(host, torch.float32, (1 << 20) if quick else (8 << 20))
     log("host <-> device transfers")
     c2g, g2c = transfer_bandwidth(dev, big)
