@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -257,7 +258,12 @@ def _lengths_from_policy_file(a) -> None:
 
 def run_main(argv: list[str]) -> int:
     a = build_parser().parse_args(argv)
+    from flexgen import pipeline
     from flexgen.engine import load_model
+
+    if pipeline.rank() != 0:  # under torchrun, rank 0 alone prints (errors still go to stderr)
+        sys.stdout = open(os.devnull, "w")
+        a.quiet = True
 
     _lengths_from_policy_file(a)
     if a.prompt_len < 1:
@@ -296,7 +302,13 @@ def run_main(argv: list[str]) -> int:
             text = tokenizer.decode(out[0], skip_special_tokens=True)
             print(f"sample: {text!r}")
         r = report(model, model.stats, a)
+        if pipeline.world_size() > 1:
+            r = pipeline.gather_report(model, r)
+            if r is None:
+                return 0
         print_report(r)
+        if "stages" in r:
+            pipeline.print_stages(r)
         if a.json_out:
             from flexgen.outputs import write_atomic
             write_atomic(a.json_out, json.dumps(r, indent=2) + "\n", "--json-out file")

@@ -67,8 +67,11 @@ class FlexGenModel:
     """A model of any supported family placed across gpu / cpu / disk by a Policy. Create with `load_model`."""
 
     def __init__(self, args, policy: Policy, device: ComputeDevice, dtype: torch.dtype,
-                 offload_dir: Path, source, progress: bool = True, verify_store: bool = False):
+                 offload_dir: Path, source, progress: bool = True, verify_store: bool = False,
+                 layers: Optional[slice] = None):
         self.args, self.policy, self.device, self.dtype = args, policy, device, dtype
+        # A pipeline stage holds a contiguous slice of the layer list (flexgen/pipeline.py).
+        self.layers = layers or slice(None)
         self.offload_dir = offload_dir
         self.progress = progress
         self._bar, self._bar_rows = None, 0
@@ -86,7 +89,8 @@ class FlexGenModel:
         # Ctrl-C or an error; the finalizer covers a model that is never closed.
         self._finalizer = weakref.finalize(self, shutil.rmtree, self.run_dir, True)
         try:
-            layouts = model_layouts(args, dtype, policy.compress_weight)
+            layouts = model_layouts(args, dtype, policy.compress_weight)[self.layers]
+            self.num_attention = sum(lay.spec.kind == "attention" for lay in layouts)
             self.placement: Placement = plan([lay.nbytes for lay in layouts], policy)
             store = None
             if isinstance(source, CheckpointSource):
@@ -99,7 +103,8 @@ class FlexGenModel:
             with tqdm(total=len(layouts), desc="placing weights", unit="layer",
                       disable=None if progress else True, leave=False) as bar:
                 self.weights = PlacedWeights(
-                    layouts, self.placement.weights, device, dtype, self.tracker, store=store,
+                    layouts, self.placement.weights, device, dtype, self.tracker,
+                    store=_StoreSlice(store, self.layers.start) if store is not None and self.layers.start else store,
                     dummy=source if isinstance(source, DummySource) else None, run_dir=self.run_dir,
                     pin=policy.pin_weight, progress=bar)
             self.store_dir = store.dir if store is not None else None
@@ -283,7 +288,7 @@ class FlexGenModel:
         max_len = block.prompt_len + block.max_new_tokens
         cache = hidden = None
         try:
-            cache = KVCache(self.args.num_hidden_layers, p.num_gpu_batches, self.placement.cache, max_len,
+            cache = KVCache(self.num_attention, p.num_gpu_batches, self.placement.cache, max_len,
                             self.args.kv_width, self.dtype, self.device, self.tracker, self.run_dir,
                             compress=p.compress_cache, cpu_cache_compute=p.cpu_cache_compute)
             self.stats.cache_bytes = {t.value: n for t, n in cache.held.items()}
@@ -341,6 +346,22 @@ class FlexGenModel:
         self.close()
 
 
+class _StoreSlice:
+    """The weight store seen from a pipeline stage whose layers start at `first`."""
+
+    def __init__(self, store: WeightStore, first: int):
+        self.store, self.first, self.dir = store, first, store.dir
+
+    def layer_path(self, idx: int) -> Path:
+        return self.store.layer_path(self.first + idx)
+
+    def check_range(self, idx: int, *args):
+        return self.store.check_range(self.first + idx, *args)
+
+    def __getattr__(self, name):   # what is not per layer is the store's
+        return getattr(self.store, name)
+
+
 def _progress_bar(total: int, progress: bool):
     """Generated tokens over all blocks, with rate and ETA; on a terminal only (tqdm's None)."""
     from tqdm import tqdm
@@ -384,6 +405,11 @@ def load_model(model: str, policy: Optional[Policy] = None, *, device=None, dtyp
         raise FlexGenError(f"prompt ({prompt_len}) + new tokens ({gen_len}) exceed the model's "
                            f"{source.args.max_position_embeddings} positions")
     root = Path(offload_dir).expanduser() if offload_dir else default_offload_dir()
+    from flexgen import pipeline
+    if pipeline.world_size() > 1:  # under torchrun: this process is one stage of a pipeline
+        # (no whole-model preflight: a stage holds only its slice of the layers)
+        return pipeline.load_stage(source.args, policy, dev, dtype, root, source, progress=progress,
+                                   verify_store=verify_store)
     store_bytes = None
     if isinstance(source, CheckpointSource):
         key = WeightStore.key(source, dtype, policy.compress_weight)

@@ -96,6 +96,11 @@ def policy_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype of the planned run (default: the engine's, float16 on cuda, bfloat16 "
                         "on a CPU with bf16, else float32)")
+    p.add_argument("--num-stages", type=_positive_int, default=1,
+                   help="predict a pipeline of N stages (torchrun ranks), each running the policy over its layers")
+    p.add_argument("--link-bw", type=float, metavar="GB/S", help="bandwidth between stages (default 10)")
+    p.add_argument("--link-latency", type=float, metavar="US", help="latency per message between stages "
+                   "(default 20)")
     return p
 
 
@@ -156,6 +161,17 @@ def policy_main(argv: list[str]) -> int:
             "gen_len": args.gen_len, "hardware": hw.name, "predicted_throughput": est.throughput}, indent=2) + "\n",
                      "--save file")
 
+    if args.num_stages > 1:
+        from flexgen.optimizer.pipeline import estimate_pipeline, format_pipeline
+        pe = estimate_pipeline(model, [policy], args.prompt_len, args.gen_len, hw, args.num_stages,
+                               link_bw=args.link_bw and args.link_bw * 1e9,
+                               link_latency=None if args.link_latency is None else args.link_latency * 1e-6)
+        if args.json:
+            print(json.dumps({"mode": mode, "policy": policy.to_dict(), "pipeline": pe.to_dict()}))
+        else:
+            print(format_pipeline(pe, f"{model.name}: prompt {args.prompt_len}, generate {args.gen_len}, hardware "
+                                      f"{hw.name} — the policy on every stage of a {args.num_stages}-stage pipeline"))
+        return 0
     if args.json:
         out = {"mode": mode, "policy": policy.to_dict(), "throughput": est.throughput,
                "memory": est.memory, "bottleneck": est.bottleneck, "hardware": hw.name,
@@ -191,6 +207,9 @@ def profile_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine-overhead", action="store_true",
                    help="calibrate the per-layer overhead on a short engine run (dummy OPT-125M)")
     p.add_argument("--json", action="store_true", help="print the profile as JSON")
+    p.add_argument("--network", action="store_true",
+                   help="measure the link between pipeline stages (run under torchrun with 2 ranks, on one "
+                        "machine or two) and store it in the profile (measured first if there is none)")
     return p
 
 
@@ -209,6 +228,7 @@ def format_profile(hw: HardwareProfile) -> str:
         ("host", f"matmul {hw.cpu_matmul_flops / 1e12:.3f}, attention {hw.cpu_attn_flops / 1e12:.4f} TFLOP/s, "
                  f"dequant {hw.cpu_dequant_rate / 1e9:.2f} G values/s"),
         ("per-layer overhead", f"{hw.layer_overhead * 1e6:.0f} us"),
+        ("pipeline link", f"{hw.link_bw / 1e9:.2f} GB/s, {hw.link_latency * 1e6:.0f} us per message"),
         ("measured", hw.date),
     ]
     out = [f"hardware profile {hw.name!r}"] + [f"  {k:<20} {v}" for k, v in rows]
@@ -228,8 +248,25 @@ def profile_main(argv: list[str]) -> int:
     except OSError as e:
         raise FlexGenError(f"cannot use --offload-dir {args.offload_dir}: {e.strerror}") from None
     log = (lambda s: print(f"measuring {s} ...", file=sys.stderr)) if not args.json else None
-    hw = measure_hardware(args.offload_dir, quick=args.quick, device=args.device, name=args.name, log=log,
-                          engine=args.engine_overhead)
+    link = None
+    if args.network:
+        import torch
+
+        from flexgen import pipeline
+        if pipeline.world_size() < 2:
+            raise FlexGenError("--network measures the link between two ranks: run it as "
+                               "`torchrun --nproc-per-node 2 -m flexgen profile --network` (or with --nnodes 2)")
+        pipeline.init_process_group(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        link = pipeline.measure_link()
+        if pipeline.rank() != 0:
+            return 0
+    if link is not None and out.exists():
+        hw = HardwareProfile.load(out)
+    else:
+        hw = measure_hardware(args.offload_dir, quick=args.quick, device=args.device, name=args.name, log=log,
+                              engine=args.engine_overhead)
+    if link is not None:
+        hw = hw.replace(link_bw=link[0], link_latency=link[1])
     write_atomic(out, json.dumps(hw.to_dict(), indent=2) + "\n", "profile")
     if args.json:
         print(json.dumps(hw.to_dict()))

@@ -37,7 +37,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Optional
 
 from flexgen.models.base import ModelArgs
 from flexgen.models.registry import cost_figures, layer_specs
@@ -242,10 +242,13 @@ def layer_costs(args: ModelArgs, compress_weight: bool, dtype: str) -> tuple[Lay
 
 
 @functools.lru_cache(maxsize=64)
-def _layer_table(args: ModelArgs, compress_weight: bool, dtype: str):
+def _layer_table(args: ModelArgs, compress_weight: bool, dtype: str, span: Optional[tuple] = None):
     """Layer sizes, the largest layer, the values dequantized into persistent buffers, and
-    the distinct layer steps ((this layer, next layer, how many such steps per pass))."""
+    the distinct layer steps ((this layer, next layer, how many such steps per pass)).
+    span: (start, stop) of a pipeline stage's layers; None = all."""
     layers = layer_costs(args, compress_weight, dtype)
+    if span is not None:
+        layers = layers[span[0]:span[1]]
     n = len(layers)
     pairs = [(layers[i], layers[(i + 1) % n]) for i in range(n)]
     max_slot = max(l.slot for l in layers)
@@ -285,7 +288,8 @@ class BlockModel:
     def __init__(self, args: ModelArgs, prompt_len: int, gen_len: int, gpu_batch_size: int,
                  num_gpu_batches: int, hw: HardwareProfile, *, compress_weight: bool = False,
                  compress_cache: bool = False, cpu_cache_compute: bool = False, overlap: bool = True,
-                 pin_weight: bool = True, engine: EngineConstants = DEFAULT_ENGINE):
+                 pin_weight: bool = True, engine: EngineConstants = DEFAULT_ENGINE,
+                 span: Optional[tuple] = None):
         if prompt_len < 1 or gen_len < 1:
             raise ValueError("prompt_len and gen_len must be >= 1")
         self.args, self.hw, self.engine = args, hw, engine
@@ -296,7 +300,8 @@ class BlockModel:
         self.dt = hw.dtype_bytes
         self.fig = cost_figures(args)   # the family's widths: attention, K/V per token (GQA), temporaries
         (self.layers, self.weight_bytes, self.max_slot, self.dequant_numel,
-         self._steps) = _layer_table(args, compress_weight, hw.compute_dtype)
+         self._steps) = _layer_table(args, compress_weight, hw.compute_dtype, span)
+        self.num_attention = sum(lay.kind == "attention" for lay in self.layers)   # KV-cache layers
         self.decode_steps = gen_len - 1
         self.intervals = {p: self._intervals(p) for p in PHASES}
         self.pinned: dict[str, dict] = {}    # phase -> the cpu components that are page-locked
@@ -427,7 +432,7 @@ class BlockModel:
         a, e = self.args, self.engine
         b, nb, dt, h = self.b, self.nb, self.dt, a.hidden_size
         kv, fig = self.fig.kv_width, self.fig
-        L, nh, vocab = a.num_hidden_layers, a.num_attention_heads, a.vocab_size
+        L, nh, vocab = self.num_attention, a.num_attention_heads, a.vocab_size
         V = Lin.var
         prefill = phase == "prefill"
         s_cur = self.s if prefill else 1

@@ -30,9 +30,9 @@ _POSITIVE = (
     "gpu_mem", "cpu_mem", "disk_mem",
     "cpu_to_gpu_bw", "gpu_to_cpu_bw", "disk_read_bw", "disk_write_bw",
     "gpu_matmul_flops", "gpu_mem_bw", "gpu_attn_flops_prefill", "gpu_attn_flops_decode",
-    "gpu_dequant_rate", "cpu_matmul_flops", "cpu_attn_flops", "cpu_dequant_rate",
+    "gpu_dequant_rate", "cpu_matmul_flops", "cpu_attn_flops", "cpu_dequant_rate", "link_bw",
 )
-_NON_NEGATIVE = ("gpu_reserved", "cpu_reserved", "layer_overhead")
+_NON_NEGATIVE = ("gpu_reserved", "cpu_reserved", "layer_overhead", "link_latency")
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,10 @@ class HardwareProfile:
     cpu_dequant_rate: float = 1e9
 
     layer_overhead: float = 0.0            # fixed seconds per (layer, gpu batch) step: launches, Python
+
+    # Between pipeline stages (torchrun ranks): `flexgen profile --network`, or given.
+    link_bw: float = 10e9                  # bytes/s
+    link_latency: float = 20e-6            # seconds per message
     notes: str = ""
 
     def __post_init__(self):
