@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -112,13 +112,15 @@ class ModelArgs:
     def q_width(self) -> int:
         return self.num_attention_heads * self.head_dim
 
+    sizes: ClassVar[dict] = SIZES         # this family's named sizes; subclasses give their own
+
     @classmethod
     def from_name(cls, name: str) -> "ModelArgs":
         key = name.lower().split("/")[-1]
-        if key not in SIZES:
-            raise FlexGenError(f"unknown model {name!r}; named sizes: {', '.join(SIZES)} "
+        if key not in cls.sizes:
+            raise FlexGenError(f"unknown model {name!r}; named sizes: {', '.join(cls.sizes)} "
                                "(or give a checkpoint directory)")
-        return cls(name=key, **SIZES[key])
+        return cls(name=key, **cls.sizes[key])
 
     @classmethod
     def from_config(cls, config: dict, name: str = "llama") -> "ModelArgs":

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from flexgen.errors import FlexGenError
 from flexgen.models import llama
@@ -37,12 +38,7 @@ SIZES: dict[str, dict] = {
 
 @dataclass(frozen=True)
 class ModelArgs(llama.ModelArgs):
-    @classmethod
-    def from_name(cls, name: str) -> "ModelArgs":
-        key = name.lower().split("/")[-1]
-        if key not in SIZES:
-            raise FlexGenError(f"unknown model {name!r}; named sizes: {', '.join(SIZES)}")
-        return cls(name=key, **SIZES[key])
+    sizes: ClassVar[dict] = SIZES
 
     @classmethod
     def from_config(cls, config: dict, name: str = "qwen2") -> "ModelArgs":
