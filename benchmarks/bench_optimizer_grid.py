@@ -41,8 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flexgen import Policy, load_model  # noqa: E402
 from flexgen.models.opt import ModelArgs  # noqa: E402
+from flexgen.calibrate import measure_hardware  # noqa: E402
 from flexgen.optimizer import (GIB, Budgets, HardwareProfile, default_profile_path, estimate,  # noqa: E402
-                               measure_hardware, search_detailed)
+                               search_detailed)
 
 TIERS = ("gpu", "cpu", "disk")
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}

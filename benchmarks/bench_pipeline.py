@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flexgen import Policy  # noqa: E402
 from flexgen.models.registry import args_from_name  # noqa: E402
-from flexgen.optimizer import HardwareProfile, measure_hardware  # noqa: E402
+from flexgen.calibrate import measure_hardware  # noqa: E402
+from flexgen.optimizer import HardwareProfile  # noqa: E402
 from flexgen.optimizer.pipeline import estimate_pipeline  # noqa: E402
 
 

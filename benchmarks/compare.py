@@ -216,12 +216,12 @@ def child(a) -> dict:
         out["tokens"] = seq[:, a.prompt_len:].tolist()
     else:
         import flexgen
-        from flexgen.optimizer.auto import choose_policy
+        from flexgen.autopolicy import choose_policy
         from flexgen.optimizer.cli import model_args_for
 
         if a.system == "flexgen-auto":
             gpu, cpu, disk = a.budget
-            policy, est = choose_policy(model_args_for(a.ckpt), a.prompt_len, a.gen_len,
+            policy, est, _ = choose_policy(model_args_for(a.ckpt), a.prompt_len, a.gen_len,
                                         offload_dir=Path(a.offload_dir), gpu_mem=gpu, cpu_mem=cpu, disk_mem=disk,
                                         hardware=a.hardware, compress_weight=a.compress, compress_cache=a.compress,
                                         log=lambda m: None)
@@ -264,7 +264,7 @@ def phase_bounds(a, policy) -> dict:
     """Per phase, the time no schedule can beat on this hardware profile: the busiest
     resource (each link's bytes / its measured bandwidth, matmul FLOPs / the measured
     rate, host attention), from the cost model's accounting of this policy."""
-    from flexgen.optimizer.auto import hardware_profile
+    from flexgen.autopolicy import hardware_profile
     from flexgen.optimizer.cost_model import estimate
     from flexgen.optimizer.cli import model_args_for
 

@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flexgen import Policy, load_model  # noqa: E402
 from flexgen.models.opt import ModelArgs  # noqa: E402
-from flexgen.optimizer import HardwareProfile, estimate, measure_hardware  # noqa: E402
+from flexgen.calibrate import measure_hardware  # noqa: E402
+from flexgen.optimizer import HardwareProfile, estimate  # noqa: E402
 
 # Components of the cost model that the engine's MemoryTracker counts (views of hidden
 # states, layer outputs, compute temporaries and transient copies it does not).

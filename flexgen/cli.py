@@ -117,12 +117,12 @@ def policy_from_args(a):
 
 def _auto_policy(a):
     """Search a policy for the budgets (GiB); unspecified budgets come from this machine."""
+    from flexgen.autopolicy import choose_policy
     from flexgen.engine import default_offload_dir
     from flexgen.optimizer import format_estimate
-    from flexgen.optimizer.auto import choose_policy
     from flexgen.optimizer.cli import model_args_for
 
-    policy, est = choose_policy(
+    policy, est, _ = choose_policy(
         model_args_for(a.model), a.prompt_len, a.gen_len, offload_dir=Path(a.offload_dir or default_offload_dir()),
         gpu_mem=a.gpu_mem, cpu_mem=a.cpu_mem, disk_mem=a.disk_mem, hardware=a.hardware, device=a.device,
         dtype=a.dtype, compress_weight=bool(a.compress_weight), compress_cache=bool(a.compress_cache),
@@ -415,8 +415,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                 return helm_main(rest)
             if cmd == "verify":
                 return verify_main(rest)
-            from flexgen.optimizer import cli as opt_cli
-            return opt_cli.policy_main(rest) if cmd == "policy" else opt_cli.profile_main(rest)
+            if cmd == "profile":
+                from flexgen.calibrate import profile_main
+                return profile_main(rest)
+            from flexgen.optimizer.cli import policy_main
+            return policy_main(rest)
         return run_main(argv)
     except FlexGenError as e:
         print(f"flexgen: error: {e}", file=sys.stderr)

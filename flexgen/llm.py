@@ -195,23 +195,13 @@ class LLM:
     def _choose_policy(self, prompt_len: int, gen_len: int, num_prompts: int) -> tuple[Policy, bool]:
         """The optimizer's policy; a block larger than the batch is shrunk to it (padding
         rows would only cost time), and such a policy is chosen again for a larger batch."""
-        from flexgen.optimizer.auto import choose_policy, default_gpu_mem
+        from flexgen.autopolicy import choose_policy
 
-        b = dict(self._budgets)
-        if b["gpu_mem"] is None:
-            dev = self._load_kw["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
-            b["gpu_mem"] = default_gpu_mem(dev)
-            if b["cpu_mem"] is None and torch.device(dev).type == "cpu":
-                b["cpu_mem"] = b["gpu_mem"]
-        kw = dict(offload_dir=self.offload_dir, device=self._load_kw["device"], dtype=self._load_kw["dtype"],
-                  compress_weight=self._compress["compress_weight"],
-                  compress_cache=self._compress["compress_cache"], **b)
-        policy, est = choose_policy(self.args, prompt_len, gen_len, **kw)
-        capped = policy.block_size > num_prompts
-        if capped:
-            gbs = min(policy.gpu_batch_size, num_prompts)
-            policy, est = choose_policy(self.args, prompt_len, gen_len, gpu_batch_size=gbs,
-                                        num_gpu_batches=-(-num_prompts // gbs), **kw)
+        policy, est, capped = choose_policy(
+            self.args, prompt_len, gen_len, offload_dir=self.offload_dir, device=self._load_kw["device"],
+            dtype=self._load_kw["dtype"], compress_weight=self._compress["compress_weight"],
+            compress_cache=self._compress["compress_cache"], num_prompts=num_prompts, default_budgets=True,
+            **self._budgets)
         pct = " ".join(f"{getattr(policy, f):g}" for f in ("w_gpu_percent", "w_cpu_percent", "cache_gpu_percent",
                                                           "cache_cpu_percent", "act_gpu_percent", "act_cpu_percent"))
         flags = [f for f in ("overlap", "cpu_cache_compute", "compress_weight", "compress_cache") if getattr(policy, f)]

@@ -301,7 +301,7 @@ def test_policy_plans_with_engine_dtype(tmp_path):
                 "--gpu-batch-size", 1, "--json", "--dtype", "float32")
     want = json.loads(res32.stdout)["memory"]["gpu"] * (0.5 if engine == "bfloat16" else 1.0)
     assert abs(got - want) / want < 0.05
-    from flexgen.optimizer.measure import pick_cpu_dtype
+    from flexgen.calibrate import pick_cpu_dtype
     assert pick_cpu_dtype(quick=True) == engine
 
 

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from flexgen.calibrate import profile_main
 from flexgen.errors import FlexGenError
 from flexgen.models.opt import ModelArgs
 from flexgen.optimizer import (DEFAULT_ENGINE, GIB, Budgets, HardwareProfile, default_profile_path, estimate,
                                fractions_of, load_hardware, original_weight_split, search)
-from flexgen.optimizer.cli import policy_main, profile_main
+from flexgen.optimizer.cli import policy_main
 from flexgen.optimizer.cost_model import BlockModel, evaluate, layer_costs
 from flexgen.optimizer.reference import (GEN_LEN, PAPER_BUDGETS_GIB, PAPER_T4_ROWS, PROMPT_LEN,
                                          reference_file)

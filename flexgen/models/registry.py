@@ -72,6 +72,17 @@ def named_sizes() -> dict[str, ModuleType]:
     return {size: mod for mod in map(_module, FAMILIES) for size in mod.SIZES}
 
 
+def sizes_summary() -> str:
+    """The families and some of their named sizes, for --model's help:
+    "opt (opt-125m, opt-350m ... opt-175b), llama (...), ..."."""
+    parts = []
+    for family in FAMILIES:
+        sizes = list(_module(family).SIZES)
+        shown = ", ".join(sizes) if len(sizes) <= 3 else f"{sizes[0]}, {sizes[1]} ... {sizes[-1]}"
+        parts.append(f"{family} ({shown})")
+    return ", ".join(parts)
+
+
 def args_from_name(name: str):
     """ModelArgs of a named size (opt-30b, meta-llama/Llama-3.1-8B, qwen2.5-7b)."""
     key = name.lower().split("/")[-1]

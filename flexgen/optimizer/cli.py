@@ -1,6 +1,6 @@
-"""`python -m flexgen policy ...` and `python -m flexgen profile ...`.
+"""`python -m flexgen policy ...` (`python -m flexgen profile` is in flexgen/calibrate.py).
 
-Both entry points take argv without the subcommand and return an exit code; user errors
+`policy_main` takes argv without the subcommand and returns an exit code; user errors
 raise FlexGenError (the top-level CLI prints it on one line).
 """
 
@@ -8,22 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from flexgen.errors import FlexGenError
+from flexgen.errors import ArgumentParser, FlexGenError
 from flexgen.models.base import ModelArgs
-from flexgen.models.registry import args_from_config_file, args_from_name
+from flexgen.models.registry import args_from_config_file, args_from_name, sizes_summary
 from flexgen.optimizer.cost_model import GIB, estimate
-from flexgen.optimizer.hardware import HardwareProfile, default_profile_path, load_hardware
+from flexgen.optimizer.hardware import default_profile_path, load_hardware
 from flexgen.optimizer.report import format_estimate
 from flexgen.optimizer.solver import Budgets, check_budgets, search_detailed
 from flexgen.policy import Policy
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise FlexGenError(f"{self.prog}: {message}")
 
 
 def model_args_for(model: str) -> ModelArgs:
@@ -57,17 +51,21 @@ def _positive_int(text: str) -> int:
     return v
 
 
-def policy_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="flexgen policy",
-        description="Choose an offloading policy with the cost model and a linear program, or "
-                    "(with --percent or --policy) predict the throughput and memory of a given one.",
-        epilog="Memory sizes are in GiB (2^30 bytes), as in the original FlexGen, whose 'GB' was 2^30. "
-               "The hardware profile's reserves (CUDA context, the process itself) are taken off the "
-               "gpu and cpu budgets. Without --hardware, the profile measured by `flexgen profile` "
-               f"({default_profile_path()}) is used.")
-    p.add_argument("--model", required=True, help="a named size (opt-125m ... opt-175b, llama-3-70b, "
-                   "qwen2.5-72b, mistral-7b; see README) or a checkpoint directory")
+POLICY_HELP = ("Choose an offloading policy with the cost model and a linear program, or "
+               "(with --percent or --policy) predict the throughput and memory of a given one.")
+
+
+def policy_epilog() -> str:
+    return ("Memory sizes are in GiB (2^30 bytes), as in the original FlexGen, whose 'GB' was 2^30. "
+            "The hardware profile's reserves (CUDA context, the process itself) are taken off the "
+            "gpu and cpu budgets. Without --hardware, the profile measured by `flexgen profile` "
+            f"({default_profile_path()}) is used.")
+
+
+def add_policy_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of `python -m flexgen policy`."""
+    p.add_argument("--model", required=True, help=f"a named size of a family: {sizes_summary()}; or a "
+                   "checkpoint directory")
     p.add_argument("--prompt-len", type=_positive_int, default=512)
     p.add_argument("--gen-len", type=_positive_int, default=32)
     p.add_argument("--gpu-mem", type=_gib_arg, help="GiB of accelerator memory to use (default: the profile's)")
@@ -101,11 +99,20 @@ def policy_parser() -> argparse.ArgumentParser:
     p.add_argument("--link-bw", type=float, metavar="GB/S", help="bandwidth between stages (default 10)")
     p.add_argument("--link-latency", type=float, metavar="US", help="latency per message between stages "
                    "(default 20)")
+
+
+def policy_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="flexgen policy", description=POLICY_HELP, epilog=policy_epilog())
+    add_policy_arguments(p)
     return p
 
 
 def policy_main(argv: list[str]) -> int:
-    args = policy_parser().parse_args(argv)
+    return policy_run(policy_parser().parse_args(argv))
+
+
+def policy_run(args) -> int:
+    """`python -m flexgen policy` with parsed flags."""
     model = model_args_for(args.model)
     hw = load_hardware(args.hardware).for_engine(args.dtype)
     if args.save:
@@ -191,86 +198,4 @@ def policy_main(argv: list[str]) -> int:
                   + "".join(f" --{k.replace('_', '-')}" for k in ("cpu_cache_compute", "compress_weight",
                                                                    "compress_cache") if getattr(policy, k))
                   + ")")
-    return 0
-
-
-def profile_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="flexgen profile",
-                description="Measure this machine (compute, memory, links, disk) into a hardware profile "
-                            "for `flexgen policy`.")
-    p.add_argument("--out", help=f"where to write the profile (default {default_profile_path()})")
-    p.add_argument("--offload-dir", default=str(Path(default_profile_path()).parent / "offload"),
-                   help="directory on the disk that will hold offloaded tensors (its bandwidth is measured)")
-    p.add_argument("--device", choices=("cpu", "cuda"), help="compute device (default: cuda when available)")
-    p.add_argument("--name", help="profile name (default: host name and device)")
-    p.add_argument("--quick", action="store_true", help="small kernels, a few seconds, rough numbers")
-    p.add_argument("--engine-overhead", action="store_true",
-                   help="calibrate the per-layer overhead on a short engine run (dummy OPT-125M)")
-    p.add_argument("--json", action="store_true", help="print the profile as JSON")
-    p.add_argument("--network", action="store_true",
-                   help="measure the link between pipeline stages (run under torchrun with 2 ranks, on one "
-                        "machine or two) and store it in the profile (measured first if there is none)")
-    return p
-
-
-def format_profile(hw: HardwareProfile) -> str:
-    rows = [
-        ("device", f"{hw.device} [{hw.compute_device}, {hw.compute_dtype}]"),
-        ("memory", f"gpu {hw.gpu_mem / GIB:.1f} GiB (reserved {hw.gpu_reserved / GIB:.1f}), "
-                   f"cpu {hw.cpu_mem / GIB:.1f} GiB (reserved {hw.cpu_reserved / GIB:.1f}), "
-                   f"disk {hw.disk_mem / GIB:.0f} GiB" + (" [gpu tier is host memory]" if hw.unified_memory else "")),
-        ("cpu->gpu / gpu->cpu", f"{hw.cpu_to_gpu_bw / 1e9:.2f} / {hw.gpu_to_cpu_bw / 1e9:.2f} GB/s"),
-        ("disk read / write", f"{hw.disk_read_bw / 1e9:.2f} / {hw.disk_write_bw / 1e9:.2f} GB/s"),
-        ("device matmul", f"{hw.gpu_matmul_flops / 1e12:.3f} TFLOP/s, memory {hw.gpu_mem_bw / 1e9:.1f} GB/s"),
-        ("device attention", f"prefill {hw.gpu_attn_flops_prefill / 1e12:.3f}, decode "
-                             f"{hw.gpu_attn_flops_decode / 1e12:.4f} TFLOP/s"),
-        ("device dequant", f"{hw.gpu_dequant_rate / 1e9:.2f} G values/s"),
-        ("host", f"matmul {hw.cpu_matmul_flops / 1e12:.3f}, attention {hw.cpu_attn_flops / 1e12:.4f} TFLOP/s, "
-                 f"dequant {hw.cpu_dequant_rate / 1e9:.2f} G values/s"),
-        ("per-layer overhead", f"{hw.layer_overhead * 1e6:.0f} us"),
-        ("pipeline link", f"{hw.link_bw / 1e9:.2f} GB/s, {hw.link_latency * 1e6:.0f} us per message"),
-        ("measured", hw.date),
-    ]
-    out = [f"hardware profile {hw.name!r}"] + [f"  {k:<20} {v}" for k, v in rows]
-    if hw.notes:
-        out.append(f"  {'notes':<20} {hw.notes}")
-    return "\n".join(out)
-
-
-def profile_main(argv: list[str]) -> int:
-    from flexgen.optimizer.measure import measure_hardware
-    args = profile_parser().parse_args(argv)
-    from flexgen.outputs import check_writable, write_atomic
-    out = check_writable(args.out or default_profile_path(), "profile")  # before minutes of measuring
-    try:
-        Path(args.offload_dir).expanduser().mkdir(parents=True, exist_ok=True)
-        check_writable(Path(args.offload_dir).expanduser() / "probe", "into --offload-dir")
-    except OSError as e:
-        raise FlexGenError(f"cannot use --offload-dir {args.offload_dir}: {e.strerror}") from None
-    log = (lambda s: print(f"measuring {s} ...", file=sys.stderr)) if not args.json else None
-    link = None
-    if args.network:
-        import torch
-
-        from flexgen import pipeline
-        if pipeline.world_size() < 2:
-            raise FlexGenError("--network measures the link between two ranks: run it as "
-                               "`torchrun --nproc-per-node 2 -m flexgen profile --network` (or with --nnodes 2)")
-        pipeline.init_process_group(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        link = pipeline.measure_link()
-        if pipeline.rank() != 0:
-            return 0
-    if link is not None and out.exists():
-        hw = HardwareProfile.load(out)
-    else:
-        hw = measure_hardware(args.offload_dir, quick=args.quick, device=args.device, name=args.name, log=log,
-                              engine=args.engine_overhead)
-    if link is not None:
-        hw = hw.replace(link_bw=link[0], link_latency=link[1])
-    write_atomic(out, json.dumps(hw.to_dict(), indent=2) + "\n", "profile")
-    if args.json:
-        print(json.dumps(hw.to_dict()))
-    else:
-        print(format_profile(hw))
-        print(f"wrote {out}")
     return 0

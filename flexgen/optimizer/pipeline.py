@@ -23,8 +23,6 @@ from typing import Optional, Sequence
 from flexgen.models.base import ModelArgs
 from flexgen.optimizer.cost_model import BlockModel, Estimate, evaluate, fractions_of
 from flexgen.optimizer.hardware import HardwareProfile
-from flexgen.pipeline import _groups, split_layers
-from flexgen.pipeline import layer_costs as stage_layer_costs
 from flexgen.policy import Policy
 
 @dataclass
@@ -70,6 +68,12 @@ def estimate_pipeline(args: ModelArgs, policies: Sequence[Policy], prompt_len: i
     pols = list(policies) * N if len(policies) == 1 else list(policies)
     p0 = pols[0]
     import torch
+
+    # The engine's own stage split, so that the prediction is of the stages it will run.
+    # Imported here: flexgen.pipeline imports the scheduler, and the optimizer package
+    # itself must not depend on the engine.
+    from flexgen.pipeline import _groups, split_layers
+    from flexgen.pipeline import layer_costs as stage_layer_costs
     spans = split_layers(stage_layer_costs(args, getattr(torch, hw.compute_dtype), p0.compress_weight), N)
     groups = _groups(p0.num_gpu_batches, N)
     G, nb_g = len(groups), max(len(g) for g in groups)

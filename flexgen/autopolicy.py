@@ -1,7 +1,10 @@
-"""Choosing a policy for memory budgets, as the CLI's --gpu-mem and `flexgen.LLM` do.
+"""The automatic policy: the one path by which the CLI's --gpu-mem and `flexgen.LLM`
+choose a policy for memory budgets on this machine.
 
 Budgets left out come from this machine: host memory available now, free disk under the
 offload directory, and (for the gpu tier of a CUDA device) the device's free memory.
+Outside the optimizer package because it measures the machine (flexgen.calibrate) when
+no profile is cached, and plans in the dtype the engine will compute in.
 """
 
 from __future__ import annotations
@@ -10,12 +13,12 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 from flexgen.errors import FlexGenError
 from flexgen.models.base import ModelArgs
-from flexgen.optimizer.cost_model import GIB, Estimate
-from flexgen.optimizer.hardware import HardwareProfile, default_profile_path, load_hardware
+from flexgen.optimizer.cost_model import Estimate
+from flexgen.optimizer.hardware import GIB, HardwareProfile, default_profile_path, load_hardware
 from flexgen.policy import Policy
 
 
@@ -42,7 +45,7 @@ def hardware_profile(hardware, offload_dir: Path, log: Callable[[str], None]) ->
         return load_hardware(hardware)
     if default_profile_path().is_file():
         return load_hardware(None)
-    from flexgen.optimizer.measure import measure_hardware
+    from flexgen.calibrate import measure_hardware
     log(f"measuring this machine once (saved to {default_profile_path()}; "
         "`python -m flexgen profile` re-measures) ...")
     hw = measure_hardware(offload_dir)
@@ -51,29 +54,43 @@ def hardware_profile(hardware, offload_dir: Path, log: Callable[[str], None]) ->
     return hw
 
 
+class Choice(NamedTuple):
+    policy: Policy
+    estimate: Estimate
+    shrunk: bool = False   # the block was shrunk to num_prompts: a larger batch deserves a new choice
+
+
 def choose_policy(model_args: ModelArgs, prompt_len: int, gen_len: int, *, offload_dir: Path,
                   gpu_mem: Optional[float] = None, cpu_mem: Optional[float] = None,
                   disk_mem: Optional[float] = None, hardware=None, device=None, dtype=None,
                   compress_weight: bool = False,
                   compress_cache: bool = False, cpu_cache_compute: Optional[bool] = None, overlap: bool = True,
                   gpu_batch_size: Optional[int] = None, num_gpu_batches: Optional[int] = None,
-                  log: Optional[Callable[[str], None]] = None) -> tuple[Policy, Estimate]:
+                  num_prompts: Optional[int] = None, default_budgets: bool = False,
+                  log: Optional[Callable[[str], None]] = None) -> Choice:
     """The optimizer's policy for budgets given in GiB (cpu/disk None: this machine's).
-    gpu_mem is required: `default_gpu_mem` gives a default where one makes sense."""
+
+    gpu_mem is required unless `default_budgets`: then `default_gpu_mem` gives it (and on
+    a CPU device the cpu tier gets as much). With `num_prompts`, a block larger than that
+    many sequences is shrunk to it (padding rows would only cost time)."""
     from flexgen.optimizer.solver import search
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     for name, v in (("gpu_mem", gpu_mem), ("cpu_mem", cpu_mem), ("disk_mem", disk_mem)):
         if v is not None and not v >= 0:
             raise FlexGenError(f"--{name.replace('_', '-')} must be a size in GiB >= 0, got {v}")
+    import torch
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if gpu_mem is None and default_budgets:
+        gpu_mem = default_gpu_mem(dev)
+        if cpu_mem is None and dev.type == "cpu":
+            cpu_mem = gpu_mem
     if gpu_mem is None:
         raise FlexGenError("choosing a policy needs a gpu memory budget (GiB of accelerator memory; on a "
                            "CPU-only machine, the part of host memory that plays the gpu tier)")
     hw = hardware_profile(hardware, offload_dir, log)
-    import torch
-
     from flexgen.tiers import default_dtype
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # Plan with the bytes per value the engine will compute in, not the profile's.
     hw = hw.for_engine(str(dtype).removeprefix("torch.") if dtype else
                        str(default_dtype(dev)).removeprefix("torch."))
@@ -83,10 +100,16 @@ def choose_policy(model_args: ModelArgs, prompt_len: int, gen_len: int, *, offlo
                 f"reserves {reserve / GIB:.1f} GiB of {name} memory for the process itself")
     cpu = cpu_mem * GIB if cpu_mem is not None else available_memory()
     disk = disk_mem * GIB if disk_mem is not None else free_disk(offload_dir)
-    return search(model_args, prompt_len, gen_len, hw, gpu_mem=gpu_mem * GIB, cpu_mem=cpu, disk_mem=disk,
-                  allow_compress_weight=compress_weight, allow_compress_cache=compress_cache,
-                  cpu_cache_compute=cpu_cache_compute, overlap=overlap,
-                  gpu_batch_size=gpu_batch_size, num_gpu_batches=num_gpu_batches)
+    kw = dict(gpu_mem=gpu_mem * GIB, cpu_mem=cpu, disk_mem=disk, allow_compress_weight=compress_weight,
+              allow_compress_cache=compress_cache, cpu_cache_compute=cpu_cache_compute, overlap=overlap)
+    policy, est = search(model_args, prompt_len, gen_len, hw, gpu_batch_size=gpu_batch_size,
+                         num_gpu_batches=num_gpu_batches, **kw)
+    if num_prompts is None or policy.block_size <= num_prompts:
+        return Choice(policy, est)
+    gbs = min(policy.gpu_batch_size, num_prompts)
+    policy, est = search(model_args, prompt_len, gen_len, hw, gpu_batch_size=gbs,
+                         num_gpu_batches=-(-num_prompts // gbs), **kw)
+    return Choice(policy, est, shrunk=True)
 
 
 def default_gpu_mem(device) -> float:

@@ -1,10 +1,12 @@
 """Measure this machine into a HardwareProfile (`python -m flexgen profile`).
 
+Outside the optimizer package because it times the engine's own kernels (and, with
+`engine=True`, the engine itself); the optimizer only reads the profile it produces.
 Every number is timed directly with small, representative kernels, best of a few runs:
 
 - matmul throughput on the compute device (a prefill-sized GEMM), its memory bandwidth
-  (a large copy), attention throughput for prefill and for decode (batched matmuls with
-  a softmax between, like the engine's attention), and 4-bit dequantization speed;
+  (a large copy), attention throughput for prefill and for decode (the engine's fused
+  `models.base.attend`, i.e. scaled_dot_product_attention), and 4-bit dequantization speed;
 - the same attention and dequantization on the host, in fp32 (for cpu_cache_compute);
 - cpu<->gpu bandwidth: pinned host<->device copies on CUDA, memory copies on a CPU;
 - disk write and read bandwidth in the offload directory, with O_DIRECT so that the page
@@ -20,18 +22,21 @@ bf16 kernels, else float32 (never float16: CPUs lack fp16 GEMM kernels).
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import json
 import mmap
 import os
 import platform
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from flexgen.errors import FlexGenError
-from flexgen.optimizer.hardware import GIB, HardwareProfile
+from flexgen.errors import ArgumentParser, FlexGenError
+from flexgen.optimizer.hardware import GIB, HardwareProfile, default_profile_path
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -155,12 +160,13 @@ def layer_overhead(device, dtype) -> float:
     w = torch.randn(h, h, device=device, dtype=dtype)
     ln_w = torch.ones(h, device=device, dtype=dtype)
     F = torch.nn.functional
+    from flexgen.models.base import attend
 
     def run():
         for _ in range(10):
             y = F.layer_norm(x, (h,), ln_w, ln_w)
             q, k, vv = F.linear(y, w), F.linear(y, w), F.linear(y, w)
-            a = torch.softmax(torch.bmm(q, k.transpose(1, 2)).float(), -1).to(dtype) @ vv
+            a = attend(q, k.transpose(0, 1), vv.transpose(0, 1), None, 1)   # keys time-major, as the cache
             z = F.relu(F.linear(a + x, w))
             F.linear(z, w)
 
@@ -343,3 +349,98 @@ def measure_hardware(offload_dir: str | Path, quick: bool = False, device: str |
         except Exception as e:  # the engine is optional here: keep the kernel-level figure
             hw = hw.replace(notes=hw.notes + f"; engine calibration skipped ({type(e).__name__}: {e})")
     return hw
+
+
+# ---------------------------------------------------------------------------------------
+# `python -m flexgen profile`.
+
+PROFILE_HELP = ("Measure this machine (compute, memory, links, disk) into a hardware profile "
+                "for `flexgen policy`.")
+
+
+def add_profile_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of `python -m flexgen profile`."""
+    p.add_argument("--out", help=f"where to write the profile (default {default_profile_path()})")
+    p.add_argument("--offload-dir", default=str(Path(default_profile_path()).parent / "offload"),
+                   help="directory on the disk that will hold offloaded tensors (its bandwidth is measured)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="compute device (default: cuda when available)")
+    p.add_argument("--name", help="profile name (default: host name and device)")
+    p.add_argument("--quick", action="store_true", help="small kernels, a few seconds, rough numbers")
+    p.add_argument("--engine-overhead", action="store_true",
+                   help="calibrate the per-layer overhead on a short engine run (dummy OPT-125M)")
+    p.add_argument("--json", action="store_true", help="print the profile as JSON")
+    p.add_argument("--network", action="store_true",
+                   help="measure the link between pipeline stages (run under torchrun with 2 ranks, on one "
+                        "machine or two) and store it in the profile (measured first if there is none)")
+
+
+def profile_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="flexgen profile", description=PROFILE_HELP)
+    add_profile_arguments(p)
+    return p
+
+
+def format_profile(hw: HardwareProfile) -> str:
+    rows = [
+        ("device", f"{hw.device} [{hw.compute_device}, {hw.compute_dtype}]"),
+        ("memory", f"gpu {hw.gpu_mem / GIB:.1f} GiB (reserved {hw.gpu_reserved / GIB:.1f}), "
+                   f"cpu {hw.cpu_mem / GIB:.1f} GiB (reserved {hw.cpu_reserved / GIB:.1f}), "
+                   f"disk {hw.disk_mem / GIB:.0f} GiB" + (" [gpu tier is host memory]" if hw.unified_memory else "")),
+        ("cpu->gpu / gpu->cpu", f"{hw.cpu_to_gpu_bw / 1e9:.2f} / {hw.gpu_to_cpu_bw / 1e9:.2f} GB/s"),
+        ("disk read / write", f"{hw.disk_read_bw / 1e9:.2f} / {hw.disk_write_bw / 1e9:.2f} GB/s"),
+        ("device matmul", f"{hw.gpu_matmul_flops / 1e12:.3f} TFLOP/s, memory {hw.gpu_mem_bw / 1e9:.1f} GB/s"),
+        ("device attention", f"prefill {hw.gpu_attn_flops_prefill / 1e12:.3f}, decode "
+                             f"{hw.gpu_attn_flops_decode / 1e12:.4f} TFLOP/s"),
+        ("device dequant", f"{hw.gpu_dequant_rate / 1e9:.2f} G values/s"),
+        ("host", f"matmul {hw.cpu_matmul_flops / 1e12:.3f}, attention {hw.cpu_attn_flops / 1e12:.4f} TFLOP/s, "
+                 f"dequant {hw.cpu_dequant_rate / 1e9:.2f} G values/s"),
+        ("per-layer overhead", f"{hw.layer_overhead * 1e6:.0f} us"),
+        ("pipeline link", f"{hw.link_bw / 1e9:.2f} GB/s, {hw.link_latency * 1e6:.0f} us per message"),
+        ("measured", hw.date),
+    ]
+    out = [f"hardware profile {hw.name!r}"] + [f"  {k:<20} {v}" for k, v in rows]
+    if hw.notes:
+        out.append(f"  {'notes':<20} {hw.notes}")
+    return "\n".join(out)
+
+
+def profile_main(argv: list[str]) -> int:
+    return profile_run(profile_parser().parse_args(argv))
+
+
+def profile_run(args) -> int:
+    """`python -m flexgen profile` with parsed flags."""
+    from flexgen.outputs import check_writable, write_atomic
+    out = check_writable(args.out or default_profile_path(), "profile")  # before minutes of measuring
+    try:
+        Path(args.offload_dir).expanduser().mkdir(parents=True, exist_ok=True)
+        check_writable(Path(args.offload_dir).expanduser() / "probe", "into --offload-dir")
+    except OSError as e:
+        raise FlexGenError(f"cannot use --offload-dir {args.offload_dir}: {e.strerror}") from None
+    log = (lambda s: print(f"measuring {s} ...", file=sys.stderr)) if not args.json else None
+    link = None
+    if args.network:
+        import torch
+
+        from flexgen import pipeline
+        if pipeline.world_size() < 2:
+            raise FlexGenError("--network measures the link between two ranks: run it as "
+                               "`torchrun --nproc-per-node 2 -m flexgen profile --network` (or with --nnodes 2)")
+        pipeline.init_process_group(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        link = pipeline.measure_link()
+        if pipeline.rank() != 0:
+            return 0
+    if link is not None and out.exists():
+        hw = HardwareProfile.load(out)
+    else:
+        hw = measure_hardware(args.offload_dir, quick=args.quick, device=args.device, name=args.name, log=log,
+                              engine=args.engine_overhead)
+    if link is not None:
+        hw = hw.replace(link_bw=link[0], link_latency=link[1])
+    write_atomic(out, json.dumps(hw.to_dict(), indent=2) + "\n", "profile")
+    if args.json:
+        print(json.dumps(hw.to_dict()))
+    else:
+        print(format_profile(hw))
+        print(f"wrote {out}")
+    return 0
