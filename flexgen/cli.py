@@ -1,4 +1,5 @@
-"""`python -m flexgen`: run a generation benchmark; `policy`, `profile` and `clean` subcommands.
+"""`python -m flexgen`: run a generation benchmark; subcommands generate, helm, policy,
+profile, clean and verify (argparse subparsers; no subcommand is the benchmark run).
 
 User mistakes print one line `flexgen: error: ...` and exit 2; Ctrl-C, SIGTERM and SIGHUP
 remove the run's offload files and exit 128 + the signal number.
@@ -13,17 +14,18 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from flexgen.errors import FlexGenError
+from flexgen.errors import ArgumentParser, FlexGenError
 
-SUBCOMMANDS = ("generate", "helm", "policy", "profile", "clean", "verify")
 DEFAULT_PROMPT = "Paris is the capital city of"
 DEFAULT_LENGTHS = (512, 32)   # the FlexGen paper's workload; `flexgen policy` plans for the same
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     """--model, --dummy, --offload-dir, --device, --dtype: shared by every command that runs the engine."""
-    p.add_argument("--model", required=True, help="named size (opt-125m ... opt-175b), a Hugging Face "
-                   "checkpoint directory, or a Hugging Face id in the local cache")
+    from flexgen.models.registry import sizes_summary
+
+    p.add_argument("--model", required=required, help="a Hugging Face checkpoint directory, a Hugging Face id "
+                   f"in the local cache, or (with --dummy) a named size of a family: {sizes_summary()}")
     p.add_argument("--dummy", action="store_true", help="deterministic random weights (no checkpoint needed)")
     p.add_argument("--offload-dir", help="weight store and run files (default $FLEXGEN_OFFLOAD_DIR or "
                    "~/.cache/flexgen)")
@@ -59,15 +61,8 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
                    "measured once by `python -m flexgen profile` and cached)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m flexgen",
-        description="Generate with an OPT model offloaded across gpu / cpu / disk and report throughput. "
-                    "Subcommands: generate (a JSONL batch job), helm (HELM scenarios), policy (choose or "
-                    "evaluate a policy), profile (measure this machine), clean (remove weight stores and files "
-                    "of dead runs), verify (check weight stores).")
-    add_model_args(p)
-    add_policy_args(p)
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """The benchmark run's own flags (no subcommand)."""
     p.add_argument("--prompt-len", type=int, help=f"prompt tokens per sequence (default: the --policy file's, "
                    f"else {DEFAULT_LENGTHS[0]}, the paper's workload)")
     p.add_argument("--gen-len", type=int, help=f"tokens to generate per sequence (default: the --policy file's, "
@@ -81,6 +76,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-store", action="store_true",
                    help="read the whole weight store and check every checksum before running (each array "
                         "is always checked when first read)")
+
+
+def add_clean_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--offload-dir", help="default $FLEXGEN_OFFLOAD_DIR or ~/.cache/flexgen")
+    p.add_argument("--stale", action="store_true", help="only what is stale: run files of dead processes, "
+                   "unfinished stores, stores whose checkpoint is gone or has changed")
+    p.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
+
+
+def add_verify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--offload-dir", help="default $FLEXGEN_OFFLOAD_DIR or ~/.cache/flexgen")
+
+
+CLEAN_HELP = ("Remove what flexgen made under an offload directory: weight stores (not those in use by a running "
+              "process) and the run files of processes that are gone. Nothing else in the directory is touched.")
+VERIFY_HELP = "Read every weight store under an offload directory and check each tensor's checksum."
+
+
+def _subcommands() -> dict:
+    """name -> (one-line help, description, add its flags, run it with the parsed flags)."""
+    from flexgen import calibrate, jobs
+    from flexgen.helm import cli as helm_cli
+    from flexgen.optimizer import cli as opt_cli
+
+    return {
+        "generate": ("a resumable JSONL batch job", jobs.GENERATE_HELP, jobs.add_generate_arguments,
+                     jobs.generate_run),
+        "helm": ("HELM scenarios (extra: flexgen[helm])", helm_cli.HELM_HELP, helm_cli.add_helm_arguments,
+                 helm_cli.helm_run),
+        "policy": ("choose or evaluate a policy with the cost model", opt_cli.POLICY_HELP,
+                   opt_cli.add_policy_arguments, opt_cli.policy_run),
+        "profile": ("measure this machine into a hardware profile", calibrate.PROFILE_HELP,
+                    calibrate.add_profile_arguments, calibrate.profile_run),
+        "clean": ("remove weight stores and files of dead runs", CLEAN_HELP, add_clean_args, clean_run),
+        "verify": ("check every weight store's checksums", VERIFY_HELP, add_verify_args, verify_run),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`python -m flexgen [SUBCOMMAND] ...`: without a subcommand, the benchmark run."""
+    p = ArgumentParser(
+        prog="python -m flexgen",
+        usage="%(prog)s --model MODEL [options]  |  %(prog)s SUBCOMMAND [options]",
+        description="Generate with a model offloaded across gpu / cpu / disk and report throughput; or run "
+                    "one of the subcommands (`python -m flexgen SUBCOMMAND --help`).")
+    add_model_args(p, required=False)   # required without a subcommand: checked in `main`
+    add_policy_args(p)
+    add_run_args(p)
+    sub = p.add_subparsers(dest="command", metavar="SUBCOMMAND", title="subcommands")
+    for name, (short, description, add_args, run) in _subcommands().items():
+        sp = sub.add_parser(name, help=short, description=description)
+        add_args(sp)
+        sp.set_defaults(run=run)
     return p
 
 
@@ -256,8 +304,8 @@ def _lengths_from_policy_file(a) -> None:
         print(f"flexgen: warning: {a.policy} was planned for model {planned}; running {a.model}", file=sys.stderr)
 
 
-def run_main(argv: list[str]) -> int:
-    a = build_parser().parse_args(argv)
+def run(a) -> int:
+    """The benchmark run (no subcommand) with parsed flags."""
     from flexgen import pipeline
     from flexgen.engine import load_model
 
@@ -317,17 +365,8 @@ def run_main(argv: list[str]) -> int:
     return 0
 
 
-def clean_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m flexgen clean",
-        description="Remove what flexgen made under an offload directory: weight stores (not those in use "
-                    "by a running process) and the run files of processes that are gone. Nothing else in "
-                    "the directory is touched.")
-    p.add_argument("--offload-dir", help="default $FLEXGEN_OFFLOAD_DIR or ~/.cache/flexgen")
-    p.add_argument("--stale", action="store_true", help="only what is stale: run files of dead processes, "
-                   "unfinished stores, stores whose checkpoint is gone or has changed")
-    p.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
-    a = p.parse_args(argv)
+def clean_run(a) -> int:
+    """`python -m flexgen clean` with parsed flags."""
     from flexgen import offload
     from flexgen.checkpoint import store_staleness
     from flexgen.engine import default_offload_dir
@@ -358,12 +397,8 @@ def clean_main(argv: list[str]) -> int:
     return 0
 
 
-def verify_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m flexgen verify",
-                                description="Read every weight store under an offload directory and check "
-                                            "each tensor's checksum.")
-    p.add_argument("--offload-dir", help="default $FLEXGEN_OFFLOAD_DIR or ~/.cache/flexgen")
-    a = p.parse_args(argv)
+def verify_run(a) -> int:
+    """`python -m flexgen verify` with parsed flags."""
     from flexgen import offload
     from flexgen.checkpoint import WeightStore
     from flexgen.engine import default_offload_dir
@@ -403,24 +438,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError:
         pass  # not the main thread: leave signals alone
     try:
-        if argv and argv[0] in SUBCOMMANDS:
-            cmd, rest = argv[0], argv[1:]
-            if cmd == "clean":
-                return clean_main(rest)
-            if cmd == "generate":
-                from flexgen.jobs import generate_main
-                return generate_main(rest)
-            if cmd == "helm":
-                from flexgen.helm.cli import helm_main
-                return helm_main(rest)
-            if cmd == "verify":
-                return verify_main(rest)
-            if cmd == "profile":
-                from flexgen.calibrate import profile_main
-                return profile_main(rest)
-            from flexgen.optimizer.cli import policy_main
-            return policy_main(rest)
-        return run_main(argv)
+        a = build_parser().parse_args(argv)
+        if a.command is not None:
+            return a.run(a)
+        if a.model is None:
+            raise FlexGenError("python -m flexgen: the following arguments are required: --model "
+                               "(or give a subcommand; see --help)")
+        return run(a)
     except FlexGenError as e:
         print(f"flexgen: error: {e}", file=sys.stderr)
         return 2

@@ -44,12 +44,14 @@ class ParsedInput:
     unknown_fields: set = field(default_factory=set)
 
 
-def build_parser() -> argparse.ArgumentParser:
+GENERATE_HELP = ("Generate for every prompt of a JSONL file; resumable. Re-running the same command skips "
+                 "ids already in the output.")
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of `python -m flexgen generate`."""
     from flexgen.cli import add_model_args, add_policy_args
 
-    p = argparse.ArgumentParser(prog="python -m flexgen generate",
-                                description="Generate for every prompt of a JSONL file; resumable. Re-running "
-                                            "the same command skips ids already in the output.")
     add_model_args(p)
     p.add_argument("--input", required=True, metavar="JSONL", help='lines {"id": ..., "prompt": ...}')
     p.add_argument("--output", required=True, metavar="JSONL", help="results, appended block by block")
@@ -65,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_policy_args(p)
     p.add_argument("--strict", action="store_true", help="bad input lines are fatal (before any generation)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m flexgen generate", description=GENERATE_HELP)
+    add_generate_arguments(p)
     return p
 
 
@@ -221,7 +228,11 @@ def model_fingerprint(model: str, dummy: bool) -> str:
 
 
 def generate_main(argv: list[str]) -> int:
-    a = build_parser().parse_args(argv)
+    return generate_run(build_parser().parse_args(argv))
+
+
+def generate_run(a) -> int:
+    """`python -m flexgen generate` with parsed flags."""
     import torch
 
     from flexgen.cli import llm_from_args

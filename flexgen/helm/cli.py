@@ -21,13 +21,14 @@ from typing import Optional
 from flexgen.errors import FlexGenError
 
 
-def build_parser() -> argparse.ArgumentParser:
+HELM_HELP = ("Run HELM scenarios on a checkpoint with flexgen: every request of a run goes to the engine "
+             "in large batches; HELM computes the metrics and writes its run directory.")
+
+
+def add_helm_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of `python -m flexgen helm`."""
     from flexgen.cli import add_model_args, add_policy_args
 
-    p = argparse.ArgumentParser(
-        prog="python -m flexgen helm",
-        description="Run HELM scenarios on a checkpoint with flexgen: every request of a run goes to the engine "
-                    "in large batches; HELM computes the metrics and writes its run directory.")
     add_model_args(p)
     p.add_argument("--description", action="append", default=[], metavar="RUN_ENTRY",
                    help='a HELM run entry without model=, e.g. "synthetic_reasoning:mode=pattern_match" '
@@ -45,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "model_metadata.yaml and tokenizer_configs.yaml for `helm-run --local-path DIR`")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_policy_args(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m flexgen helm", description=HELM_HELP)
+    add_helm_arguments(p)
     return p
 
 
@@ -128,7 +134,11 @@ def _network_error(e: OSError) -> bool:
 
 
 def helm_main(argv: list[str]) -> int:
-    a = build_parser().parse_args(argv)
+    return helm_run(build_parser().parse_args(argv))
+
+
+def helm_run(a) -> int:
+    """`python -m flexgen helm` with parsed flags."""
     _validate(a)
     from flexgen.helm import require_helm
 
