@@ -23,9 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flexgen.models.opt import ModelArgs  # noqa: E402
 from flexgen.optimizer import DEFAULT_ENGINE, GIB, Budgets, estimate, load_hardware, search_detailed  # noqa: E402
-from flexgen.optimizer.reference import (GEN_LEN, PAPER_BUDGETS_GIB, PAPER_T4_ROWS,  # noqa: E402
-                                         PROMPT_LEN, PaperRow)
 from flexgen.policy import Policy  # noqa: E402
+from paper_t4 import GEN_LEN, PAPER_BUDGETS_GIB, PAPER_T4_ROWS, PROMPT_LEN, PaperRow  # noqa: E402
 
 # The paper's ablations (Table 4) of the 30B and 175B runs, for a look at the model's structure.
 ABLATIONS = (

@@ -21,14 +21,14 @@ from flexgen.optimizer import (DEFAULT_ENGINE, GIB, Budgets, HardwareProfile, de
                                fractions_of, load_hardware, original_weight_split, search)
 from flexgen.optimizer.cli import policy_main
 from flexgen.optimizer.cost_model import BlockModel, evaluate, layer_costs
-from flexgen.optimizer.reference import (GEN_LEN, PAPER_BUDGETS_GIB, PAPER_T4_ROWS, PROMPT_LEN,
-                                         reference_file)
 from flexgen.optimizer.report import format_estimate
 from flexgen.optimizer.solver import Flags, _solve, build_lp, check_budgets, solve_block
 from flexgen.policy import Policy
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ROOT / "policies"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from paper_t4 import GEN_LEN, PAPER_BUDGETS_GIB, PAPER_T4_ROWS, PROMPT_LEN, reference_file  # noqa: E402
 
 
 def toy_hw(**kw) -> HardwareProfile:
