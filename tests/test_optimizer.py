@@ -100,10 +100,8 @@ def test_default_profile_path_and_missing_default(tmp_path, monkeypatch):
     assert load_hardware(None) == toy_hw()
 
 
-def test_bundled_t4_profile_copies_agree():
-    a = json.loads((POLICIES / "hardware_t4.json").read_text())
-    b = json.loads((ROOT / "flexgen" / "optimizer" / "profiles" / "hardware_t4.json").read_text())
-    assert a == b
+def test_bundled_t4_profile():
+    assert not (POLICIES / "hardware_t4.json").exists()   # one copy: the one shipped in the package
     hw = load_hardware("t4")
     assert hw.gpu_mem - hw.gpu_reserved == 15 * GIB     # the T4's usable 15 GiB
     assert hw.compute_dtype == "float16" and not hw.unified_memory

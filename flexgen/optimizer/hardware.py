@@ -156,19 +156,12 @@ class HardwareProfile:
 # ---------------------------------------------------------------------------------------
 # Where profiles live.
 
-def bundled_dirs() -> list[Path]:
-    """Directories searched for bundled profiles: the repository's `policies/` (source
-    checkout or editable install), then the copy shipped inside the package."""
-    here = Path(__file__).resolve().parent
-    return [here.parent.parent / "policies", here / "profiles"]
+BUNDLED_DIR = Path(__file__).resolve().parent / "profiles"   # shipped with the package
 
 
 def bundled_profile_path(name: str) -> Path | None:
-    for d in bundled_dirs():
-        p = d / f"hardware_{name}.json"
-        if p.is_file():
-            return p
-    return None
+    p = BUNDLED_DIR / f"hardware_{name}.json"
+    return p if p.is_file() else None
 
 
 def default_profile_path() -> Path:
@@ -195,8 +188,7 @@ def load_hardware(name_or_path: str | Path | None = None) -> HardwareProfile:
     if not Path(s).is_file() and os.sep not in s and not s.endswith(".json"):
         p = bundled_profile_path(s.lower())
         if p is None:
-            names = sorted({q.stem[len("hardware_"):] for d in bundled_dirs() if d.is_dir()
-                            for q in d.glob("hardware_*.json")})
+            names = sorted(q.stem[len("hardware_"):] for q in BUNDLED_DIR.glob("hardware_*.json"))
             raise FlexGenError(f"unknown hardware profile {s!r}; bundled: {', '.join(names) or 'none'} "
                                "(or give a JSON file path)")
         return HardwareProfile.load(p)
