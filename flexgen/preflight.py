@@ -17,8 +17,8 @@ import torch
 from flexgen.errors import FlexGenError
 from flexgen.models.opt import ModelArgs
 from flexgen.policy import Policy
+from flexgen.units import GIB
 
-GIB = 1 << 30
 _HINT = ("try --percent with less on gpu/cpu (the rest goes to disk), a smaller --gpu-batch-size, "
          "--compress-weight, or --gpu-mem/--cpu-mem budgets to choose a policy that fits")
 

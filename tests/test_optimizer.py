@@ -22,7 +22,7 @@ from flexgen.optimizer import (DEFAULT_ENGINE, GIB, Budgets, HardwareProfile, de
 from flexgen.optimizer.cli import policy_main
 from flexgen.optimizer.cost_model import BlockModel, evaluate, layer_costs
 from flexgen.optimizer.report import format_estimate
-from flexgen.optimizer.solver import Flags, _solve, build_lp, check_budgets, solve_block
+from flexgen.optimizer.solver import _solve, build_lp, check_budgets, solve_block
 from flexgen.policy import Policy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -228,7 +228,7 @@ BUDGETS = Budgets.from_request(toy_hw(), 2 * GIB, 8 * GIB, 100 * GIB)
 
 def test_lp_solution_matches_the_estimate_and_fits():
     hw = toy_hw()
-    for flags in (Flags(), Flags(cpu_cache_compute=True), Flags(True, True)):
+    for flags in (Policy(), Policy(cpu_cache_compute=True), Policy(compress_weight=True, compress_cache=True)):
         sol = solve_block(OPT_1_3B, 256, 32, 16, 4, hw, BUDGETS, flags)
         assert sol is not None
         est = evaluate(sol.model, sol.fractions, Policy(gpu_batch_size=16, num_gpu_batches=4))
@@ -239,7 +239,7 @@ def test_lp_solution_matches_the_estimate_and_fits():
 
 def test_lp_beats_random_feasible_placements():
     hw = toy_hw()
-    sol = solve_block(OPT_1_3B, 256, 32, 16, 4, hw, BUDGETS, Flags())
+    sol = solve_block(OPT_1_3B, 256, 32, 16, 4, hw, BUDGETS, Policy())
     rng = random.Random(0)
     checked = 0
     for _ in range(300):
@@ -262,7 +262,7 @@ def test_lp_with_fixed_fractions_reproduces_the_estimate():
     p = policy((20, 50, 25, 50, 0, 100), gbs=8, ngb=2, cpu_cache_compute=True)
     est = estimate(OPT_1_3B, p, 256, 32, hw)
     sol = solve_block(OPT_1_3B, 256, 32, 8, 2, hw, Budgets.from_request(hw, 64 * GIB, 64 * GIB, 1e6 * GIB),
-                      Flags(cpu_cache_compute=True), fixed=fractions_of(p))
+                      Policy(cpu_cache_compute=True), fixed=fractions_of(p))
     assert sol.total_time == pytest.approx(est.total_time, rel=1e-6)
 
 

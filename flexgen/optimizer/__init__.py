@@ -8,7 +8,7 @@
 """
 
 from flexgen.optimizer.cost_model import (DEFAULT_ENGINE, GIB, BlockModel, EngineConstants, Estimate,
-                                          estimate, fractions_of, original_weight_split, split_rows)
+                                          estimate, fractions_of, original_weight_split)
 from flexgen.optimizer.hardware import (HardwareProfile, default_profile_path, load_hardware)
 from flexgen.optimizer.report import format_estimate
 from flexgen.optimizer.solver import Budgets, SearchResult, check_budgets, search, search_detailed
@@ -16,6 +16,6 @@ from flexgen.optimizer.solver import Budgets, SearchResult, check_budgets, searc
 __all__ = [
     "GIB", "HardwareProfile", "load_hardware", "default_profile_path",
     "Estimate", "estimate", "BlockModel", "EngineConstants", "DEFAULT_ENGINE", "fractions_of",
-    "split_rows", "original_weight_split", "Budgets", "check_budgets", "search", "search_detailed",
+    "original_weight_split", "Budgets", "check_budgets", "search", "search_detailed",
     "SearchResult", "format_estimate",
 ]

@@ -12,12 +12,13 @@ from typing import TYPE_CHECKING
 
 from flexgen.errors import FlexGenError
 from flexgen.optimizer.hardware import GIB, HardwareProfile
-from flexgen.tiers import TIERS as _TIERS
+from flexgen.tiers import TIERS
 
 if TYPE_CHECKING:
     from flexgen.optimizer.cost_model import Estimate
 
-TIERS = tuple(t.value for t in _TIERS)   # "gpu", "cpu", "disk"
+# The optimizer keys its figures (memory, budgets, JSON output) by the tiers' names.
+TIER_NAMES = tuple(t.value for t in TIERS)   # "gpu", "cpu", "disk"
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ def _gib(x: float) -> str:
 
 
 def _reserve_note(budgets: Budgets, tier: str) -> str:
-    i = TIERS.index(tier)
+    i = TIER_NAMES.index(tier)
     given = budgets.given[i]
     usable = budgets.of(tier)
     if given and abs(given - usable) > 1:
@@ -70,7 +71,7 @@ def check_budgets(est: Estimate, budgets: Budgets) -> list[str]:
     """Fill `est.budgets` / `est.shortfalls`: one sentence per tier that does not fit."""
     est.budgets = budgets.to_dict()
     out = []
-    for tier in TIERS:
+    for tier in TIER_NAMES:
         need = est.memory[tier]
         have = budgets.of(tier)
         if need > have * (1 + 1e-9) + 1:

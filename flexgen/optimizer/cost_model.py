@@ -41,9 +41,9 @@ from typing import Mapping, Optional
 
 from flexgen.models.base import ModelArgs
 from flexgen.models.registry import cost_figures, layer_specs
-from flexgen.optimizer.budgets import TIERS, check_budgets
+from flexgen.optimizer.budgets import TIER_NAMES, check_budgets
 from flexgen.optimizer.hardware import GIB, HardwareProfile  # noqa: F401 (GIB re-exported)
-from flexgen.placement import split_rows as engine_split_rows
+from flexgen.placement import split_rows
 from flexgen.policy import Policy
 
 VARS = ("wg", "wc", "wd", "cg", "cc", "cd", "hg", "hc", "hd")
@@ -166,21 +166,16 @@ def quantized_bytes(numel: int, engine: EngineConstants = DEFAULT_ENGINE) -> flo
     return numel * engine.quant_bits / 8 + groups * 4
 
 
-def split_rows(gbs: int, gpu_percent: float, cpu_percent: float) -> tuple[int, int, int]:
-    """Rows (sequences) of a gpu batch on gpu / cpu / disk, exactly as the engine splits them."""
-    r = engine_split_rows(gbs, gpu_percent, cpu_percent)
-    return r.gpu, r.cpu, r.disk
-
-
 def fractions_of(policy: Policy) -> dict[str, float]:
     """The placement fractions the engine achieves for `policy` (whole rows for cache and
-    hidden states; weights split at 64-byte granularity, i.e. as given)."""
+    hidden states, split by placement.split_rows as the engine does; weights split at
+    64-byte granularity, i.e. as given)."""
     b = policy.gpu_batch_size
-    rg, rc, rd = split_rows(b, policy.cache_gpu_percent, policy.cache_cpu_percent)
-    ag, ac, ad = split_rows(b, policy.act_gpu_percent, policy.act_cpu_percent)
+    c = split_rows(b, policy.cache_gpu_percent, policy.cache_cpu_percent)
+    h = split_rows(b, policy.act_gpu_percent, policy.act_cpu_percent)
     wg, wc = policy.w_gpu_percent / 100, policy.w_cpu_percent / 100
-    return dict(wg=wg, wc=wc, wd=max(0.0, 1 - wg - wc), cg=rg / b, cc=rc / b, cd=rd / b,
-                hg=ag / b, hc=ac / b, hd=ad / b)
+    return dict(wg=wg, wc=wc, wd=max(0.0, 1 - wg - wc), cg=c.gpu / b, cc=c.cpu / b, cd=c.disk / b,
+                hg=h.gpu / b, hc=h.cpu / b, hd=h.disk / b)
 
 
 def original_weight_split(args: ModelArgs, w_gpu_percent: float, w_cpu_percent: float) -> tuple[float, float]:
@@ -643,9 +638,9 @@ def evaluate(model: BlockModel, x: Mapping[str, float], policy: Policy) -> Estim
         if phase == "decode" and model.decode_steps == 0:
             continue
         breakdown[phase] = {tier: {k: v.value(x) for k, v in model.memory[phase][tier].items()}
-                            for tier in TIERS}
-        mem_phase[phase] = {tier: sum(breakdown[phase][tier].values()) for tier in TIERS}
-    memory = {tier: max(m[tier] for m in mem_phase.values()) for tier in TIERS}
+                            for tier in TIER_NAMES}
+        mem_phase[phase] = {tier: sum(breakdown[phase][tier].values()) for tier in TIER_NAMES}
+    memory = {tier: max(m[tier] for m in mem_phase.values()) for tier in TIER_NAMES}
     pinned = max(sum(v.value(x) for v in model.pinned[p].values()) for p in mem_phase)
     total = times["prefill"] + times["decode"]
     return Estimate(

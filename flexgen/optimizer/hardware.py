@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flexgen.errors import FlexGenError
-
-GIB = 1 << 30
+from flexgen.units import GIB
 
 COMPUTE_DTYPES = {"float16": 2, "bfloat16": 2, "float32": 4}
 COMPUTE_DEVICES = ("cuda", "cpu", "mps")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flexgen.optimizer.cost_model import GIB, LINKS, PHASES, TIERS, Estimate
+from flexgen.optimizer.cost_model import GIB, LINKS, PHASES, TIER_NAMES, Estimate
 
 _ARROW = {"disk->cpu": "disk→cpu", "cpu->gpu": "cpu→gpu", "gpu->cpu": "gpu→cpu", "cpu->disk": "cpu→disk"}
 
@@ -56,12 +56,12 @@ def format_estimate(est: Estimate, title: str | None = None) -> str:
             bn.append(f"{phase}: {_ARROW.get(b, b)} ({share:.0%} of the time)")
     lines.append(f"bottleneck   {';  '.join(bn)}")
     lines.append("")
-    lines.append(f"{'memory (GiB)':<14}" + "".join(f"{t:>10}" for t in TIERS))
+    lines.append(f"{'memory (GiB)':<14}" + "".join(f"{t:>10}" for t in TIER_NAMES))
     for phase, mem in est.memory_by_phase.items():
-        lines.append(f"  {phase:<12}" + "".join(f"{mem[t] / GIB:>10.2f}" for t in TIERS))
-    lines.append(f"  {'peak':<12}" + "".join(f"{est.memory[t] / GIB:>10.2f}" for t in TIERS))
+        lines.append(f"  {phase:<12}" + "".join(f"{mem[t] / GIB:>10.2f}" for t in TIER_NAMES))
+    lines.append(f"  {'peak':<12}" + "".join(f"{est.memory[t] / GIB:>10.2f}" for t in TIER_NAMES))
     if est.budgets:
-        lines.append(f"  {'usable':<12}" + "".join(f"{est.budgets[t] / GIB:>10.2f}" for t in TIERS))
+        lines.append(f"  {'usable':<12}" + "".join(f"{est.budgets[t] / GIB:>10.2f}" for t in TIER_NAMES))
     lines.append("")
     lines.append(f"{'per phase':<14}" + "".join(f"{_ARROW[k]:>11}" for k in LINKS) + f"{'compute':>11}"
                  + f"{'host attn':>11}")

@@ -16,6 +16,7 @@ engine can run, and keeps the best by the cost model's own estimate.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import warnings
@@ -26,11 +27,11 @@ import pulp
 
 from flexgen.errors import FlexGenError
 from flexgen.models.base import ModelArgs
-from flexgen.optimizer.cost_model import (DEFAULT_ENGINE, GIB, PHASES, TIERS, VARS, BlockModel,
-                                          EngineConstants, Estimate, Lin, evaluate, fractions_of,
-                                          split_rows)
+from flexgen.optimizer.budgets import TIER_NAMES, Budgets, _gib, _reserve_note, check_budgets  # noqa: F401
+from flexgen.optimizer.cost_model import (DEFAULT_ENGINE, GIB, PHASES, VARS, BlockModel, EngineConstants,
+                                          Estimate, Lin, evaluate, fractions_of)
 from flexgen.optimizer.hardware import HardwareProfile
-from flexgen.optimizer.budgets import Budgets, _gib, _reserve_note, check_budgets  # noqa: F401 (re-exported)
+from flexgen.placement import split_rows
 from flexgen.policy import Policy
 
 # Candidate gpu batch sizes of the coarse pass: powers of two, as the original doubled
@@ -43,23 +44,15 @@ MAX_BLOCK = 1 << 15
 # ---------------------------------------------------------------------------------------
 # One LP.
 
-@dataclass(frozen=True)
-class Flags:
-    compress_weight: bool = False
-    compress_cache: bool = False
-    cpu_cache_compute: bool = False
-    overlap: bool = True
-
-    def label(self) -> str:
-        on = [n for n in ("compress_weight", "compress_cache", "cpu_cache_compute") if getattr(self, n)]
-        return "+".join(on) or "plain"
-
+# A program is built for one set of a policy's switches (compress_weight, compress_cache,
+# cpu_cache_compute, overlap), given as a Policy whose placement and block are ignored:
+# the program chooses those.
 
 @dataclass
 class LPSolution:
     gpu_batch_size: int
     num_gpu_batches: int
-    flags: Flags
+    flags: Policy                  # the switches it was solved for (see above)
     fractions: dict[str, float]
     total_time: float              # seconds for the whole block (prefill + decode)
     model: BlockModel
@@ -71,11 +64,6 @@ class LPSolution:
     @property
     def time_per_token(self) -> float:
         return self.total_time / (self.block_size * self.model.n)
-
-
-class LPCounter:
-    def __init__(self):
-        self.solves = 0
 
 
 def _upper_bound(e: Lin) -> float:
@@ -135,7 +123,7 @@ def build_lp(model: BlockModel, budgets: Budgets, fixed: dict[str, float] | None
 
     slacks = {}
     if slack:
-        slacks = {tier: _variable(prob, f"slack_{tier}", lowBound=0) for tier in TIERS}
+        slacks = {tier: _variable(prob, f"slack_{tier}", lowBound=0) for tier in TIER_NAMES}
         # Missing memory is asked of the cheapest tier that can take it: disk, then cpu, then gpu.
         prob += (pulp.lpSum(SLACK_WEIGHT[t] * v for t, v in slacks.items()) + 1e-9 * pulp.lpSum(objective))
     else:
@@ -144,7 +132,7 @@ def build_lp(model: BlockModel, budgets: Budgets, fixed: dict[str, float] | None
         if phase == "decode" and model.decode_steps == 0:
             continue
         totals = {}
-        for tier in TIERS:
+        for tier in TIER_NAMES:
             totals[tier] = pulp.lpSum(term(tm) for tm in model.memory_terms(phase, tier))
             rhs = budgets.of(tier) / GIB + (slacks[tier] if slack else 0)
             prob += totals[tier] <= rhs, f"mem_{phase}_{tier}"
@@ -178,20 +166,18 @@ def _solve(prob) -> bool:
 
 
 def block_model(args: ModelArgs, prompt_len: int, gen_len: int, gpu_batch_size: int, num_gpu_batches: int,
-                hw: HardwareProfile, flags: Flags, engine: EngineConstants = DEFAULT_ENGINE) -> BlockModel:
+                hw: HardwareProfile, flags: Policy, engine: EngineConstants = DEFAULT_ENGINE) -> BlockModel:
     return BlockModel(args, prompt_len, gen_len, gpu_batch_size, num_gpu_batches, hw,
                       compress_weight=flags.compress_weight, compress_cache=flags.compress_cache,
                       cpu_cache_compute=flags.cpu_cache_compute, overlap=flags.overlap, engine=engine)
 
 
 def solve_block(args: ModelArgs, prompt_len: int, gen_len: int, gpu_batch_size: int, num_gpu_batches: int,
-                hw: HardwareProfile, budgets: Budgets, flags: Flags, engine: EngineConstants = DEFAULT_ENGINE,
-                fixed: dict[str, float] | None = None, counter: LPCounter | None = None) -> LPSolution | None:
+                hw: HardwareProfile, budgets: Budgets, flags: Policy, engine: EngineConstants = DEFAULT_ENGINE,
+                fixed: dict[str, float] | None = None) -> LPSolution | None:
     """Best placement for one block and flag set, or None when no placement fits."""
     model = block_model(args, prompt_len, gen_len, gpu_batch_size, num_gpu_batches, hw, flags, engine)
     prob, x, _ = build_lp(model, budgets, fixed)
-    if counter:
-        counter.solves += 1
     if not _solve(prob):
         return None
     fr = {v: min(1.0, max(0.0, x[v].value() or 0.0)) for v in VARS}
@@ -244,12 +230,10 @@ def round_solution(sol: LPSolution, args: ModelArgs, hw: HardwareProfile, budget
     best = None
     seen = set()
     for (wg, wc), (cg, cc), (hg, hc) in itertools.product(w_pairs, c_pairs, h_pairs):
-        policy = Policy(gpu_batch_size=b, num_gpu_batches=sol.num_gpu_batches,
-                        w_gpu_percent=float(wg), w_cpu_percent=float(wc),
-                        cache_gpu_percent=float(cg), cache_cpu_percent=float(cc),
-                        act_gpu_percent=float(hg), act_cpu_percent=float(hc),
-                        overlap=sol.flags.overlap, cpu_cache_compute=sol.flags.cpu_cache_compute,
-                        compress_weight=sol.flags.compress_weight, compress_cache=sol.flags.compress_cache)
+        policy = dataclasses.replace(sol.flags, gpu_batch_size=b, num_gpu_batches=sol.num_gpu_batches,
+                                     w_gpu_percent=float(wg), w_cpu_percent=float(wc),
+                                     cache_gpu_percent=float(cg), cache_cpu_percent=float(cc),
+                                     act_gpu_percent=float(hg), act_cpu_percent=float(hc))
         x = fractions_of(policy)
         key = tuple(round(x[v], 9) for v in VARS)
         if key in seen:
@@ -275,10 +259,10 @@ def canonical_percents(policy: Policy) -> Policy:
     for kind in ("cache", "act"):
         g, c = d[f"{kind}_gpu_percent"], d[f"{kind}_cpu_percent"]
         rows = split_rows(b, g, c)
-        pg = _percent_for_rows(b, rows[0])
+        pg = _percent_for_rows(b, rows.gpu)
         if pg is None:
             continue
-        pc = 100 - pg if rows[2] == 0 else _percent_for_rows(b, rows[1])
+        pc = 100 - pg if rows.disk == 0 else _percent_for_rows(b, rows.cpu)
         if pc is None or pg + pc > 100 or split_rows(b, pg, pc) != rows:
             continue
         d[f"{kind}_gpu_percent"], d[f"{kind}_cpu_percent"] = float(pg), float(pc)
@@ -291,9 +275,10 @@ def canonical_percents(policy: Policy) -> Policy:
 class _BlockSearch:
     """LP solves for one flag set, memoised by block."""
 
-    def __init__(self, args, prompt_len, gen_len, hw, budgets, flags, engine, counter):
+    def __init__(self, args, prompt_len, gen_len, hw, budgets, flags, engine):
         self.args, self.s, self.n, self.hw, self.budgets = args, prompt_len, gen_len, hw, budgets
-        self.flags, self.engine, self.counter = flags, engine, counter
+        self.flags, self.engine = flags, engine
+        self.solves = 0   # programs solved (the memo holds each block once)
         self.memo: dict[tuple[int, int], LPSolution | None] = {}
         self.best_ngb_of: dict[int, int | None] = {}
 
@@ -303,8 +288,9 @@ class _BlockSearch:
             if gbs < 1 or ngb < 1 or gbs * ngb > MAX_BLOCK or ngb > MAX_NUM_GPU_BATCHES:
                 self.memo[key] = None
             else:
+                self.solves += 1
                 self.memo[key] = solve_block(self.args, self.s, self.n, gbs, ngb, self.hw, self.budgets,
-                                             self.flags, self.engine, counter=self.counter)
+                                             self.flags, self.engine)
         return self.memo[key]
 
     def cost(self, gbs: int, ngb: int) -> float:
@@ -354,11 +340,12 @@ def _hill_climb(cost, start: int, lo: int, hi: int, step: int, min_step: int = 1
 
 
 def _flag_sets(allow_compress_weight: bool, allow_compress_cache: bool, cpu_cache_compute: bool | None,
-               overlap: bool) -> list[Flags]:
+               overlap: bool) -> list[Policy]:
     cw = (False, True) if allow_compress_weight else (False,)
     cc = (False, True) if allow_compress_cache else (False,)
     ccc = (False, True) if cpu_cache_compute is None else (cpu_cache_compute,)
-    return [Flags(a, b, c, overlap) for a, b, c in itertools.product(cw, cc, ccc)]
+    return [Policy(compress_weight=a, compress_cache=b, cpu_cache_compute=c, overlap=overlap)
+            for a, b, c in itertools.product(cw, cc, ccc)]
 
 
 @dataclass
@@ -393,15 +380,14 @@ def search_detailed(model_args: ModelArgs, prompt_len: int, gen_len: int, hw: Ha
         if v is not None and (not isinstance(v, int) or v < 1):
             raise FlexGenError(f"{name} must be an integer >= 1, got {v!r}")
     budgets = Budgets.from_request(hw, gpu_mem, cpu_mem, disk_mem)
-    counter = LPCounter()
     flag_sets = _flag_sets(allow_compress_weight, allow_compress_cache, cpu_cache_compute, overlap)
     gbs_list = (gpu_batch_size,) if gpu_batch_size is not None else GBS_CANDIDATES
 
     # Coarse pass.
-    searches: dict[Flags, _BlockSearch] = {}
-    coarse: dict[Flags, tuple[float, int, int]] = {}
+    searches: dict[Policy, _BlockSearch] = {}
+    coarse: dict[Policy, tuple[float, int, int]] = {}
     for flags in flag_sets:
-        bs = searches[flags] = _BlockSearch(model_args, prompt_len, gen_len, hw, budgets, flags, engine, counter)
+        bs = searches[flags] = _BlockSearch(model_args, prompt_len, gen_len, hw, budgets, flags, engine)
         best = None
         worse = 0
         for gbs in gbs_list:
@@ -470,7 +456,7 @@ def search_detailed(model_args: ModelArgs, prompt_len: int, gen_len: int, hw: Ha
     # Best first; on (near) ties prefer fewer flags: simpler to run, nothing to gain.
     rounded.sort(key=lambda r: (-float(f"{r[1].throughput:.6g}"), _n_flags(r[0])))
     policy, est = rounded[0]
-    return SearchResult(policy, est, counter.solves, rounded)
+    return SearchResult(policy, est, sum(bs.solves for bs in searches.values()), rounded)
 
 
 def _n_flags(p: Policy) -> int:
@@ -498,7 +484,7 @@ def search(model_args: ModelArgs, prompt_len: int, gen_len: int, hw: HardwarePro
 
 
 def infeasible_message(args: ModelArgs, prompt_len: int, gen_len: int, hw: HardwareProfile, budgets: Budgets,
-                       flag_sets: Iterable[Flags], gbs: int = 1, ngb: int = 1,
+                       flag_sets: Iterable[Policy], gbs: int = 1, ngb: int = 1,
                        engine: EngineConstants = DEFAULT_ENGINE) -> str:
     """Why nothing fits: the least extra memory (per tier) that makes the smallest block fit."""
     best = None
@@ -510,12 +496,12 @@ def infeasible_message(args: ModelArgs, prompt_len: int, gen_len: int, hw: Hardw
         total = sum(s.value() or 0.0 for s in slacks.values())
         if best is None or total < best[0]:
             fr = {v: x[v].value() or 0.0 for v in VARS}
-            best = (total, {t: (slacks[t].value() or 0.0) * GIB for t in TIERS}, model, fr, flags)
+            best = (total, {t: (slacks[t].value() or 0.0) * GIB for t in TIER_NAMES}, model, fr, flags)
     if best is None:
         return "no placement fits the memory budgets"
     _, short, model, fr, flags = best
     parts = []
-    for tier in TIERS:
+    for tier in TIER_NAMES:
         if short[tier] <= 0.01 * GIB:
             continue
         need = budgets.of(tier) + short[tier]
