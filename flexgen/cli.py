@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p, required=False)   # required without a subcommand: checked in `main`
     add_policy_args(p)
     add_run_args(p)
-    sub = p.add_subparsers(dest="command", metavar="SUBCOMMAND", title="subcommands")
+    # prog given: else argparse builds the subcommands' prog from the usage line above.
+    sub = p.add_subparsers(dest="command", metavar="SUBCOMMAND", title="subcommands", prog=p.prog)
     for name, (short, description, add_args, run) in _subcommands().items():
         sp = sub.add_parser(name, help=short, description=description)
         add_args(sp)
