@@ -114,15 +114,16 @@ def transfer_bandwidth(device, nbytes: int) -> tuple[float, float]:
 
 
 def attention_flops(device, dtype, rows: int, heads: int, head_dim: int, s: int, t: int) -> float:
-    """flop/s of the engine's own attention (models.base.attend: fused scaled_dot_product_attention
-    with a boolean mask, causal in prefill) for `rows` sequences: s queries over t keys
-    (4 * s * t * hidden)."""
+    """flop/s of the engine's own attention (models.base.attend: fused scaled_dot_product_attention)
+    for `rows` sequences: s queries over t keys (4 * s * t * hidden). Masked as the scheduler
+    masks: a boolean causal mask in prefill; none in decode (s == 1), as for a gpu batch
+    without padding, which lets SDPA choose the flash kernel."""
     from flexgen.models.base import attend
     h = heads * head_dim
     q = torch.randn(rows, s, h, device=device, dtype=dtype)
     k = torch.randn(t, rows, h, device=device, dtype=dtype)      # time-major, as the KV cache
     v = torch.randn(t, rows, h, device=device, dtype=dtype)
-    mask = torch.ones(rows, s, t, dtype=torch.bool, device=device).tril(t - s)
+    mask = None if s == 1 else torch.ones(rows, s, t, dtype=torch.bool, device=device).tril(t - s)
     tm = _best_time(lambda: attend(q, k, v, mask, heads), device)
     return 4 * rows * s * t * heads * head_dim / tm
 
