@@ -27,7 +27,7 @@ import torch
 import flexgen
 from flexgen import Policy
 from flexgen.models.opt import ModelArgs
-from flexgen.tiers import default_dtype
+from flexgen.device import default_dtype
 
 
 def hf_model_with_flexgen_weights(fm, dtype):

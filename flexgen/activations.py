@@ -12,7 +12,9 @@ from pathlib import Path
 import torch
 
 from flexgen.placement import RowSplit
-from flexgen.tiers import ComputeDevice, DiskFile, MemoryTracker, Tier
+from flexgen.device import ComputeDevice
+from flexgen.diskio import DiskFile
+from flexgen.memory import MemoryTracker, Tier
 
 
 class HiddenSlot:

@@ -28,7 +28,7 @@ from flexgen.errors import FlexGenError
 from flexgen.models.base import UNQUANTIZED_FIELDS as UNCOMPRESSED_FIELDS  # noqa: F401 (old name)
 from flexgen.models.base import LayerSpec, WeightEntry
 from flexgen.models.registry import args_from_config_file, args_from_name, layer_specs
-from flexgen.tiers import align_up, as_bytes
+from flexgen.diskio import align_up, as_bytes
 
 STORE_VERSION = 1
 TENSOR_ALIGN = 64

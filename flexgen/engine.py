@@ -21,7 +21,9 @@ from flexgen.placement import Placement, plan
 from flexgen.policy import Policy
 from flexgen.sampling import LogprobRecorder, SampleConfig, StopCriteria, UniformSampler
 from flexgen.scheduler import Block, Scheduler
-from flexgen.tiers import ComputeDevice, IOPool, MemoryTracker, default_dtype, process_peak_rss
+from flexgen.device import ComputeDevice, default_dtype
+from flexgen.iopool import IOPool
+from flexgen.memory import MemoryTracker, process_peak_rss
 from flexgen.weights import PlacedWeights
 
 

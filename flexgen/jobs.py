@@ -226,7 +226,7 @@ def generate_main(argv: list[str]) -> int:
 
     from flexgen.cli import llm_from_args
     from flexgen.llm import SamplingParams
-    from flexgen.tiers import default_dtype
+    from flexgen.device import default_dtype
 
     t0 = time.perf_counter()
     inp, out_path = Path(a.input).expanduser(), Path(a.output).expanduser()

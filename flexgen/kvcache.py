@@ -24,7 +24,9 @@ import torch
 
 from flexgen.models.base import AttendGroup
 from flexgen.placement import RowSplit
-from flexgen.tiers import ComputeDevice, DiskFile, MemoryTracker, PinnedStaging, Tier, align_up, aligned_host_empty
+from flexgen.device import ComputeDevice, PinnedStaging
+from flexgen.diskio import DiskFile, align_up, aligned_host_empty
+from flexgen.memory import MemoryTracker, Tier
 
 
 class PlainArray:

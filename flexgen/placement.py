@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flexgen.policy import Policy
-from flexgen.tiers import Tier
+from flexgen.memory import Tier
 
 GRANULARITY = 64
 

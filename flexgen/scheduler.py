@@ -25,7 +25,8 @@ from flexgen.kvcache import KVCache
 from flexgen.models.registry import family_of
 from flexgen.policy import Policy
 from flexgen.sampling import LogprobRecorder, StopCriteria
-from flexgen.tiers import ComputeDevice, IOPool, done_future
+from flexgen.device import ComputeDevice
+from flexgen.iopool import IOPool, done_future
 from flexgen.weights import PlacedWeights
 
 TimingHook = Callable[[str, float], None]
@@ -314,4 +315,4 @@ def _after(prev, fn):
     return run
 
 
-__all__ = ["Block", "Scheduler", "done_future"]
+__all__ = ["Block", "Scheduler"]

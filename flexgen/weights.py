@@ -19,7 +19,9 @@ import torch
 from flexgen.checkpoint import LayerLayout, WeightStore, dummy_layer_bytes
 from flexgen.models.base import build_weights
 from flexgen.placement import Segments
-from flexgen.tiers import ALIGN, ComputeDevice, DiskFile, MemoryTracker, Tier, aligned_empty
+from flexgen.device import ComputeDevice
+from flexgen.diskio import ALIGN, DiskFile, aligned_empty
+from flexgen.memory import MemoryTracker, Tier
 
 
 @dataclass

@@ -70,7 +70,8 @@ def test_host_attention_buffers_growing_with_the_sequence_are_not_reallocated_ev
     """The mask and the fp32 workspace grow by one position per step; each reallocation
     of a page-locked buffer is a page-lock call on the compute thread."""
     from flexgen.kvcache import HostAttention
-    from flexgen.tiers import ComputeDevice, MemoryTracker
+    from flexgen.device import ComputeDevice
+    from flexgen.memory import MemoryTracker
     tracker = MemoryTracker()
     host = HostAttention(ComputeDevice("cpu"), tracker)
     ptrs = {host._buf("mask", (4096, 1, t), torch.bool, pin=True).data_ptr() for t in range(100, 164)}

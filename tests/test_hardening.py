@@ -288,7 +288,7 @@ def test_json_out_written_atomically(tmp_path):
 
 def test_policy_plans_with_engine_dtype(tmp_path):
     from flexgen.optimizer import load_hardware
-    from flexgen.tiers import default_dtype
+    from flexgen.device import default_dtype
     fp32 = load_hardware("t4").replace(compute_device="cpu", compute_dtype="float32", unified_memory=True)
     f = tmp_path / "hw.json"
     fp32.save(f)

@@ -72,7 +72,7 @@ def choose_policy(model_args: ModelArgs, prompt_len: int, gen_len: int, *, offlo
     hw = hardware_profile(hardware, offload_dir, log)
     import torch
 
-    from flexgen.tiers import default_dtype
+    from flexgen.device import default_dtype
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # Plan with the bytes per value the engine will compute in, not the profile's.
     hw = hw.for_engine(str(dtype).removeprefix("torch.") if dtype else

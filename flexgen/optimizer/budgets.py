@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from flexgen.errors import FlexGenError
 from flexgen.optimizer.hardware import GIB, HardwareProfile
-from flexgen.tiers import TIERS as _TIERS
+from flexgen.memory import TIERS as _TIERS
 
 if TYPE_CHECKING:
     from flexgen.optimizer.cost_model import Estimate
