@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from flexgen.placement import RowSplit
 from flexgen.device import ComputeDevice
 from flexgen.diskio import DiskFile
 from flexgen.memory import MemoryTracker, Tier
+from flexgen.placement import RowSplit
 
 
 class HiddenSlot:

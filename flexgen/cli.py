@@ -329,8 +329,8 @@ def clean_main(argv: list[str]) -> int:
     p.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
     a = p.parse_args(argv)
     from flexgen import offload
-    from flexgen.checkpoint import store_staleness
     from flexgen.engine import default_offload_dir
+    from flexgen.weightstore import store_staleness
 
     root = Path(a.offload_dir).expanduser() if a.offload_dir else default_offload_dir()
     if not root.is_dir():
@@ -365,8 +365,8 @@ def verify_main(argv: list[str]) -> int:
     p.add_argument("--offload-dir", help="default $FLEXGEN_OFFLOAD_DIR or ~/.cache/flexgen")
     a = p.parse_args(argv)
     from flexgen import offload
-    from flexgen.checkpoint import WeightStore
     from flexgen.engine import default_offload_dir
+    from flexgen.weightstore import WeightStore
 
     root = Path(a.offload_dir).expanduser() if a.offload_dir else default_offload_dir()
     weights = root / "weights"

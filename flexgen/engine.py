@@ -14,17 +14,19 @@ import torch
 
 from flexgen import offload, preflight
 from flexgen.activations import HiddenSlot
-from flexgen.checkpoint import CheckpointSource, DummySource, WeightStore, model_layouts, resolve_source
+from flexgen.checkpoint import CheckpointSource, DummySource, resolve_source
+from flexgen.device import ComputeDevice, default_dtype
 from flexgen.errors import FlexGenError
+from flexgen.iopool import IOPool
 from flexgen.kvcache import KVCache
+from flexgen.layout import model_layouts
+from flexgen.memory import MemoryTracker, process_peak_rss
 from flexgen.placement import Placement, plan
 from flexgen.policy import Policy
 from flexgen.sampling import LogprobRecorder, SampleConfig, StopCriteria, UniformSampler
 from flexgen.scheduler import Block, Scheduler
-from flexgen.device import ComputeDevice, default_dtype
-from flexgen.iopool import IOPool
-from flexgen.memory import MemoryTracker, process_peak_rss
 from flexgen.weights import PlacedWeights
+from flexgen.weightstore import WeightStore
 
 
 def default_offload_dir() -> Path:

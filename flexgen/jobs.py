@@ -225,8 +225,8 @@ def generate_main(argv: list[str]) -> int:
     import torch
 
     from flexgen.cli import llm_from_args
-    from flexgen.llm import SamplingParams
     from flexgen.device import default_dtype
+    from flexgen.llm import SamplingParams
 
     t0 = time.perf_counter()
     inp, out_path = Path(a.input).expanduser(), Path(a.output).expanduser()

@@ -109,7 +109,7 @@ def layer_costs(args, dtype, compress: bool) -> list[float]:
     """Each layer's share of the bytes to stream plus its share of the matmul FLOPs, so
     that stages balance whether their time goes to I/O or to compute (the input
     embedding is large but costs no FLOPs; the head costs both)."""
-    from flexgen.checkpoint import model_layouts
+    from flexgen.layout import model_layouts
     layouts = model_layouts(args, dtype, compress)
     nbytes = [float(lay.nbytes) for lay in layouts]
     flops = [0.0 if lay.spec.kind == "input" else float(sum(e.numel for e in lay.spec.entries if len(e.shape) >= 2))

@@ -21,12 +21,12 @@ from typing import Callable, Optional
 import torch
 
 from flexgen.activations import HiddenSlot
+from flexgen.device import ComputeDevice
+from flexgen.iopool import IOPool, done_future
 from flexgen.kvcache import KVCache
 from flexgen.models.registry import family_of
 from flexgen.policy import Policy
 from flexgen.sampling import LogprobRecorder, StopCriteria
-from flexgen.device import ComputeDevice
-from flexgen.iopool import IOPool, done_future
 from flexgen.weights import PlacedWeights
 
 TimingHook = Callable[[str, float], None]

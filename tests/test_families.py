@@ -157,7 +157,8 @@ def test_named_sizes_parameter_counts():
 
 def test_dummy_weights_are_sane(offload):
     """Dummy norm weights are one (not zero): logits of a dummy model are finite and vary."""
-    from flexgen.checkpoint import DummySource, model_layouts
+    from flexgen.checkpoint import DummySource
+    from flexgen.layout import model_layouts
     from flexgen.models.registry import args_from_name
     args = args_from_name("llama-3-8b")
     norms = [e for lay in model_layouts(args, torch.float32, False) for e in lay.spec.entries if "norm" in e.field]

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from flexgen.errors import FlexGenError
-from flexgen.optimizer.hardware import GIB, HardwareProfile
 from flexgen.memory import TIERS as _TIERS
+from flexgen.optimizer.hardware import GIB, HardwareProfile
 
 if TYPE_CHECKING:
     from flexgen.optimizer.cost_model import Estimate

@@ -222,10 +222,10 @@ def layer_costs(args: ModelArgs, compress_weight: bool, dtype: str) -> tuple[Lay
     """Every streamed layer's sizes, in execution order, from the engine's own layouts."""
     import torch
 
-    from flexgen.checkpoint import make_layout
+    from flexgen.layout import make_layout
 
     try:
-        from flexgen.checkpoint import compressible
+        from flexgen.layout import compressible
     except ImportError:  # older engine: every 2-D tensor is compressed
         def compressible(e):
             return len(e.shape) >= 2
