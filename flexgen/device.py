@@ -1,6 +1,6 @@
 """The compute device, and the CUDA-only pieces (side streams, events, pinned memory)
 behind one small interface; on a CPU device they are no-ops, so every other code path is
-the same on both.
+the same on both. Also the compute dtypes by name, the one map of them.
 """
 
 from __future__ import annotations
@@ -15,6 +15,16 @@ import torch
 
 from flexgen.diskio import aligned_empty
 from flexgen.errors import FlexGenError
+
+# Compute dtypes by name (--dtype, HardwareProfile.compute_dtype), with the short aliases
+# load_model accepts.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The dtype's name as DTYPES, config files and reports spell it ("bfloat16")."""
+    return str(dtype).removeprefix("torch.")
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -229,4 +239,4 @@ class PinnedStaging:
         self._free.put((buf, ev))
 
 
-__all__ = ["ComputeDevice", "PinnedStaging", "cpu_has_bf16", "default_dtype"]
+__all__ = ["DTYPES", "ComputeDevice", "PinnedStaging", "cpu_has_bf16", "default_dtype", "dtype_name"]

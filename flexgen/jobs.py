@@ -225,7 +225,7 @@ def generate_main(argv: list[str]) -> int:
     import torch
 
     from flexgen.cli import llm_from_args
-    from flexgen.device import default_dtype
+    from flexgen.device import default_dtype, dtype_name
     from flexgen.llm import SamplingParams
 
     t0 = time.perf_counter()
@@ -259,7 +259,7 @@ def generate_main(argv: list[str]) -> int:
     valid = [(item, p) for item, p in zip(parsed.items, params) if p is not None]
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = a.dtype or str(default_dtype(torch.device(device))).removeprefix("torch.")
+    dtype = a.dtype or dtype_name(default_dtype(torch.device(device)))
     meta = {"model": model_fingerprint(a.model, a.dummy), "dtype": dtype,
             "compress_weight": bool(a.compress_weight), "compress_cache": bool(a.compress_cache),
             **{k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}}

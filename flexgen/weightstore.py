@@ -20,15 +20,12 @@ from typing import Optional
 import torch
 
 from flexgen.checkpoint import CheckpointSource, DummySource, fingerprint
+from flexgen.device import dtype_name
 from flexgen.diskio import as_bytes
 from flexgen.errors import FlexGenError
 from flexgen.layout import LayerLayout, encode_entry, model_layouts
 
 STORE_VERSION = 1
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def store_staleness(manifest: dict) -> Optional[str]:
