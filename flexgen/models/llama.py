@@ -319,14 +319,16 @@ def self_attention(w: AttentionWeights, x: torch.Tensor, mask: torch.Tensor, pos
     angles = position_ids[..., None].float() * inv_freq(args, x.device)   # (b, s, d / 2), fp32
     angles = torch.cat((angles, angles), dim=-1)[:, :, None]              # (b, s, 1, d)
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    q = (_rotate(q, cos, sin) * d ** -0.5).reshape(b, s, nh * d)
+    q = _rotate(q, cos, sin).reshape(b, s, nh * d)
     k = _rotate(k, cos, sin).reshape(b, s, nkv * d)
     if args.sliding_window and mask.shape[-1] > args.sliding_window:
         # Mistral: a query at cache slot p sees slots (p - window, p], as transformers counts them.
         t = mask.shape[-1]
         q_slot = torch.arange(t - s, t, device=mask.device)[:, None]     # (s, 1)
         mask = mask & (torch.arange(t, device=mask.device) > q_slot - args.sliding_window)
-    attn = attend_groups(q, kv.update(k, v), mask, nh, nkv)
+    # The kernel scales the scores, as transformers does: scaling q first rounds differently
+    # in bf16, and greedy tokens of a random model then part ways.
+    attn = attend_groups(q, kv.update(k, v), mask, nh, nkv, scale=d ** -0.5)
     return residual + F.linear(attn, w.o_proj_weight, w.o_proj_bias)
 
 
