@@ -210,8 +210,8 @@ def _stage_shortfall(args, prompt_len, gen_len, hw, budgets, gbs, ngb, nb_g, fla
     prob, _, slacks = build_lp(_StageLP(group, full), budgets, slack=True)
     if not _solve(prob):
         return "no placement fits"
-    short = [f"{_gib((slacks[t].value() or 0.0) * GIB)} more {t} memory" for t in TIERS
-             if (slacks[t].value() or 0.0) * GIB > 0.01 * GIB]
+    short = [f"{_gib(v) if v >= 0.1 * GIB else f'{v / 2**20:.1f} MiB'} more {t} memory"
+             for t in TIERS for v in [(slacks[t].value() or 0.0) * GIB] if v > 1]
     return "needs " + ", ".join(short) if short else "the budgets are too tight"
 
 
