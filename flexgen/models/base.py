@@ -117,8 +117,8 @@ class CostFigures:
     """
     q_width: int            # num_attention_heads * head_dim: attention FLOPs are 4 * q_width per (query, key)
     kv_width: int           # values of K (and of V) per token per layer in the cache
-    attn_temp_width: int    # values per row the attention layer holds at its peak (q, k, v, output)
-    mlp_temp_width: int     # values per row the MLP holds at its peak (input copy + intermediates)
+    attn_temp_width: int    # values per row the attention layer holds at its peak beyond its input (output included)
+    mlp_temp_width: int     # values per row the MLP holds at its peak beyond its input (output included)
     query_groups: int = 1   # query heads per K/V head: attention's mask is repeated this many times
 
 

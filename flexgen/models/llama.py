@@ -346,8 +346,13 @@ def output_embed(w: OutputEmbedWeights, x: torch.Tensor, args: ModelArgs) -> tor
 
 
 def cost_figures(args: ModelArgs) -> CostFigures:
-    h, f = args.hidden_size, args.intermediate_size
-    # attention: the normed input, q, k, v and the output; MLP: the normed input, gate and up.
-    return CostFigures(q_width=args.q_width, kv_width=args.kv_width,
-                       attn_temp_width=2 * h + args.q_width + 2 * args.kv_width, mlp_temp_width=h + 2 * f,
+    h, f, q, kv = args.hidden_size, args.intermediate_size, args.q_width, args.kv_width
+    # Peaks beyond the layer's input, as self_attention / mlp allocate (measured against the
+    # engine in tests/test_memory_model.py). Attention: the normed input, q, k, v and three
+    # q-wide tensors while rotating q (x * cos, cat * sin, their sum) or attending (q
+    # regrouped, SDPA's output, its reshaped copy): h + 4q + 2kv; or at the residual add,
+    # with the attention output, o_proj's and the sum: 3h + 2q + 2kv. MLP: the normed
+    # input, gate and up (h + 2f); at the add, the product, down's output and the sum.
+    return CostFigures(q_width=q, kv_width=kv, attn_temp_width=max(h + 4 * q, 3 * h + 2 * q) + 2 * kv,
+                       mlp_temp_width=max(h + 2 * f, 3 * h + f),
                        query_groups=args.num_attention_heads // args.num_key_value_heads)
