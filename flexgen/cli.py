@@ -128,7 +128,10 @@ def _auto_policy(a):
         dtype=a.dtype, compress_weight=bool(a.compress_weight), compress_cache=bool(a.compress_cache),
         cpu_cache_compute=a.cpu_cache_compute, overlap=a.overlap is not False,
         gpu_batch_size=a.gpu_batch_size, num_gpu_batches=a.num_gpu_batches)
-    print(format_estimate(est, title=f"chosen policy for {a.model} ({est.hardware})"))
+    from flexgen import pipeline
+    what = ("chosen policy" if pipeline.world_size() == 1 else   # under torchrun: the plan is on stderr
+            f"stage {pipeline.rank()}'s policy in the pipeline plan (throughput: the pipeline's)")
+    print(format_estimate(est, title=f"{what} for {a.model} ({est.hardware})"))
     return policy
 
 
