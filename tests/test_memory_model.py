@@ -18,7 +18,7 @@ from flexgen.optimizer import GIB, estimate, load_hardware
 from flexgen.optimizer.budgets import Budgets
 from flexgen.optimizer.cost_model import DEFAULT_ENGINE, original_weight_split
 from flexgen.policy import Policy
-from flexgen.tiers import Tier
+from flexgen.memory import Tier
 from test_optimizer import toy_hw
 
 MIB = 2**20
