@@ -31,6 +31,7 @@ import torch
 
 import flexgen
 from flexgen import LLM, Policy, SamplingParams
+from flexgen.device import dtype_name
 
 
 def main():
@@ -82,7 +83,7 @@ def main():
             tokens = (out.shape[1] - fixed_len) * a.num_prompts
             best["fixed"] = max(best["fixed"], tokens / dt)
             figures["fixed"] = dict(seconds=dt, tokens=tokens, prompt_tokens=fixed_len * a.num_prompts)
-        dtype = str(llm.model.dtype).removeprefix("torch.")
+        dtype = dtype_name(llm.model.dtype)
     ratio = best["mixed"] / best["fixed"]
     pad = 1 - figures["mixed"]["prompt_tokens"] / figures["mixed"]["padded_prompt_tokens"]
     print(f"model {a.model} (dummy, {dtype}), {a.num_prompts} prompts of {a.min_len}..{a.max_len} tokens "

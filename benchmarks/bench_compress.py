@@ -20,7 +20,7 @@ import torch
 
 import flexgen
 from flexgen import Policy
-from flexgen.tiers import default_dtype
+from flexgen.device import default_dtype
 
 
 def main():

@@ -40,13 +40,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flexgen import Policy, load_model  # noqa: E402
+from flexgen.device import DTYPES  # noqa: E402
 from flexgen.models.opt import ModelArgs  # noqa: E402
 from flexgen.calibrate import measure_hardware  # noqa: E402
 from flexgen.optimizer import (GIB, Budgets, HardwareProfile, default_profile_path, estimate,  # noqa: E402
                                search_detailed)
 
 TIERS = ("gpu", "cpu", "disk")
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 # (gpu_batch_size, num_gpu_batches, (wg wc cg cc hg hc), cpu_cache_compute): what one would try
 # by hand. Blocks from 8 to 64 sequences; cache on the gpu tier, in host memory, half or all

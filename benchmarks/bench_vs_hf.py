@@ -26,8 +26,8 @@ import torch
 
 import flexgen
 from flexgen import Policy
+from flexgen.device import default_dtype
 from flexgen.models.opt import ModelArgs
-from flexgen.tiers import default_dtype
 
 
 def hf_model_with_flexgen_weights(fm, dtype):

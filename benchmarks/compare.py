@@ -190,6 +190,8 @@ def child(a) -> dict:
     ids = torch.randint(4, cfg["vocab_size"] - 1, (a.batch, a.prompt_len), generator=torch.Generator().manual_seed(1))
     dtype = getattr(torch, a.dtype)
     out = {"system": a.system, "batch": a.batch}
+    if a.system == "verify":
+        return teacher_forced_check(a, ids, dtype)
     if a.system in ("transformers", "accelerate"):
         from transformers import AutoModelForCausalLM
 
@@ -258,6 +260,28 @@ def child(a) -> dict:
     out["throughput"] = out["generated_tokens"] / out["total_s"] if out["total_s"] else 0.0
     out["peak_rss"] = peak_rss()
     return out
+
+
+def teacher_forced_check(a, ids, dtype) -> dict:
+    """Greedy tokens of two correct systems part ways at near-ties (a random model's top
+    logits are often one bf16 step apart), after which whole rows differ. So, in addition
+    to exact agreement, feed flexgen's tokens to transformers and ask, at every generated
+    position, whether flexgen picked transformers' argmax, and by how much it fell short."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    fg = torch.tensor(json.loads(Path(a.tokens_file).read_text()))
+    model = AutoModelForCausalLM.from_pretrained(a.ckpt, dtype=dtype).eval()
+    seq = torch.cat([ids[:fg.shape[0]], fg], 1)
+    short = []
+    with torch.no_grad():
+        for r0 in range(0, seq.shape[0], 8):
+            logits = model(seq[r0:r0 + 8]).logits[:, a.prompt_len - 1:-1].float()   # predicts fg
+            picked = logits.gather(-1, fg[r0:r0 + 8, :, None])[..., 0]
+            short.append(logits.max(-1).values - picked)
+    short = torch.cat(short)
+    return {"system": "verify", "argmax_share": (short == 0).float().mean().item(),
+            "max_shortfall": short.max().item(), "positions": short.numel()}
 
 
 def phase_bounds(a, policy) -> dict:
@@ -416,6 +440,7 @@ def main(argv=None) -> int:
         ap.add_argument("--policy-gbs", type=int, default=8)
         ap.add_argument("--policy-ngb", type=int, default=1)
         ap.add_argument("--modify", nargs="*", default=[], help="policy field=value changes (ablations)")
+        ap.add_argument("--tokens-file", help="verify: flexgen's generated tokens (JSON)")
         a = ap.parse_args(argv[1:])
         Path(a.out).write_text(json.dumps(child(a)))
         return 0
@@ -485,6 +510,14 @@ def main(argv=None) -> int:
                 if a.hardware:
                     extra += ["--hardware", a.hardware]
                 rows.append(run_child(base + extra, w.limit_gib, a.timeout))
+        forced = None
+        fg = next((r for r in rows if r.get("system") == "flexgen" and "tokens" in r), None)
+        if "transformers" in w.systems and fg is not None:
+            tokens_file = scratch / "flexgen-tokens.json"
+            tokens_file.write_text(json.dumps(fg["tokens"]))
+            drop_page_cache()
+            forced = run_child(base + ["--system", "verify", "--batch", str(fg["batch"]),
+                                       "--tokens-file", str(tokens_file)], w.limit_gib, a.timeout)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     agree = token_agreement(rows)
@@ -522,6 +555,10 @@ def main(argv=None) -> int:
             lines.append(f"\n{r['system']} throughput by batch: " + ", ".join(f"{b}: {v}" for b, v in r["tried"].items()))
     if agree is not None:
         lines.append(f"\ntoken agreement transformers vs flexgen (same weights, prompts and batch): {agree:.1%}")
+    if forced is not None and "failed" not in forced:
+        lines.append(f"teacher-forced: at {forced['argmax_share']:.1%} of {forced['positions']} generated positions "
+                     "flexgen's token is transformers' argmax given the same prefix; largest logit shortfall "
+                     f"{forced['max_shortfall']:.4f}")
     for r in rows:
         r.pop("tokens", None)
     table = "\n".join(lines)
@@ -529,7 +566,7 @@ def main(argv=None) -> int:
     mach = machine()
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     if a.json_out:
-        Path(a.json_out).write_text(json.dumps({"workload": asdict(w), "rows": rows, "token_agreement": agree, "machine": mach, "date": when},
+        Path(a.json_out).write_text(json.dumps({"workload": asdict(w), "rows": rows, "token_agreement": agree, "teacher_forced": forced, "machine": mach, "date": when},
                                                indent=2, default=str))
     if a.record:
         cmd = "python benchmarks/compare.py " + " ".join(argv)

@@ -172,7 +172,7 @@ def check_dequant(s: Suite):
 
 
 def check_pinned(s: Suite):
-    from flexgen.tiers import ComputeDevice
+    from flexgen.device import ComputeDevice
     cd = ComputeDevice("cuda")
     n = 256 << 20
     dev = torch.empty(n, dtype=torch.uint8, device="cuda")

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import torch
 
+from flexgen.device import ComputeDevice
+from flexgen.diskio import DiskFile
+from flexgen.memory import MemoryTracker, Tier
 from flexgen.placement import RowSplit
-from flexgen.tiers import ComputeDevice, DiskFile, MemoryTracker, Tier
 
 
 class HiddenSlot:

@@ -9,6 +9,7 @@ no profile is cached, and plans in the dtype the engine will compute in.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -72,7 +73,12 @@ def choose_policy(model_args: ModelArgs, prompt_len: int, gen_len: int, *, offlo
 
     gpu_mem is required unless `default_budgets`: then `default_gpu_mem` gives it (and on
     a CPU device the cpu tier gets as much). With `num_prompts`, a block larger than that
-    many sequences is shrunk to it (padding rows would only cost time)."""
+    many sequences is shrunk to it (padding rows would only cost time).
+
+    Under torchrun (world size > 1) the budgets are this rank's: every rank calls this
+    together, rank 0 plans the whole pipeline (`optimizer.pipeline.plan_for_ranks`) and
+    each rank gets its own stage's policy; the estimate is that stage's, with the
+    pipeline's predicted throughput."""
     from flexgen.optimizer.solver import search
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -90,7 +96,7 @@ def choose_policy(model_args: ModelArgs, prompt_len: int, gen_len: int, *, offlo
         raise FlexGenError("choosing a policy needs a gpu memory budget (GiB of accelerator memory; on a "
                            "CPU-only machine, the part of host memory that plays the gpu tier)")
     hw = hardware_profile(hardware, offload_dir, log)
-    from flexgen.tiers import default_dtype
+    from flexgen.device import default_dtype
     # Plan with the bytes per value the engine will compute in, not the profile's.
     hw = hw.for_engine(str(dtype).removeprefix("torch.") if dtype else
                        str(default_dtype(dev)).removeprefix("torch."))
@@ -100,6 +106,20 @@ def choose_policy(model_args: ModelArgs, prompt_len: int, gen_len: int, *, offlo
                 f"reserves {reserve / GIB:.1f} GiB of {name} memory for the process itself")
     cpu = cpu_mem * GIB if cpu_mem is not None else available_memory()
     disk = disk_mem * GIB if disk_mem is not None else free_disk(offload_dir)
+    from flexgen import pipeline
+    if pipeline.world_size() > 1:
+        # Under torchrun: this rank's stage of the plan all ranks choose together.
+        from flexgen.optimizer.pipeline import format_pipeline, plan_for_ranks
+        plan = plan_for_ranks(model_args, prompt_len, gen_len, hw, dev, gpu_mem * GIB, cpu, disk,
+                              allow_compress_weight=compress_weight, allow_compress_cache=compress_cache,
+                              cpu_cache_compute=cpu_cache_compute, overlap=overlap,
+                              gpu_batch_size=gpu_batch_size, num_gpu_batches=num_gpu_batches)
+        stage = plan.estimate.stages[pipeline.rank()]
+        if pipeline.rank() == 0:
+            log(format_pipeline(plan.estimate, f"flexgen: pipeline plan for {model_args.name} ({hw.name}), "
+                                f"prompt {prompt_len} + {gen_len}"))
+        # This stage's whole-block estimate (its memory), with the pipeline's throughput.
+        return Choice(stage.policy, dataclasses.replace(stage.block_estimate, throughput=plan.estimate.throughput))
     kw = dict(gpu_mem=gpu_mem * GIB, cpu_mem=cpu, disk_mem=disk, allow_compress_weight=compress_weight,
               allow_compress_cache=compress_cache, cpu_cache_compute=cpu_cache_compute, overlap=overlap)
     policy, est = search(model_args, prompt_len, gen_len, hw, gpu_batch_size=gpu_batch_size,

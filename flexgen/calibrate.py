@@ -77,10 +77,10 @@ def _host_memory() -> int:
 
 
 def pick_cpu_dtype(quick: bool = False) -> str:
-    """The dtype the engine computes in on this CPU (tiers.default_dtype), so that the
+    """The dtype the engine computes in on this CPU (device.default_dtype), so that the
     profile's figures and the policy's bytes are those of the runs it plans. (A timing
     race between bf16 and fp32 picked different dtypes on one machine from run to run.)"""
-    from flexgen.tiers import default_dtype
+    from flexgen.device import default_dtype
     return str(default_dtype(torch.device("cpu"))).removeprefix("torch.")
 
 

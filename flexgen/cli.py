@@ -177,7 +177,10 @@ def _auto_policy(a):
         dtype=a.dtype, compress_weight=bool(a.compress_weight), compress_cache=bool(a.compress_cache),
         cpu_cache_compute=a.cpu_cache_compute, overlap=a.overlap is not False,
         gpu_batch_size=a.gpu_batch_size, num_gpu_batches=a.num_gpu_batches)
-    print(format_estimate(est, title=f"chosen policy for {a.model} ({est.hardware})"))
+    from flexgen import pipeline
+    what = ("chosen policy" if pipeline.world_size() == 1 else   # under torchrun: the plan is on stderr
+            f"stage {pipeline.rank()}'s policy in the pipeline plan (throughput: the pipeline's)")
+    print(format_estimate(est, title=f"{what} for {a.model} ({est.hardware})"))
     return policy
 
 
@@ -369,8 +372,8 @@ def run(a) -> int:
 def clean_run(a) -> int:
     """`python -m flexgen clean` with parsed flags."""
     from flexgen import offload
-    from flexgen.checkpoint import store_staleness
     from flexgen.engine import default_offload_dir
+    from flexgen.weightstore import store_staleness
 
     root = Path(a.offload_dir).expanduser() if a.offload_dir else default_offload_dir()
     if not root.is_dir():
@@ -401,8 +404,8 @@ def clean_run(a) -> int:
 def verify_run(a) -> int:
     """`python -m flexgen verify` with parsed flags."""
     from flexgen import offload
-    from flexgen.checkpoint import WeightStore
     from flexgen.engine import default_offload_dir
+    from flexgen.weightstore import WeightStore
 
     root = Path(a.offload_dir).expanduser() if a.offload_dir else default_offload_dir()
     weights = root / "weights"

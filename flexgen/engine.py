@@ -14,15 +14,19 @@ import torch
 
 from flexgen import offload, preflight
 from flexgen.activations import HiddenSlot
-from flexgen.checkpoint import CheckpointSource, DummySource, WeightStore, model_layouts, resolve_source
+from flexgen.checkpoint import CheckpointSource, DummySource, resolve_source
+from flexgen.device import DTYPES, ComputeDevice, default_dtype
 from flexgen.errors import FlexGenError
+from flexgen.iopool import IOPool
 from flexgen.kvcache import KVCache
+from flexgen.layout import model_layouts
+from flexgen.memory import MemoryTracker, process_peak_rss
 from flexgen.placement import Placement, plan
 from flexgen.policy import Policy
 from flexgen.sampling import LogprobRecorder, SampleConfig, StopCriteria, UniformSampler
 from flexgen.scheduler import Block, Scheduler
-from flexgen.tiers import ComputeDevice, IOPool, MemoryTracker, default_dtype, process_peak_rss
 from flexgen.weights import PlacedWeights
+from flexgen.weightstore import WeightStore
 
 
 def default_offload_dir() -> Path:
@@ -393,8 +397,7 @@ def load_model(model: str, policy: Optional[Policy] = None, *, device=None, dtyp
     dev.limit_memory(gpu_mem)
     if isinstance(dtype, str):
         try:
-            dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                     "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+            dtype = DTYPES[dtype]
         except KeyError:
             raise FlexGenError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
     dtype = dtype or default_dtype(dev.device)

@@ -236,8 +236,8 @@ def generate_run(a) -> int:
     import torch
 
     from flexgen.cli import llm_from_args
+    from flexgen.device import default_dtype, dtype_name
     from flexgen.llm import SamplingParams
-    from flexgen.tiers import default_dtype
 
     t0 = time.perf_counter()
     inp, out_path = Path(a.input).expanduser(), Path(a.output).expanduser()
@@ -270,7 +270,7 @@ def generate_run(a) -> int:
     valid = [(item, p) for item, p in zip(parsed.items, params) if p is not None]
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = a.dtype or str(default_dtype(torch.device(device))).removeprefix("torch.")
+    dtype = a.dtype or dtype_name(default_dtype(torch.device(device)))
     meta = {"model": model_fingerprint(a.model, a.dummy), "dtype": dtype,
             "compress_weight": bool(a.compress_weight), "compress_cache": bool(a.compress_cache),
             **{k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}}

@@ -22,9 +22,11 @@ from typing import Optional
 
 import torch
 
+from flexgen.device import ComputeDevice, PinnedStaging
+from flexgen.diskio import DiskFile, align_up, aligned_host_empty
+from flexgen.memory import MemoryTracker, Tier
 from flexgen.models.base import AttendGroup
 from flexgen.placement import RowSplit
-from flexgen.tiers import ComputeDevice, DiskFile, MemoryTracker, PinnedStaging, Tier, align_up, aligned_host_empty
 
 
 class PlainArray:

@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from flexgen.errors import FlexGenError
 from flexgen.sampling import STOP
-from flexgen.scheduler import Block, Scheduler, _Pending
+from flexgen.scheduler import Block, Scheduler, _Pending, zigzag_order
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -109,7 +109,7 @@ def layer_costs(args, dtype, compress: bool) -> list[float]:
     """Each layer's share of the bytes to stream plus its share of the matmul FLOPs, so
     that stages balance whether their time goes to I/O or to compute (the input
     embedding is large but costs no FLOPs; the head costs both)."""
-    from flexgen.checkpoint import model_layouts
+    from flexgen.layout import model_layouts
     layouts = model_layouts(args, dtype, compress)
     nbytes = [float(lay.nbytes) for lay in layouts]
     flops = [0.0 if lay.spec.kind == "input" else float(sum(e.numel for e in lay.spec.entries if len(e.shape) >= 2))
@@ -260,25 +260,24 @@ class StageScheduler(Scheduler):
         b = self._block
         L = self.num_layers
         first_k = batches[0]
-        positions = [(j, k) for j in range(L) for k in batches]
         inputs = {k: self._step_inputs(i, k) for k in batches}
         overlap = self.policy.overlap
         if overlap:
             self._issue_weight(pending, 0)
             self._issue_loads(pending, i, 0, first_k)
         layer_weights = None
-        for n, (j, k) in enumerate(positions):
-            nxt = positions[n + 1] if n + 1 < len(positions) else None
+        for step in zigzag_order(L, batches):
+            j, k, nxt = step.layer, step.batch, step.next
             if overlap:
-                if k == first_k:
-                    self._issue_weight(pending, (j + 1) % L)
+                if step.first:
+                    self._issue_weight(pending, step.next_weight)
                 if nxt is not None:
                     self._issue_loads(pending, i, *nxt, hidden=nxt[1] != k)
             else:
-                if k == first_k:
+                if step.first:
                     self._issue_weight(pending, j)
                 self._issue_loads(pending, i, j, k)
-            if k == first_k:
+            if step.first:
                 layer_weights = self._wait_weights(pending, j, i)
             kv = self._wait(pending.cache.pop((j, k), None), i)
             if j == 0 and not self.first:

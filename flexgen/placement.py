@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from flexgen.memory import Tier
 from flexgen.policy import Policy
-from flexgen.tiers import Tier
 
 GRANULARITY = 64
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from flexgen.device import dtype_name
 from flexgen.errors import FlexGenError
 from flexgen.models.opt import ModelArgs
 from flexgen.policy import Policy
@@ -42,7 +43,7 @@ def needs(args: ModelArgs, policy: Policy, prompt_len: int, gen_len: int, device
 
     # Only memory is read from the estimate: the timing figures of the profile do not matter.
     hw = HardwareProfile(name="this machine", device=device_type, compute_device=device_type,
-                         compute_dtype=str(dtype).removeprefix("torch."), unified_memory=device_type != "cuda")
+                         compute_dtype=dtype_name(dtype), unified_memory=device_type != "cuda")
     est = estimate(args, policy, prompt_len, gen_len, hw)
     phases = est.memory_breakdown.values()
     in_store = store_bytes is not None  # disk-tier weights are read from the store in place

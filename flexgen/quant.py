@@ -41,7 +41,6 @@ class QuantConfig:
     num_bits: int = 4
     group_size: int = 64
     group_dim: int = 0
-    symmetric: bool = False
 
     def __post_init__(self):
         if self.num_bits not in (4, 8) or isinstance(self.num_bits, bool):
@@ -54,8 +53,6 @@ class QuantConfig:
             raise FlexGenError(f"4-bit quantization needs an even group_size, got {gs}")
         if not isinstance(self.group_dim, int) or isinstance(self.group_dim, bool):
             raise FlexGenError(f"quantization group_dim must be an integer, got {self.group_dim!r}")
-        if self.symmetric:
-            raise FlexGenError("symmetric quantization is not implemented; use symmetric=False")
 
     @property
     def qmax(self) -> int:

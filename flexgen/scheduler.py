@@ -21,11 +21,12 @@ from typing import Callable, Optional
 import torch
 
 from flexgen.activations import HiddenSlot
+from flexgen.device import ComputeDevice
+from flexgen.iopool import IOPool, done_future
 from flexgen.kvcache import KVCache
 from flexgen.models.registry import family_of
 from flexgen.policy import Policy
 from flexgen.sampling import LogprobRecorder, StopCriteria
-from flexgen.tiers import ComputeDevice, IOPool, done_future
 from flexgen.weights import PlacedWeights
 
 TimingHook = Callable[[str, float], None]
@@ -62,6 +63,32 @@ class _Pending:
     hidden: dict = field(default_factory=dict)    # (layer, batch) -> Future[Tensor]
 
 
+@dataclass(frozen=True)
+class ZigzagStep:
+    """One (layer, gpu batch) computation of a token step, and what to fetch around it."""
+    layer: int
+    batch: int
+    first: bool            # first gpu batch of the layer: its weights are taken here, once for all batches
+    next_weight: int       # the layer whose weights to request here when overlapping (0 after the last)
+    ahead: tuple[tuple[int, int, int], ...]   # the next two (token steps on, layer, batch) in compute order
+
+    @property
+    def next(self) -> Optional[tuple[int, int]]:
+        """The (layer, batch) computed after this one in the same token step, if any."""
+        steps, j, k = self.ahead[0]
+        return (j, k) if steps == 0 else None
+
+
+def zigzag_order(num_layers: int, batches: range) -> list[ZigzagStep]:
+    """The order of one token step: layer by layer, and within a layer every gpu batch,
+    so a layer's weights are loaded once for the whole block rather than once per batch."""
+    positions = [(j, k) for j in range(num_layers) for k in batches]
+    n_pos = len(positions)
+    return [ZigzagStep(j, k, k == batches[0], (j + 1) % num_layers,
+                       tuple(((n + d) // n_pos, *positions[(n + d) % n_pos]) for d in (1, 2)))
+            for n, (j, k) in enumerate(positions)]
+
+
 class Scheduler:
     def __init__(self, args, weights: PlacedWeights, policy: Policy, device: ComputeDevice,
                  io: IOPool, hook: Optional[TimingHook] = None):
@@ -90,7 +117,7 @@ class Scheduler:
         self._unpadded = [not windowed and bool(prompt[k * gbs:(k + 1) * gbs].all()) for k in range(ngb)]
         pending = _Pending()
         overlap = self.policy.overlap
-        positions = [(j, k) for j in range(self.num_layers) for k in range(ngb)]
+        order = zigzag_order(self.num_layers, range(ngb))
         try:
             for i in range(block.max_new_tokens):
                 t0 = time.perf_counter()
@@ -100,21 +127,21 @@ class Scheduler:
                 if overlap and i == 0:
                     self._issue_weight(pending, 0)
                     self._issue_loads(pending, i, 0, 0)
-                for n, (j, k) in enumerate(positions):
-                    nxt = positions[n + 1] if n + 1 < len(positions) else None
+                for step in order:
+                    j, k, nxt = step.layer, step.batch, step.next
                     if overlap:
-                        if k == 0:
-                            self._issue_weight(pending, (j + 1) % self.num_layers)
+                        if step.first:
+                            self._issue_weight(pending, step.next_weight)
                         # With ngb == 1 the next step's hidden input is this step's output,
                         # so only its cache load may start now; its hidden load follows the store.
                         if nxt is not None:
                             self._issue_loads(pending, i, *nxt, hidden=nxt[1] != k)
-                        self._prefetch_cache(pending, i, n, positions, block.max_new_tokens)
+                        self._prefetch_cache(pending, i, step, block.max_new_tokens)
                     else:
-                        if k == 0:
+                        if step.first:
                             self._issue_weight(pending, j)
                         self._issue_loads(pending, i, j, k)
-                    if k == 0:
+                    if step.first:
                         layer_weights = self._wait_weights(pending, j, i)
                     kv = self._wait(pending.cache.pop((j, k), None), i)
                     x = self._wait(pending.hidden.pop((j, k), None), i)
@@ -203,20 +230,16 @@ class Scheduler:
             after = None if slot.resident else self.device.mark()
             pending.hidden[(j, k)] = self._submit(slot.resident, _after(slot.last_store, slot.load), after=after)
 
-    def _prefetch_cache(self, pending: _Pending, i: int, n: int, positions: list, steps: int) -> None:
+    def _prefetch_cache(self, pending: _Pending, i: int, step: ZigzagStep, steps: int) -> None:
         """When the next position has no cache to load (an MLP layer, or the next token's
         input embedding), start the cache load of the position after it now, so that a
         read from disk overlaps two compute steps instead of one short MLP step (the
         cache load was the longest wait with one gpu batch)."""
-        n1 = n + 1
-        i1 = i + n1 // len(positions)
-        if i1 >= steps or self.specs[positions[n1 % len(positions)][0]].kind == "attention":
+        (d1, j1, _), (d2, j2, k2) = step.ahead
+        if i + d1 >= steps or self.specs[j1].kind == "attention":
             return
-        n2 = n + 2
-        i2 = i + n2 // len(positions)
-        j2, k2 = positions[n2 % len(positions)]
-        if i2 < steps and self.specs[j2].kind == "attention":
-            self._issue_loads(pending, i2, j2, k2, hidden=False)
+        if i + d2 < steps and self.specs[j2].kind == "attention":
+            self._issue_loads(pending, i + d2, j2, k2, hidden=False)
 
     def _issue_stores(self, j: int, k: int, x, kv) -> list:
         stores = []
@@ -314,4 +337,4 @@ def _after(prev, fn):
     return run
 
 
-__all__ = ["Block", "Scheduler", "done_future"]
+__all__ = ["Block", "Scheduler", "ZigzagStep", "zigzag_order"]

@@ -1,6 +1,6 @@
 """Weights resident on their tiers, and the loader that brings one layer to the compute device.
 
-Each layer's bytes are laid out as in the weight store (checkpoint.LayerLayout) and split
+Each layer's bytes are laid out as in the weight store (layout.LayerLayout) and split
 by placement.Segments: [0, gpu_end) lives in compute-device memory, [gpu_end, cpu_end)
 in host memory, the rest is read from a disk file. Loading a layer that is not wholly
 on the gpu tier assembles its bytes in one of two working buffers on the compute device
@@ -16,10 +16,13 @@ from typing import Optional
 
 import torch
 
-from flexgen.checkpoint import LayerLayout, WeightStore, dummy_layer_bytes
+from flexgen.device import ComputeDevice
+from flexgen.diskio import ALIGN, DiskFile, aligned_empty
+from flexgen.layout import LayerLayout
+from flexgen.memory import MemoryTracker, Tier
 from flexgen.models.base import build_weights
 from flexgen.placement import Segments
-from flexgen.tiers import ALIGN, ComputeDevice, DiskFile, MemoryTracker, Tier, aligned_empty
+from flexgen.weightstore import WeightStore, dummy_layer_bytes
 
 
 @dataclass

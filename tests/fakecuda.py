@@ -248,7 +248,7 @@ class _AllocMode(TorchDispatchMode):
 def _walk_handoff(fake: FakeCuda, value, where: str):
     """The device tensors in a value an I/O future hands to compute."""
     from flexgen.kvcache import KVWork
-    from flexgen.tiers import Tier
+    from flexgen.memory import Tier
     from flexgen.weights import LoadedLayer
     if isinstance(value, tuple) and len(value) == 2 and not isinstance(value[0], torch.Tensor):
         value = value[0]   # (result, ready event)
@@ -269,11 +269,11 @@ def _walk_handoff(fake: FakeCuda, value, where: str):
 @pytest.fixture(name="fake_cuda")
 def fake_cuda_fixture(monkeypatch):
     """Runs the engine's CUDA branches on the CPU (load models with device="cpu")."""
-    from flexgen import scheduler, tiers
+    from flexgen import device, iopool, scheduler
 
     fake = FakeCuda()
     cuda = torch.cuda
-    monkeypatch.setattr(tiers.ComputeDevice, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(device.ComputeDevice, "is_cuda", property(lambda self: True))
     monkeypatch.setattr(cuda, "is_available", lambda: True)
     monkeypatch.setattr(cuda, "current_device", lambda: 0)
     monkeypatch.setattr(cuda, "device_count", lambda: 1)
@@ -317,7 +317,7 @@ def fake_cuda_fixture(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
 
     # Allocation records on every thread: the compute thread here, I/O threads per task.
-    real_submit = tiers.IOPool.submit
+    real_submit = iopool.IOPool.submit
 
     def submit(self, fn, *args, **kw):
         def run(*a):
@@ -325,7 +325,7 @@ def fake_cuda_fixture(monkeypatch):
                 return fn(*a)
         return real_submit(self, run, *args, **kw)
 
-    monkeypatch.setattr(tiers.IOPool, "submit", submit)
+    monkeypatch.setattr(iopool.IOPool, "submit", submit)
 
     real_wait = scheduler.Scheduler._wait
 

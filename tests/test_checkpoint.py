@@ -37,7 +37,8 @@ def test_hf_cache_by_id(opt_dir, prompts, tmp_path, monkeypatch):
 # Anonymous RSS, sampled: the checkpoint's mmapped pages are reclaimable and not counted.
 CONVERT = """
 import sys, threading, time, torch
-from flexgen.checkpoint import CheckpointSource, WeightStore
+from flexgen.checkpoint import CheckpointSource
+from flexgen.weightstore import WeightStore
 
 def anon():
     for line in open("/proc/self/status"):

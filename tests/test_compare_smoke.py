@@ -19,6 +19,9 @@ def test_compare_smoke(tmp_path):
     data = json.loads(out.read_text())
     rows = data["rows"]
     assert data["token_agreement"] is not None and data["token_agreement"] > 0.5   # same weights, bf16 kernels
+    # flexgen's tokens fed to transformers: each is (near) transformers' argmax.
+    forced = data["teacher_forced"]
+    assert forced["positions"] == 8 * 4 and forced["argmax_share"] > 0.9, forced
     assert [row["system"] for row in rows] == ["transformers", "accelerate", "flexgen-auto", "flexgen"]
     for row in rows:
         assert "failed" not in row, row

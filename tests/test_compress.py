@@ -119,7 +119,7 @@ def test_compressed_store_size(tmp_path):
     """4-bit store files are within 5 % of 4.5/16 of the 16-bit store, embeddings excluded
     (they stay 16-bit, as do 1-D norms and biases, which are counted)."""
     from conftest import make_checkpoint
-    from flexgen.checkpoint import UNCOMPRESSED_FIELDS
+    from flexgen.models.base import UNQUANTIZED_FIELDS
     path = tmp_path / "ckpt"
     make_checkpoint(path, tokenizer=False, hidden_size=512, ffn_dim=2048, num_attention_heads=8, layers=2)
     sizes = {}
@@ -128,7 +128,7 @@ def test_compressed_store_size(tmp_path):
                                 offload_dir=tmp_path / "off") as m:
             files = sum(f.stat().st_size for f in m.store_dir.glob("layer_*.bin"))
             embed = sum(2 * e.numel for lay in m.weights.layouts for e in lay.spec.entries
-                        if e.field in UNCOMPRESSED_FIELDS)
+                        if e.field in UNQUANTIZED_FIELDS)
             sizes[flag] = files - embed
     ratio = sizes[True] / sizes[False]
     assert abs(ratio / (4.5 / 16) - 1) < 0.05, ratio

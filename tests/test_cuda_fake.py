@@ -80,7 +80,7 @@ def test_stores_and_loads_run_on_separate_workers(fake_cuda, opt_dir, prompts, o
     """A store that waits for its device-to-host copy must not hold up the next prefetch."""
     import threading
 
-    from flexgen.tiers import IOPool
+    from flexgen.iopool import IOPool
     names = {}
     real_submit = IOPool.submit
 
@@ -181,7 +181,7 @@ def test_io_threads_set_the_engine_device(fake_cuda, opt_dir, prompts, offload):
     """I/O threads start on device 0: with cuda:N their streams and allocations would land there."""
     import threading
 
-    from flexgen.tiers import IOPool
+    from flexgen.iopool import IOPool
     ran = set()
     real = IOPool.submit
 
@@ -246,8 +246,8 @@ def test_cuda_branches_of_other_families(fake_cuda, family_dirs, prompts, offloa
         (out, logits), _ = generate(family_dirs[family], POLICIES[name], ids, mask, offload, logits=True)
         assert fake_cuda.violations == [], name
         with pytest.MonkeyPatch.context() as mp:   # the same run with the CPU branches
-            from flexgen import tiers
-            mp.setattr(tiers.ComputeDevice, "is_cuda", property(lambda self: False))
+            from flexgen import device
+            mp.setattr(device.ComputeDevice, "is_cuda", property(lambda self: False))
             (ref, ref_logits), _ = generate(family_dirs[family], POLICIES[name], ids, mask, tmp_path / name,
                                             logits=True)
         fake_cuda.violations.clear()   # the CPU branches hand off without streams, by design

@@ -69,8 +69,9 @@ def test_compressed_cache_dequantizes_into_the_working_buffer(opt_dir, prompts, 
 def test_host_attention_buffers_growing_with_the_sequence_are_not_reallocated_every_step():
     """The mask and the fp32 workspace grow by one position per step; each reallocation
     of a page-locked buffer is a page-lock call on the compute thread."""
+    from flexgen.device import ComputeDevice
     from flexgen.kvcache import HostAttention
-    from flexgen.tiers import ComputeDevice, MemoryTracker
+    from flexgen.memory import MemoryTracker
     tracker = MemoryTracker()
     host = HostAttention(ComputeDevice("cpu"), tracker)
     ptrs = {host._buf("mask", (4096, 1, t), torch.bool, pin=True).data_ptr() for t in range(100, 164)}

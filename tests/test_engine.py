@@ -146,11 +146,11 @@ def test_weight_split_tracks_request(opt_dir, offload):
 
 def test_disk_tier_really_reads_and_writes(opt_dir, prompts, offload, monkeypatch):
     """Count bytes through DiskFile; corrupting the weights' disk part is then detected."""
-    from flexgen import tiers
+    from flexgen import diskio
     path, _ = opt_dir
     ids, mask = prompts
     counts = {"read": 0, "write": 0}
-    orig_read, orig_write = tiers.DiskFile.read, tiers.DiskFile.write
+    orig_read, orig_write = diskio.DiskFile.read, diskio.DiskFile.write
 
     def read(self, offset, dst, *args, **kwargs):
         counts["read"] += dst.numel() * dst.element_size()
@@ -160,12 +160,12 @@ def test_disk_tier_really_reads_and_writes(opt_dir, prompts, offload, monkeypatc
         counts["write"] += src.numel() * src.element_size()
         return orig_write(self, offset, src)
 
-    monkeypatch.setattr(tiers.DiskFile, "read", read)
-    monkeypatch.setattr(tiers.DiskFile, "write", write)
+    monkeypatch.setattr(diskio.DiskFile, "read", read)
+    monkeypatch.setattr(diskio.DiskFile, "write", write)
     seq, _ = run(path, P(0, 0, 0, 0, 0, 0), ids, mask, offload)
     assert counts["read"] > 0 and counts["write"] > 0
-    monkeypatch.setattr(tiers.DiskFile, "read", orig_read)
-    monkeypatch.setattr(tiers.DiskFile, "write", orig_write)
+    monkeypatch.setattr(diskio.DiskFile, "read", orig_read)
+    monkeypatch.setattr(diskio.DiskFile, "write", orig_write)
     # Zero the weight store files: a disk-only run reads them, and their checksums fail.
     for f in (offload / "weights").rglob("layer_*.bin"):
         f.write_bytes(bytes(f.stat().st_size))

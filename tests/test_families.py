@@ -157,7 +157,8 @@ def test_named_sizes_parameter_counts():
 
 def test_dummy_weights_are_sane(offload):
     """Dummy norm weights are one (not zero): logits of a dummy model are finite and vary."""
-    from flexgen.checkpoint import DummySource, model_layouts
+    from flexgen.checkpoint import DummySource
+    from flexgen.layout import model_layouts
     from flexgen.models.registry import args_from_name
     args = args_from_name("llama-3-8b")
     norms = [e for lay in model_layouts(args, torch.float32, False) for e in lay.spec.entries if "norm" in e.field]
@@ -214,3 +215,31 @@ def test_registry_by_model_type_or_architectures():
                                            num_attention_heads=4, ffn_dim=128), "x")) is opt
     with pytest.raises(FlexGenError, match="model_type 'gpt2'.*not supported"):
         args_from_config(dict(TINY, model_type="gpt2"), "x")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("groups", [1, 4])
+@pytest.mark.parametrize("masked", [False, True])
+def test_attend_matches_plain_softmax(dtype, groups, masked):
+    """The shared attention (time-major cache, GQA stacking, the CPU single-query path)
+    against softmax(q k^T) v in float64, at decode (one query) and prefill."""
+    from flexgen.models.base import attend
+
+    g = torch.Generator().manual_seed(0)
+    r, nh, d, t = 3, 8, 16, 11
+    nkv = nh // groups
+    for s in (1, 5):
+        q = torch.randn(r, s, nh * d, generator=g)
+        k, v = torch.randn(t, r, nkv * d, generator=g), torch.randn(t, r, nkv * d, generator=g)
+        mask = torch.ones(r, s, t, dtype=torch.bool).tril(t - s)
+        if masked:
+            mask[0, :, :4] = False   # a left-padded row
+        out = attend(q.to(dtype), k.to(dtype), v.to(dtype), mask if masked or s > 1 else None, nh, nkv, scale=0.25)
+        qh = q.double().view(r, s, nh, d).transpose(1, 2)
+        kh = k.double().view(t, r, nkv, d).permute(1, 2, 0, 3).repeat_interleave(groups, 1)
+        vh = v.double().view(t, r, nkv, d).permute(1, 2, 0, 3).repeat_interleave(groups, 1)
+        scores = (qh @ kh.transpose(-1, -2) * 0.25).masked_fill(~mask[:, None], float("-inf"))
+        ref = (scores.softmax(-1) @ vh).transpose(1, 2).reshape(r, s, nh * d)
+        tol = 3e-2 if dtype == torch.bfloat16 else 1e-5
+        assert out.shape == ref.shape
+        torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)

@@ -240,7 +240,9 @@ def test_two_first_runs_share_one_store(opt_dir, tmp_path):
 
 def test_store_build_waits_for_the_builder(opt_dir, tmp_path):
     """While one process holds the build lock, another waits, then re-uses the result."""
-    from flexgen.checkpoint import CheckpointSource, WeightStore, model_layouts
+    from flexgen.checkpoint import CheckpointSource
+    from flexgen.layout import model_layouts
+    from flexgen.weightstore import WeightStore
     path, _ = opt_dir
     src = CheckpointSource(path)
     key = WeightStore.key(src, torch.float32, False)
@@ -287,12 +289,12 @@ def test_json_out_written_atomically(tmp_path):
 # -- 9: the optimizer plans with the engine's dtype ------------------------------------------
 
 def test_policy_plans_with_engine_dtype(tmp_path):
+    from flexgen.device import default_dtype, dtype_name
     from flexgen.optimizer import load_hardware
-    from flexgen.tiers import default_dtype
     fp32 = load_hardware("t4").replace(compute_device="cpu", compute_dtype="float32", unified_memory=True)
     f = tmp_path / "hw.json"
     fp32.save(f)
-    engine = str(default_dtype(torch.device("cpu"))).removeprefix("torch.")
+    engine = dtype_name(default_dtype(torch.device("cpu")))
     res = cli("policy", "--model", "opt-1.3b", "--hardware", f, "--percent", 100, 0, 100, 0, 100, 0,
               "--gpu-batch-size", 1, "--json")
     assert res.returncode == 0, res.stderr

@@ -140,7 +140,7 @@ def test_original_weight_split():
 # Cost model.
 
 def test_weight_and_cache_memory_match_the_engine_layout():
-    from flexgen.checkpoint import model_layouts
+    from flexgen.layout import model_layouts
     import torch
 
     hw = toy_hw()

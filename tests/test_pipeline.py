@@ -293,3 +293,100 @@ def test_profile_network_under_torchrun(tmp_path):
     assert hw["gpu_matmul_flops"] == json.loads(src.read_text())["gpu_matmul_flops"]   # the rest is kept
     from flexgen.cli import main
     assert main(["profile", "--network", "--out", str(out)]) == 2   # not under torchrun: a one-line error
+
+
+def _t4_search(cpu0_gib):
+    from flexgen.models.registry import args_from_name
+    from flexgen.optimizer.hardware import load_hardware
+    from flexgen.optimizer.pipeline import search_pipeline
+    from flexgen.optimizer.solver import Budgets
+
+    args, hw = args_from_name("opt-1.3b"), load_hardware("t4")
+    G = 2**30
+    budgets = [Budgets.from_request(hw, 2 * G, cpu0_gib * G, 100 * G), Budgets.from_request(hw, 2 * G, 8 * G, 100 * G)]
+    return search_pipeline(args, 128, 16, hw, 2, budgets, cpu_cache_compute=False)
+
+
+def test_stage_policies_fit_their_own_budgets():
+    """Stage 0 with little host memory: the stages share the block but not the placement,
+    each fits its own budgets, and the same inputs give the same plan."""
+    plan = _t4_search(2.5)
+    a, b = plan.policies
+    assert (a.gpu_batch_size, a.num_gpu_batches) == (b.gpu_batch_size, b.num_gpu_batches)
+    assert a.percent != b.percent
+    assert a.w_gpu_percent + a.w_cpu_percent < 100 and b.w_gpu_percent + b.w_cpu_percent == 100   # 0 streams from disk
+    for s, budgets in zip(plan.estimate.stages, plan.budgets):
+        assert all(s.memory[t] <= budgets.of(t) + 1 for t in ("gpu", "cpu", "disk"))
+        assert s.block_estimate.policy == s.policy
+    assert plan.estimate.throughput > 0 and plan.lp_solves > 0
+    again = _t4_search(2.5)
+    assert again.policies == plan.policies and again.estimate.throughput == plan.estimate.throughput
+    # Budgets for every stage alike: the slices still differ (the embedding is on stage 0 only).
+    sym = _t4_search(8)
+    assert sym.estimate.throughput > plan.estimate.throughput
+
+
+def test_policy_cli_num_stages_search(capsys):
+    import json
+    from flexgen.cli import main
+    assert main(["policy", "--model", "opt-1.3b", "--hardware", "t4", "--gpu-mem", "3", "--cpu-mem", "8",
+                 "--prompt-len", "128", "--gen-len", "16", "--no-cpu-cache-compute", "--num-stages", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "stage 0 policy: --percent" in out and "stage 1 policy: --percent" in out
+    assert "predicted throughput" in out
+    assert main(["policy", "--model", "opt-1.3b", "--hardware", "t4", "--gpu-mem", "3", "--cpu-mem", "8",
+                 "--prompt-len", "128", "--gen-len", "16", "--no-cpu-cache-compute", "--num-stages", "2",
+                 "--num-gpu-batches", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["policies"]) == 2 and {p["num_gpu_batches"] for p in out["policies"]} == {4}
+    assert [s["layers"] for s in out["pipeline"]["stages"]][1][1] > 0 and out["pipeline"]["throughput"] > 0
+
+
+AUTO_SCRIPT = '''
+import json, os, sys, torch
+from flexgen import LLM, Policy, SamplingParams
+path, offload, hw, out = sys.argv[1:5]
+rank = int(os.environ.get("RANK", "-1"))
+# Per-rank budgets (bytes here, GiB below): little host memory on stage 0.
+cpu = 0.3e6 if rank == 0 else 2e6
+policy = "auto" if rank >= 0 else Policy(gpu_batch_size=2)
+g = torch.Generator().manual_seed(0)
+prompts = [torch.randint(4, 200, (n,), generator=g).tolist() for n in (9, 4, 7, 9, 2)]
+with LLM(path, policy, gpu_mem=0.3e6 / 2**30, cpu_mem=cpu / 2**30, disk_mem=1.0, hardware=hw, device="cpu",
+         dtype=torch.float32, offload_dir=offload, progress=False) as llm:
+    res = llm.generate(prompts, SamplingParams(max_new_tokens=6, logprobs=1), progress=False)
+    pol = llm.policy.to_dict()
+json.dump({"tokens": [o.token_ids for o in res], "logprobs": [[round(t.logprob, 4) for t in o.logprobs] for o in res],
+           "policy": pol}, open(f"{out}-{max(rank, 0)}.json", "w"))
+'''
+
+
+def test_auto_stage_policies_under_torchrun(deep_opt, tmp_path):
+    """torchrun without a policy: the ranks plan together from their own budgets, each
+    runs its stage's policy, and the greedy tokens are the single-process engine's."""
+    import json
+    import subprocess
+    import sys
+
+    from flexgen.optimizer.hardware import load_hardware
+    path, _ = deep_opt
+    hw = tmp_path / "hw.json"
+    load_hardware("t4").replace(gpu_reserved=0, cpu_reserved=0).save(hw)
+    script = tmp_path / "auto_run.py"
+    script.write_text(AUTO_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [str(script), str(path), str(tmp_path / "off"), str(hw)]
+    one = subprocess.run([sys.executable, *args, str(tmp_path / "one")], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(_free_port()), *args, str(tmp_path / "two")], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "pipeline plan" in two.stderr and "stage 1 policy" in two.stderr
+    ref = json.loads((tmp_path / "one-0.json").read_text())
+    r0, r1 = (json.loads((tmp_path / f"two-{r}.json").read_text()) for r in (0, 1))
+    assert r0["tokens"] == r1["tokens"] == ref["tokens"] and r0["logprobs"] == ref["logprobs"]
+    p0, p1 = r0["policy"], r1["policy"]
+    assert (p0["gpu_batch_size"], p0["num_gpu_batches"]) == (p1["gpu_batch_size"], p1["num_gpu_batches"])
+    assert p0 != p1

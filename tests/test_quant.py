@@ -280,8 +280,7 @@ def test_packed_to_and_nbytes():
 
 
 @pytest.mark.parametrize("kwargs", [dict(num_bits=3), dict(num_bits=16), dict(group_size=0),
-                                    dict(group_size=63), dict(group_size=2.0), dict(symmetric=True),
-                                    dict(group_dim=1.0)])
+                                    dict(group_size=63), dict(group_size=2.0), dict(group_dim=1.0)])
 def test_invalid_config(kwargs):
     with pytest.raises(FlexGenError):
         QuantConfig(**kwargs)

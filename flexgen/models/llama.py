@@ -319,14 +319,16 @@ def self_attention(w: AttentionWeights, x: torch.Tensor, mask: torch.Tensor, pos
     angles = position_ids[..., None].float() * inv_freq(args, x.device)   # (b, s, d / 2), fp32
     angles = torch.cat((angles, angles), dim=-1)[:, :, None]              # (b, s, 1, d)
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    q = (_rotate(q, cos, sin) * d ** -0.5).reshape(b, s, nh * d)
+    q = _rotate(q, cos, sin).reshape(b, s, nh * d)
     k = _rotate(k, cos, sin).reshape(b, s, nkv * d)
     if args.sliding_window and mask.shape[-1] > args.sliding_window:
         # Mistral: a query at cache slot p sees slots (p - window, p], as transformers counts them.
         t = mask.shape[-1]
         q_slot = torch.arange(t - s, t, device=mask.device)[:, None]     # (s, 1)
         mask = mask & (torch.arange(t, device=mask.device) > q_slot - args.sliding_window)
-    attn = attend_groups(q, kv.update(k, v), mask, nh, nkv)
+    # The kernel scales the scores, as transformers does: scaling q first rounds differently
+    # in bf16, and greedy tokens of a random model then part ways.
+    attn = attend_groups(q, kv.update(k, v), mask, nh, nkv, scale=d ** -0.5)
     return residual + F.linear(attn, w.o_proj_weight, w.o_proj_bias)
 
 
@@ -344,8 +346,13 @@ def output_embed(w: OutputEmbedWeights, x: torch.Tensor, args: ModelArgs) -> tor
 
 
 def cost_figures(args: ModelArgs) -> CostFigures:
-    h, f = args.hidden_size, args.intermediate_size
-    # attention: the normed input, q, k, v and the output; MLP: the normed input, gate and up.
-    return CostFigures(q_width=args.q_width, kv_width=args.kv_width,
-                       attn_temp_width=2 * h + args.q_width + 2 * args.kv_width, mlp_temp_width=h + 2 * f,
+    h, f, q, kv = args.hidden_size, args.intermediate_size, args.q_width, args.kv_width
+    # Peaks beyond the layer's input, as self_attention / mlp allocate (measured against the
+    # engine in tests/test_memory_model.py). Attention: the normed input, q, k, v and three
+    # q-wide tensors while rotating q (x * cos, cat * sin, their sum) or attending (q
+    # regrouped, SDPA's output, its reshaped copy): h + 4q + 2kv; or at the residual add,
+    # with the attention output, o_proj's and the sum: 3h + 2q + 2kv. MLP: the normed
+    # input, gate and up (h + 2f); at the add, the product, down's output and the sum.
+    return CostFigures(q_width=q, kv_width=kv, attn_temp_width=max(h + 4 * q, 3 * h + 2 * q) + 2 * kv,
+                       mlp_temp_width=max(h + 2 * f, 3 * h + f),
                        query_groups=args.num_attention_heads // args.num_key_value_heads)

@@ -312,7 +312,11 @@ def output_embed(w: OutputEmbedWeights, x: torch.Tensor, args: ModelArgs) -> tor
 
 
 def cost_figures(args: ModelArgs) -> CostFigures:
-    h = args.hidden_size
-    # attention: q, k, v and the output (b, s, h) each; MLP: the input copy and fc1's output.
-    return CostFigures(q_width=h, kv_width=h, attn_temp_width=4 * h, mlp_temp_width=h + 2 * args.ffn_dim)
-
+    h, f = args.hidden_size, args.ffn_dim
+    # Peaks beyond the layer's input, as self_attention / mlp allocate (measured against the
+    # engine in tests/test_memory_model.py). Attention, at the residual add: the normed
+    # input, q, k, v, the attention output, out_proj's output and the sum: 7h. MLP, ReLU
+    # in place: fc1's output, fc2's and the sum (2h + f); GELU keeps the normed input,
+    # fc1's output and its activation at once (h + 2f).
+    mlp = h + 2 * f if args.activation_function != "relu" else 2 * h + f
+    return CostFigures(q_width=h, kv_width=h, attn_temp_width=7 * h, mlp_temp_width=mlp)

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from flexgen.errors import FlexGenError
+from flexgen.memory import TIERS
 from flexgen.optimizer.hardware import GIB, HardwareProfile
-from flexgen.tiers import TIERS
 
 if TYPE_CHECKING:
     from flexgen.optimizer.cost_model import Estimate

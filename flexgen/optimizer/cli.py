@@ -14,7 +14,7 @@ from flexgen.errors import ArgumentParser, FlexGenError
 from flexgen.models.base import ModelArgs
 from flexgen.models.registry import args_from_config_file, args_from_name, sizes_summary
 from flexgen.optimizer.cost_model import GIB, estimate
-from flexgen.optimizer.hardware import default_profile_path, load_hardware
+from flexgen.optimizer.hardware import HardwareProfile, default_profile_path, load_hardware
 from flexgen.optimizer.report import format_estimate
 from flexgen.optimizer.solver import Budgets, check_budgets, search_detailed
 from flexgen.policy import Policy
@@ -95,7 +95,9 @@ def add_policy_arguments(p: argparse.ArgumentParser) -> None:
                    help="compute dtype of the planned run (default: the engine's, float16 on cuda, bfloat16 "
                         "on a CPU with bf16, else float32)")
     p.add_argument("--num-stages", type=_positive_int, default=1,
-                   help="predict a pipeline of N stages (torchrun ranks), each running the policy over its layers")
+                   help="plan a pipeline of N stages (torchrun ranks): without --percent / --policy, choose "
+                        "each stage's policy for its layers within the budgets (which are per stage); with "
+                        "them, predict that policy on every stage")
     p.add_argument("--link-bw", type=float, metavar="GB/S", help="bandwidth between stages (default 10)")
     p.add_argument("--link-latency", type=float, metavar="US", help="latency per message between stages "
                    "(default 20)")
@@ -152,6 +154,16 @@ def policy_run(args) -> int:
         check_budgets(est, budgets)
         if est.shortfalls:
             raise FlexGenError("this policy does not fit: " + "; ".join(est.shortfalls))
+    elif args.num_stages > 1:
+        mode = "search"
+        from flexgen.optimizer.pipeline import search_pipeline
+        plan = search_pipeline(model, args.prompt_len, args.gen_len, hw, args.num_stages, [budgets],
+                               allow_compress_weight=args.compress_weight, allow_compress_cache=args.compress_cache,
+                               cpu_cache_compute=args.cpu_cache_compute, overlap=not args.no_overlap,
+                               gpu_batch_size=args.gpu_batch_size, num_gpu_batches=args.num_gpu_batches,
+                               link_bw=args.link_bw and args.link_bw * 1e9,
+                               link_latency=None if args.link_latency is None else args.link_latency * 1e-6)
+        return _print_plan(args, model, hw, plan)
     else:
         mode = "search"
         res = search_detailed(model, args.prompt_len, args.gen_len, hw, gib(args.gpu_mem), gib(args.cpu_mem),
@@ -198,4 +210,27 @@ def policy_run(args) -> int:
                   + "".join(f" --{k.replace('_', '-')}" for k in ("cpu_cache_compute", "compress_weight",
                                                                    "compress_cache") if getattr(policy, k))
                   + ")")
+    return 0
+
+
+def _print_plan(args, model: ModelArgs, hw: HardwareProfile, plan) -> int:
+    """`policy --num-stages N` without --percent: every stage's policy and the prediction."""
+    from flexgen.optimizer.pipeline import format_pipeline
+    pe = plan.estimate
+    if args.save:
+        from flexgen.outputs import write_atomic
+        write_atomic(args.save, json.dumps({
+            "policy": plan.policies[0].to_dict(), "stage_policies": [p.to_dict() for p in plan.policies],
+            "num_stages": pe.num_stages, "model": model.name, "prompt_len": args.prompt_len,
+            "gen_len": args.gen_len, "hardware": hw.name, "predicted_throughput": pe.throughput}, indent=2) + "\n",
+                     "--save file")
+    if args.json:
+        print(json.dumps({"mode": "search", "policies": [p.to_dict() for p in plan.policies],
+                          "pipeline": pe.to_dict(), "budgets": [b.to_dict() for b in plan.budgets],
+                          "lp_solves": plan.lp_solves}))
+        return 0
+    print(format_pipeline(pe, f"{model.name}: prompt {args.prompt_len}, generate {args.gen_len}, hardware "
+                              f"{hw.name} — chosen policies of a {pe.num_stages}-stage pipeline (budgets per stage)"))
+    print(f"\n(searched {plan.lp_solves} linear programs; under torchrun, give each rank its budgets "
+          "(--gpu-mem, --cpu-mem, --disk-mem) and no --percent: the ranks choose this plan together)")
     return 0

@@ -155,6 +155,10 @@ class EngineConstants:
     # Page-locked host memory is counted once more by this share: it cannot be swapped or
     # reclaimed, and each buffer is page-locked whole pages at a time (CUDA only).
     pinned_headroom: float = 0.05
+    # The largest layer's temporaries (`CostFigures`) are counted once more by this share:
+    # the widths are exact for the layer functions, but the allocator rounds blocks up and
+    # a kernel may keep a small workspace beside its output.
+    working_headroom: float = 0.05
 
 
 DEFAULT_ENGINE = EngineConstants()
@@ -217,10 +221,10 @@ def layer_costs(args: ModelArgs, compress_weight: bool, dtype: str) -> tuple[Lay
     """Every streamed layer's sizes, in execution order, from the engine's own layouts."""
     import torch
 
-    from flexgen.checkpoint import make_layout
+    from flexgen.layout import make_layout
 
     try:
-        from flexgen.checkpoint import compressible
+        from flexgen.layout import compressible
     except ImportError:  # older engine: every 2-D tensor is compressed
         def compressible(e):
             return len(e.shape) >= 2
@@ -391,6 +395,9 @@ class BlockModel:
             # behind it. Measured on a 2-core host: treating them as overlapped ranked a
             # 67 %-cpu-weights policy first that ran at 0.55 of its prediction.
             gpu += copy_in + copy_out
+            # Host attention runs on the same cores as the "gpu" compute: it adds to it too
+            # (a bound that overlapped them put a 2-core decode at 52 % of it).
+            gpu, host = gpu + host, Lin()
             load = io["disk->cpu"] / hw.disk_read_bw
             store = io["cpu->disk"] / hw.disk_write_bw
         else:
@@ -422,7 +429,9 @@ class BlockModel:
                   the weight and cache staging buffers, the hidden buffers and host
                   attention's staging (never the host KV cache); counted once more by
                   `pinned_headroom`.
-        compute   the largest layer's temporaries (attention: see `EngineConstants`).
+        compute   the largest peak of one layer beyond its input, its output included: the
+                  family's `CostFigures` (measured against the engine); the input layer's
+                  two embeddings and their sum; the head's logits. Plus `working_headroom`.
         """
         a, e = self.args, self.engine
         b, nb, dt, h = self.b, self.nb, self.dt, a.hidden_size
@@ -446,8 +455,9 @@ class BlockModel:
         gpu: dict[str, Lin | Switched] = {
             "weights": V("wg") * self.weight_bytes,
             "kv cache": V("cg") * (B * L * row_cache),
-            "hidden": Switched("hg>0", nb * hid, V("hg")),
-            "layer output": Lin(hid),
+            # Sized for the prompt in decode too: each slot keeps its prefill output until
+            # the first decode step replaces it.
+            "hidden": Switched("hg>0", nb * b * self.s * h * dt, V("hg")),
             "hidden buffers": Switched("hg<1", 3 * hid, 1 - V("hg")),
             "weight slots": Switched("wg<1", e.weight_slots * self.max_slot, 1 - V("wg")),
         }
@@ -512,6 +522,7 @@ class BlockModel:
             inp = 3 * b * h * dt
         out = b * vocab * (dt + 4 + 8)               # logits, their fp32 copy, sampling
         gpu["compute"] = Lin(max(attn, mlp, out, inp))
+        gpu["compute headroom"] = gpu["compute"] * e.working_headroom
         pinned = {}
         if cuda:
             names = ["weight staging", "hidden", "hidden staging", "host attention staging"]

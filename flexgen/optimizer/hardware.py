@@ -109,7 +109,7 @@ class HardwareProfile:
         default on this kind of device): bytes per value must be the engine's."""
         if dtype is None:
             if self.compute_device == "cpu":
-                from flexgen.tiers import cpu_has_bf16
+                from flexgen.device import cpu_has_bf16
                 dtype = "bfloat16" if cpu_has_bf16() else "float32"
             else:
                 dtype = "float16"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from flexgen.tiers import ALIGN, DiskFile
+from flexgen.diskio import ALIGN, DiskFile
 
 
 @pytest.mark.parametrize("direct", [True, False])
@@ -61,7 +61,7 @@ def test_direct_read_of_unaligned_length_into_aligned_buffer(tmp_path):
     try:
         data = torch.arange(10 * ALIGN + 100, dtype=torch.int64).to(torch.uint8)
         f.write(0, data)
-        from flexgen.tiers import aligned_host_empty
+        from flexgen.diskio import aligned_host_empty
         out = aligned_host_empty((data.numel(),), torch.uint8)
         f.read(0, out)
         assert torch.equal(out, data)
@@ -72,7 +72,7 @@ def test_direct_read_of_unaligned_length_into_aligned_buffer(tmp_path):
 
 def test_read_with_scratch_after_fills_only_the_owned_tail(tmp_path):
     """With scratch_after, one aligned read may run past dst into the padding it owns."""
-    from flexgen.tiers import aligned_host_empty
+    from flexgen.diskio import aligned_host_empty
     f = DiskFile(tmp_path / "h.bin", 8 * ALIGN)
     try:
         data = torch.randint(0, 256, (8 * ALIGN,), dtype=torch.uint8)
@@ -94,7 +94,7 @@ def test_read_with_scratch_after_fills_only_the_owned_tail(tmp_path):
 
 def test_scratch_read_at_the_end_of_a_file_ending_mid_page(tmp_path):
     """A file opened without create may end mid-page: the read must not run past it."""
-    from flexgen.tiers import aligned_host_empty
+    from flexgen.diskio import aligned_host_empty
     path = tmp_path / "short.bin"
     data = torch.randint(0, 256, (2 * ALIGN + 100,), dtype=torch.uint8)
     path.write_bytes(data.numpy().tobytes())

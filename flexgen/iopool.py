@@ -1,0 +1,41 @@
+"""The I/O threads that run loads and stores while the compute thread computes."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+
+class IOPool:
+    """Threads that run loads and stores. Ordering between dependent tasks is explicit:
+    a task that needs another's result is given its future and waits for it.
+
+    Stores run on workers of their own: a store may wait for its device-to-host copy
+    (and so for compute to reach its mark), and must not hold up the next layer's
+    prefetch, which the cost model assumes runs beside it."""
+
+    def __init__(self, num_threads: int = 2, store_threads: int = 1):
+        # One intra-op thread per I/O worker (torch's setting is per thread): their copies
+        # are memory-bound, and a full OpenMP team each would oversubscribe the cores the
+        # compute thread's team runs on (seen as 5-30x stalls on a 2-core host).
+        self._pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="flexgen-load",
+                                        initializer=torch.set_num_threads, initargs=(1,))
+        self._stores = ThreadPoolExecutor(max_workers=store_threads, thread_name_prefix="flexgen-store",
+                                          initializer=torch.set_num_threads, initargs=(1,))
+
+    def submit(self, fn, *args, store: bool = False) -> Future:
+        return (self._stores if store else self._pool).submit(fn, *args)
+
+    def shutdown(self):
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._stores.shutdown(wait=True, cancel_futures=True)
+
+
+def done_future(value=None) -> Future:
+    f = Future()
+    f.set_result(value)
+    return f
+
+
+__all__ = ["IOPool", "done_future"]
