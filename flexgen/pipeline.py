@@ -35,6 +35,7 @@ import torch.distributed as dist
 from flexgen.errors import FlexGenError
 from flexgen.sampling import STOP
 from flexgen.scheduler import Block, Scheduler, _Pending, zigzag_order
+from flexgen.stages import micro_batch_groups, split_layers, stage_costs
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -86,38 +87,6 @@ def _peer_errors(stage: int, num_stages: int):
                            f"within the timeout ($FLEXGEN_DIST_TIMEOUT): {first}") from e
 
 
-def split_layers(costs: list[float], num_stages: int) -> list[slice]:
-    """Contiguous slices of the layer list, one per stage, with costs as even as possible
-    (each slice ends where the running total first reaches its share)."""
-    n = len(costs)
-    if not 1 <= num_stages <= n:
-        raise FlexGenError(f"{num_stages} pipeline stages for {n} layers")
-    total = float(sum(costs))
-    bounds, acc, start = [], 0.0, 0
-    for j, c in enumerate(costs):
-        acc += c
-        s = len(bounds) + 1   # the stage this slice would close
-        left = n - (j + 1)    # layers after j
-        if s < num_stages and (acc >= total * s / num_stages or left == num_stages - s) and left >= num_stages - s:
-            bounds.append(slice(start, j + 1))
-            start = j + 1
-    bounds.append(slice(start, n))
-    return bounds
-
-
-def layer_costs(args, dtype, compress: bool) -> list[float]:
-    """Each layer's share of the bytes to stream plus its share of the matmul FLOPs, so
-    that stages balance whether their time goes to I/O or to compute (the input
-    embedding is large but costs no FLOPs; the head costs both)."""
-    from flexgen.layout import model_layouts
-    layouts = model_layouts(args, dtype, compress)
-    nbytes = [float(lay.nbytes) for lay in layouts]
-    flops = [0.0 if lay.spec.kind == "input" else float(sum(e.numel for e in lay.spec.entries if len(e.shape) >= 2))
-             for lay in layouts]
-    tb, tf = sum(nbytes) or 1.0, sum(flops) or 1.0
-    return [b / tb + f / tf for b, f in zip(nbytes, flops)]
-
-
 def load_stage(args, policy, device, dtype, offload_dir, source, progress: bool = False, groups: Optional[int] = None,
                verify_store: bool = False):
     """This process's stage of the pipeline (called by `load_model` under torchrun)."""
@@ -129,7 +98,7 @@ def load_stage(args, policy, device, dtype, offload_dir, source, progress: bool 
     dist.all_gather_object(shapes, (policy.gpu_batch_size, policy.num_gpu_batches))
     if len(set(shapes)) != 1:
         raise FlexGenError(f"pipeline stages disagree on (gpu_batch_size, num_gpu_batches): {shapes}")
-    layers = split_layers(layer_costs(args, dtype, policy.compress_weight), n)[r]
+    layers = split_layers(stage_costs(args, dtype, policy.compress_weight), n)[r]
     # Rank 0 converts the checkpoint into the shared weight store once; the others then
     # open it (each reads only its layers).
     if r != 0:
@@ -143,13 +112,6 @@ def load_stage(args, policy, device, dtype, offload_dir, source, progress: bool 
     model.scheduler = StageScheduler(args, model.weights, policy, device, model.io, hook=model._hook,
                                      stage=r, num_stages=n, groups=groups)
     return model
-
-
-def _groups(ngb: int, count: int) -> list[range]:
-    """ngb gpu batches in `count` contiguous groups of nearly equal size."""
-    count = max(1, min(count, ngb))
-    cuts = [round(ngb * g / count) for g in range(count + 1)]
-    return [range(cuts[g], cuts[g + 1]) for g in range(count)]
 
 
 class StageScheduler(Scheduler):
@@ -216,7 +178,7 @@ class StageScheduler(Scheduler):
         prompt = block.attention_mask[:, :block.prompt_len].cpu()
         windowed = bool(getattr(self.args, "sliding_window", None))
         self._unpadded = [not windowed and bool(prompt[k * gbs:(k + 1) * gbs].all()) for k in range(ngb)]
-        groups = _groups(ngb, self.num_groups)
+        groups = micro_batch_groups(ngb, self.num_groups)
         active = [True] * len(groups)
         pending = _Pending()
         try:

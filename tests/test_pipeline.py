@@ -14,7 +14,7 @@ import torch
 import flexgen
 from flexgen import Policy
 from flexgen.errors import FlexGenError
-from flexgen.pipeline import _groups, split_layers
+from flexgen.stages import micro_batch_groups, split_layers
 
 GEN = 6
 
@@ -94,7 +94,7 @@ def test_split_layers_contiguous_balanced():
         assert len(s) == n and s[0].start == 0 and s[-1].stop == len(costs)
         assert all(a.stop == b.start and a.stop > a.start for a, b in zip(s, s[1:]))
     assert split_layers(costs, 2) == [slice(0, 5), slice(5, 8)]
-    assert [len(g) for g in _groups(4, 3)] == [1, 2, 1] and _groups(1, 3) == [range(0, 1)]
+    assert [len(g) for g in micro_batch_groups(4, 3)] == [1, 2, 1] and micro_batch_groups(1, 3) == [range(0, 1)]
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -31,6 +31,7 @@ from flexgen.models.base import ModelArgs
 from flexgen.optimizer.cost_model import BlockModel, Estimate, evaluate, fractions_of
 from flexgen.optimizer.hardware import HardwareProfile
 from flexgen.policy import Policy
+from flexgen.stages import micro_batch_groups, split_layers, stage_costs
 
 @dataclass
 class StageEstimate:
@@ -80,10 +81,8 @@ def estimate_pipeline(args: ModelArgs, policies: Sequence[Policy], prompt_len: i
     # The engine's own stage split, so that the prediction is of the stages it will run.
     # Imported here: flexgen.pipeline imports the scheduler, and the optimizer package
     # itself must not depend on the engine.
-    from flexgen.pipeline import _groups, split_layers
-    from flexgen.pipeline import layer_costs as stage_layer_costs
-    spans = split_layers(stage_layer_costs(args, getattr(torch, hw.compute_dtype), p0.compress_weight), N)
-    groups = _groups(p0.num_gpu_batches, N)
+    spans = split_layers(stage_costs(args, getattr(torch, hw.compute_dtype), p0.compress_weight), N)
+    groups = micro_batch_groups(p0.num_gpu_batches, N)
     G, nb_g = len(groups), max(len(g) for g in groups)
     stages = []
     for s, (span, pol) in enumerate(zip(spans, pols)):
@@ -246,8 +245,6 @@ def search_pipeline(args: ModelArgs, prompt_len: int, gen_len: int, hw: Hardware
     from flexgen.errors import FlexGenError
     from flexgen.optimizer.cost_model import DEFAULT_ENGINE
     from flexgen.optimizer.solver import GBS_CANDIDATES, MAX_BLOCK, MAX_NUM_GPU_BATCHES, _hill_climb
-    from flexgen.pipeline import _groups, split_layers
-    from flexgen.pipeline import layer_costs as stage_layer_costs
 
     engine = engine or DEFAULT_ENGINE
     N = num_stages
@@ -273,7 +270,7 @@ def search_pipeline(args: ModelArgs, prompt_len: int, gen_len: int, hw: Hardware
     spans_of = {}
 
     for cw in ((False, True) if allow_compress_weight else (False,)):
-        spans = spans_of[cw] = [(s.start, s.stop) for s in split_layers(stage_layer_costs(args, dtype, cw), N)]
+        spans = spans_of[cw] = [(s.start, s.stop) for s in split_layers(stage_costs(args, dtype, cw), N)]
         flag_sets = [Policy(compress_weight=cw, compress_cache=cc, cpu_cache_compute=ccc, overlap=overlap)
                      for cc in ccs for ccc in cccs]
         memo: dict = {}
@@ -285,7 +282,7 @@ def search_pipeline(args: ModelArgs, prompt_len: int, gen_len: int, hw: Hardware
             memo[key] = None
             if gbs < 1 or ngb < 1 or gbs * ngb > MAX_BLOCK or ngb > MAX_NUM_GPU_BATCHES:
                 return None
-            nb_g = max(len(g) for g in _groups(ngb, N))
+            nb_g = max(len(g) for g in micro_batch_groups(ngb, N))
             pols = []
             for s, span in enumerate(spans):
                 best = None
@@ -345,7 +342,7 @@ def search_pipeline(args: ModelArgs, prompt_len: int, gen_len: int, hw: Hardware
 
     if best_overall is None:
         gbs, ngb = gpu_batch_size or 1, num_gpu_batches or 1
-        nb_g = max(len(g) for g in _groups(ngb, N))
+        nb_g = max(len(g) for g in micro_batch_groups(ngb, N))
         flags = Policy(compress_weight=allow_compress_weight, compress_cache=allow_compress_cache,
                        cpu_cache_compute=bool(cpu_cache_compute), overlap=overlap)
         spans = spans_of[allow_compress_weight]
