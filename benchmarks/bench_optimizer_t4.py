@@ -4,7 +4,7 @@ Runs only the cost model and the linear programs (no GPU, no weights):
 
     python benchmarks/bench_optimizer_t4.py [--out benchmarks/optimizer_t4.md]
 
-For each of the paper's six prompt-512 / gen-32 runs on one T4 (REFERENCE.md): the
+For each of the paper's six prompt-512 / gen-32 runs on one T4 (paper_t4.py): the
 paper's measured throughput, this cost model's prediction for the paper's policy on the
 bundled T4 profile, whether that policy fits the paper's budgets (gpu 16 GiB with 15
 usable, cpu 208 GiB, disk 1500 GiB), and the optimizer's own policy for the same

@@ -1,7 +1,7 @@
 """The FlexGen paper's single-T4 results and the policies behind them.
 
-Source: the FlexGen paper (arXiv 2303.06865), Table 2 and its benchmark scripts; see
-REFERENCE.md. Prompt 512, generate 32, on GCP: T4 16 GB, 208 GB DRAM, 1.5 TB SSD.
+Source: the FlexGen paper (Sheng et al., ICML 2023, arXiv 2303.06865), Table 2 and its
+benchmark scripts. Prompt 512, generate 32, on GCP: T4 16 GB, 208 GB DRAM, 1.5 TB SSD.
 
 Reference data, not part of the package: bench_optimizer_t4.py compares the optimizer
 with it, and tests/test_optimizer.py checks policies/paper_*.json against it.

@@ -96,10 +96,9 @@ def choose_policy(model_args: ModelArgs, prompt_len: int, gen_len: int, *, offlo
         raise FlexGenError("choosing a policy needs a gpu memory budget (GiB of accelerator memory; on a "
                            "CPU-only machine, the part of host memory that plays the gpu tier)")
     hw = hardware_profile(hardware, offload_dir, log)
-    from flexgen.device import default_dtype
+    from flexgen.device import default_dtype, dtype_name
     # Plan with the bytes per value the engine will compute in, not the profile's.
-    hw = hw.for_engine(str(dtype).removeprefix("torch.") if dtype else
-                       str(default_dtype(dev)).removeprefix("torch."))
+    hw = hw.for_engine(dtype_name(dtype) if dtype else dtype_name(default_dtype(dev)))
     for name, budget, reserve in (("gpu", gpu_mem, hw.gpu_reserved), ("cpu", cpu_mem, hw.cpu_reserved)):
         if budget is not None and reserve and budget * GIB <= reserve:
             log(f"flexgen: warning: --{name}-mem {budget:g} leaves nothing for tensors: the hardware profile "

@@ -35,10 +35,10 @@ from pathlib import Path
 
 import torch
 
+from flexgen.device import DTYPES
 from flexgen.errors import ArgumentParser, FlexGenError
 from flexgen.optimizer.hardware import GIB, HardwareProfile, default_profile_path
 
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def _sync(device: torch.device):
@@ -80,8 +80,8 @@ def pick_cpu_dtype(quick: bool = False) -> str:
     """The dtype the engine computes in on this CPU (device.default_dtype), so that the
     profile's figures and the policy's bytes are those of the runs it plans. (A timing
     race between bf16 and fp32 picked different dtypes on one machine from run to run.)"""
-    from flexgen.device import default_dtype
-    return str(default_dtype(torch.device("cpu"))).removeprefix("torch.")
+    from flexgen.device import default_dtype, dtype_name
+    return dtype_name(default_dtype(torch.device("cpu")))
 
 
 def matmul_flops(device, dtype, m: int, k: int, n: int) -> float:
@@ -284,7 +284,7 @@ def measure_hardware(offload_dir: str | Path, quick: bool = False, device: str |
         desc = f"{_cpu_name()} ({os.cpu_count()} cpus), no accelerator"
         unified = True
         notes.append("compute device = CPU: the gpu tier is a budget of host memory")
-    dtype = _DTYPES[dtype_name]
+    dtype = DTYPES[dtype_name]
     torch.manual_seed(0)
 
     log("matmul")

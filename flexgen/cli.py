@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from flexgen.device import dtype_name
 from flexgen.errors import ArgumentParser, FlexGenError
 
 DEFAULT_PROMPT = "Paris is the capital city of"
@@ -227,7 +228,7 @@ def report(model, stats, a) -> dict:
     return {
         "model": model.args.name,
         "device": str(model.device.device),
-        "dtype": str(model.dtype).removeprefix("torch."),
+        "dtype": dtype_name(model.dtype),
         "policy": model.policy.to_dict(),
         "achieved_percent": model.placement.achieved(),
         "prompt_len": a.prompt_len,

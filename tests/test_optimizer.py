@@ -323,7 +323,7 @@ def test_slack_program_finds_the_shortfall():
 
 
 # ---------------------------------------------------------------------------------------
-# The paper's T4 runs (REFERENCE.md).
+# The paper's T4 runs (benchmarks/paper_t4.py, from the FlexGen paper's Table 2).
 
 T4 = load_hardware("t4")
 T4_BUDGETS = Budgets.from_request(T4, *(PAPER_BUDGETS_GIB[t] * GIB for t in ("gpu", "cpu", "disk")))
