@@ -11,7 +11,7 @@ EXTRAS ?= test,helm
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.flexgen-installed
 
-.PHONY: install run test lint bench gpu-suite clean
+.PHONY: install run test lint bench gpu-suite gpu-compare fetch-original clean
 
 # crfm-helm would otherwise replace the pinned torch: the extras install under a constraint that
 # holds it. It also pulls torchvision (a CUDA build) that breaks transformers' model imports on a
@@ -44,6 +44,17 @@ bench: $(STAMP)
 # One call on a GPU machine: OK/FAIL per check, figures in gpu_suite.json (see README).
 gpu-suite:
 	PYTHONPATH=. $(PYTHON) benchmarks/gpu_suite.py --out gpu_suite.json
+
+# flexgen vs Accelerate vs the original FlexGen 0.1.8 under a 16 GB GPU cap, one device call per
+# model (MODEL=opt-6.7b|opt-30b|opt-175b); the original's wheels come from `make fetch-original`.
+MODEL    ?= opt-30b
+ORIGINAL ?= shared/original
+fetch-original:
+	$(PYTHON) benchmarks/gpu_compare.py --fetch-original $(ORIGINAL)
+
+gpu-compare:
+	PYTHONPATH=. $(PYTHON) benchmarks/gpu_compare.py --model $(MODEL) --original $(ORIGINAL) \
+		--out gpu_compare_$(MODEL).json --record
 
 clean:
 	$(PY) -m flexgen clean --offload-dir ./offload || true
