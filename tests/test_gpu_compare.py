@@ -58,3 +58,22 @@ def test_parse_original_log():
     r = mod.parse_log(log)
     assert r["prefill_s"] == 40.108 and r["decode_s"] == 60.0 and r["throughput"] == 15.343
     assert r["peak_gpu_gb"] == 7.341 and r["projected"] is False
+
+
+def test_out_of_time_and_crash_are_rows():
+    import sys
+    gc = _load()
+    r = gc.run_child([sys.executable, "-c", "import time; time.sleep(30)"], 0.5, "slow")
+    assert r["system"] == "slow" and r["failed"].startswith("out of time")
+    r = gc.run_child([sys.executable, "-c", "raise MemoryError('CUDA out of memory')"], 30, "oom")
+    assert r["failed"].startswith("out of memory")
+
+
+def test_step_clock_stops_after_a_decode_step_past_the_deadline():
+    import pytest
+    gc = _load()
+    clock = gc.StepClock(deadline=0.0)
+    clock.put(None)            # the prompt
+    clock.put(None)            # the first new token (prefill): never stopped here
+    with pytest.raises(gc._Stop):
+        clock.put(None)        # one decode step: enough to project from
