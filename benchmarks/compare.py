@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -455,6 +455,9 @@ def main(argv=None) -> int:
     ap.add_argument("--policy-percent", type=float, nargs=6, default=[100, 0, 100, 0, 100, 0])
     ap.add_argument("--policy-gbs", type=int, help="default: the workload's largest peer batch")
     ap.add_argument("--policy-ngb", type=int, default=1)
+    ap.add_argument("--prompt-len", type=int, help="override the workload's prompt length")
+    ap.add_argument("--gen-len", type=int, help="override the workload's generation length (e.g. a shorter run)")
+    ap.add_argument("--peer-batches", type=int, nargs="+", help="override the batch sizes tried for Accelerate")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per system run")
     ap.add_argument("--ablations", action="store_true",
                     help="also run the optimizer's policy with one optimisation off (or 4-bit on) at a time")
@@ -467,6 +470,8 @@ def main(argv=None) -> int:
                   f"{w.limit_gib or '-'} GiB  {', '.join(w.systems)}  ({w.note})")
         return 0
     w = WORKLOADS[a.workload]
+    w = replace(w, prompt_len=a.prompt_len or w.prompt_len, gen_len=a.gen_len or w.gen_len,
+                peer_batches=tuple(a.peer_batches or w.peer_batches))
     ckpt = write_checkpoint(w.model, Path(a.ckpt_dir) / w.model, a.dtype)
     scratch = Path(tempfile.mkdtemp(prefix="compare-", dir=a.ckpt_dir))
     dropped = drop_page_cache()
