@@ -75,6 +75,9 @@ WORKLOADS = {
                                note="Llama 3.2 1B's shape (GQA, tied head), random weights, everything fits"),
     "offload-llama-3-8b": Workload("llama-3-8b", 32, 32, 8, ("accelerate", "flexgen-auto"), peer_batches=(8, 16, 32),
                                    flexgen_budget=(2, 5, 40), note="16 GB in bf16, 8 GiB limit"),
+    "offload-llama-1.1b": Workload("llama-1.1b", 32, 16, 1.5, ("accelerate", "flexgen-auto"), peer_batches=(16, 32, 64),
+                                   flexgen_budget=(0.4, 0.5, 10),
+                                   note="TinyLlama 1.1B's shape, 2.2 GB in bf16 under a 1.5 GiB limit: minutes, not hours"),
     "offload-13b": Workload("opt-13b", 32, 64, None, ("accelerate", "flexgen-auto"), peer_batches=(16, 32),
                             flexgen_budget=(8, 10, 60), note="26 GB in bf16: larger than this machine's RAM"),
 }
@@ -100,6 +103,11 @@ def hf_config(model: str) -> dict:
                     num_attention_heads=32, num_key_value_heads=8, intermediate_size=8192, vocab_size=128256,
                     max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
                     bos_token_id=128000, eos_token_id=128001, pad_token_id=128001)
+    if model == "llama-1.1b":   # TinyLlama 1.1B's shape: Llama 2 layout, GQA 32:4, 32k vocab
+        return dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=2048, num_hidden_layers=22,
+                    num_attention_heads=32, num_key_value_heads=4, intermediate_size=5632, vocab_size=32000,
+                    max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                    bos_token_id=1, eos_token_id=2, pad_token_id=2)
     cfg = args_from_name(model).to_hf_config()
     cfg.setdefault("model_type", "opt")
     cfg.setdefault("architectures", ["OPTForCausalLM"])
