@@ -156,9 +156,9 @@ def test_host_attention_stages_once_and_attends_in_fp32(fake_cuda, opt_dir, prom
     seen = []
     real = base.attend
 
-    def attend(q, keys, values, mask, num_heads, num_kv_heads=None):
+    def attend(q, keys, values, mask, num_heads, num_kv_heads=None, scale=1.0):
         seen.append((q.dtype, keys.dtype))
-        return real(q, keys, values, mask, num_heads, num_kv_heads)
+        return real(q, keys, values, mask, num_heads, num_kv_heads, scale)
 
     monkeypatch.setattr(base, "attend", attend)
     prepared = []
