@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from flexgen.errors import FlexGenError
 from flexgen.sampling import STOP
-from flexgen.scheduler import Block, Scheduler, _Pending, zigzag_order
+from flexgen.scheduler import Block, Scheduler, _Pending, _trim, zigzag_order
 from flexgen.stages import micro_batch_groups, split_layers, stage_costs
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -194,10 +194,7 @@ class StageScheduler(Scheduler):
                         continue
                     self._run_group(i, batches, rows, pending)
                     block.steps_done = i + 1
-                self.device.synchronize()
-                self.hook("prefill" if i == 0 else "decode", time.perf_counter() - t0)
-                self.hook("prefill.compute" if i == 0 else "decode.compute",
-                          sum(self.device.elapsed(a, b) for a, b in self._clocks))
+                self._step_done(i, t0, self._clocks)
                 if not any(active):
                     break
             with _peer_errors(self.stage, self.num_stages):
@@ -205,18 +202,9 @@ class StageScheduler(Scheduler):
                     w.wait()
             self._sends = []
         finally:
-            self._drain(pending)
-            for slot in hidden:
-                if slot.last_store is not None:
-                    slot.last_store.result()
-            for s in cache.slots.values():
-                if s.last_store is not None:
-                    s.last_store.result()
+            self._finish(pending, cache, hidden)
         self._share_results(block)
-        block.output = block.output[:, :block.steps_done]
-        if block.logits is not None:
-            block.logits = block.logits[:, :block.steps_done]
-        return block
+        return _trim(block)
 
     def _run_group(self, i: int, batches: range, rows: slice, pending: _Pending) -> None:
         b = self._block

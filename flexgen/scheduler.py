@@ -157,24 +157,26 @@ class Scheduler:
                 block.steps_done = i + 1
                 if i + 1 < block.max_new_tokens and not stopper.all_done and overlap:
                     self._issue_loads(pending, i + 1, 0, 0)
-                self.device.synchronize()
-                self.hook("prefill" if i == 0 else "decode", time.perf_counter() - t0)
-                self.hook("prefill.compute" if i == 0 else "decode.compute",
-                          sum(self.device.elapsed(a, b) for a, b in clocks))
+                self._step_done(i, t0, clocks)
                 if stopper.all_done:
                     break
         finally:
-            self._drain(pending)
-            for slot in hidden:
-                if slot.last_store is not None:
-                    slot.last_store.result()
-            for s in cache.slots.values():
-                if s.last_store is not None:
-                    s.last_store.result()
-        block.output = block.output[:, :block.steps_done]
-        if block.logits is not None:
-            block.logits = block.logits[:, :block.steps_done]
-        return block
+            self._finish(pending, cache, hidden)
+        return _trim(block)
+
+    def _step_done(self, i: int, t0: float, clocks: list) -> None:
+        """End of a token step: one sync, then its wall and compute time to the hook."""
+        self.device.synchronize()
+        self.hook("prefill" if i == 0 else "decode", time.perf_counter() - t0)
+        self.hook("prefill.compute" if i == 0 else "decode.compute",
+                  sum(self.device.elapsed(a, b) for a, b in clocks))
+
+    def _finish(self, pending: _Pending, cache: KVCache, hidden: list[HiddenSlot]) -> None:
+        """Wait for every load and store still in flight (also after an error or early stop)."""
+        self._drain(pending)
+        for slot in [*hidden, *cache.slots.values()]:
+            if slot.last_store is not None:
+                slot.last_store.result()
 
     # -- inputs -----------------------------------------------------------------------
 
@@ -324,6 +326,14 @@ class Scheduler:
             c1 = min(P - 1, c0 + step)
             self._block.recorder.record_prompt(rows, c0, self.family.output_embed(w, x[:, c0:c1], self.args),
                                               ids[:, c0 + 1:c1 + 1])
+
+
+def _trim(block: Block) -> Block:
+    """Drop the columns of steps never run (every row stopped early)."""
+    block.output = block.output[:, :block.steps_done]
+    if block.logits is not None:
+        block.logits = block.logits[:, :block.steps_done]
+    return block
 
 
 def _after(prev, fn):
