@@ -109,6 +109,9 @@ def load_stage(args, policy, device, dtype, offload_dir, source, progress: bool 
     finally:
         if r == 0:
             dist.barrier()
+    # Wait until every stage has loaded, so no stage's first receive (and the report's clock)
+    # includes a later stage's loading time.
+    dist.barrier()
     model.scheduler = StageScheduler(args, model.weights, policy, device, model.io, hook=model._hook,
                                      stage=r, num_stages=n, groups=groups)
     return model
