@@ -20,8 +20,8 @@ length and memory budget that force offloading:
 4. reports the ratio optimizer-measured / best-grid-measured (PASS at >= 0.90).
 
 Budgets are given like `flexgen optimize --gpu-mem/--cpu-mem/--disk-mem` (GiB); the
-profile's reserves are taken off (on this machine `cpu_reserved` = 2 GiB for the process
-itself), and the usable figures are what the cost model and the measured peaks are held to.
+cpu budget is memory for tensors (the profile's `cpu_reserved`, the process itself, comes
+off the machine's total, not off the budget), and the usable figures are what the cost model and the measured peaks are held to.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--gen-len", type=int, default=8)
     ap.add_argument("--gpu-mem", type=float, default=0.3, help="GiB (the 'gpu' tier: a budget of host memory here)")
-    ap.add_argument("--cpu-mem", type=float, default=2.3, help="GiB, before the profile's cpu_reserved")
+    ap.add_argument("--cpu-mem", type=float, default=2.3, help="GiB, for tensors (the profile.s cpu_reserved comes off the machine total, not this)")
     ap.add_argument("--disk-mem", type=float, default=1.0, help="GiB")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads for everything (default 1)")
     ap.add_argument("--repeats", type=int, default=2, help="timed passes over all policies (best is kept)")

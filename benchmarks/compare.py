@@ -54,34 +54,41 @@ class Workload:
     limit_gib: Optional[float]      # memory cgroup limit for every system; None: no limit
     systems: tuple
     peer_batches: tuple = (8, 16, 32)
-    flexgen_budget: tuple = ()      # (gpu, cpu, disk) GiB for flexgen-auto
+    flexgen_budget: tuple = ()      # (gpu, cpu, disk) GiB of tensors for flexgen-auto
+    flexgen_block: tuple = ()       # (gpu batch size, gpu batches) to hold flexgen-auto to; () = its choice
     note: str = ""
 
 
 WORKLOADS = {
     "smoke": Workload("tiny", 16, 4, 1.5, ("transformers", "accelerate", "flexgen-auto", "flexgen"),
-                      peer_batches=(8,), flexgen_budget=(1.2, 2.4, 2), note="tiny random OPT, seconds"),
+                      peer_batches=(8,), flexgen_budget=(1.2, 0.4, 2), note="tiny random OPT, seconds"),
     "inmem-1.3b": Workload("opt-1.3b", 128, 32, None, ("transformers", "flexgen"), note="everything fits"),
     "offload-6.7b": Workload("opt-6.7b", 32, 64, 8, ("accelerate", "flexgen-auto"), peer_batches=(16, 32, 64),
-                             flexgen_budget=(2, 5, 40), note="13.4 GB model, 8 GiB limit, decode-heavy"),
+                             flexgen_budget=(2, 4, 40), note="13.4 GB model, 8 GiB limit, decode-heavy"),
     "offload-6.7b-4g": Workload("opt-6.7b", 16, 8, 4, ("accelerate", "flexgen-auto"), peer_batches=(16, 32, 64),
-                                flexgen_budget=(1, 2.5, 40),
+                                flexgen_budget=(1, 2, 40),
                                 note="13.4 GB model, 4 GiB limit (model >= 3x the limit), short prompts"),
+    # Accelerate's batch is capped by memory here (a sequence's KV cache is 143 MB in bf16), and
+    # flexgen's block is held to 64 so that the run takes minutes, not the optimizer's hour-long
+    # block of 300+ sequences.
+    "offload-6.7b-p256": Workload("opt-6.7b", 256, 16, 4, ("accelerate", "flexgen-auto"), peer_batches=(2, 4, 8),
+                                  flexgen_budget=(1, 2, 60), flexgen_block=(8, 8),
+                                  note="13.4 GB model, 4 GiB limit, prompt 256: Accelerate's batch is memory-capped"),
     "prefill-6.7b": Workload("opt-6.7b", 512, 8, 8, ("accelerate", "flexgen-auto"), peer_batches=(4, 8, 16),
-                             flexgen_budget=(2, 5, 40), note="prefill-heavy"),
+                             flexgen_budget=(2, 4, 40), note="prefill-heavy"),
     "short-2.7b": Workload("opt-2.7b", 16, 16, 4, ("accelerate", "flexgen-auto"), peer_batches=(32, 64, 128),
-                           flexgen_budget=(1, 2.5, 20), note="short prompts, both near compute-bound"),
+                           flexgen_budget=(1, 0.5, 20), note="short prompts, both near compute-bound"),
     "inmem-llama-1b": Workload("llama-1b", 128, 32, None, ("transformers", "flexgen"),
                                note="Llama 3.2 1B's shape (GQA, tied head), random weights, everything fits"),
     "offload-llama-3-8b": Workload("llama-3-8b", 32, 32, 8, ("accelerate", "flexgen-auto"), peer_batches=(8, 16, 32),
-                                   flexgen_budget=(2, 5, 40), note="16 GB in bf16, 8 GiB limit"),
+                                   flexgen_budget=(2, 4, 40), note="16 GB in bf16, 8 GiB limit"),
     "offload-llama-1.1b": Workload("llama-1.1b", 32, 16, 1.5, ("accelerate", "flexgen-auto"),
-                                   # All of flexgen's host memory as the "gpu" tier: a cpu budget under the
-                                   # profile's 2 GiB process reserve is left empty (see RESULTS.md).
+                                   # All of flexgen's host memory as the "gpu" tier (RESULTS.md also has a
+                                   # run with a 0.5 GiB cpu tier, when the profile took a 2 GiB reserve off it).
                                    flexgen_budget=(0.9, 0, 10), peer_batches=(64, 128, 256, 512),
                                    note="TinyLlama 1.1B's shape, 2.2 GB in bf16 under a 1.5 GiB limit: minutes, not hours"),
     "offload-13b": Workload("opt-13b", 32, 64, None, ("accelerate", "flexgen-auto"), peer_batches=(16, 32),
-                            flexgen_budget=(8, 10, 60), note="26 GB in bf16: larger than this machine's RAM"),
+                            flexgen_budget=(8, 8, 60), note="26 GB in bf16: larger than this machine's RAM"),
 }
 
 
@@ -190,6 +197,14 @@ class FirstTokenClock:
         pass
 
 
+def kv_cache_bytes(ckpt: Path, batch: int, tokens: int, itemsize: int = 2) -> int:
+    """Bytes of a batch's keys and values at `tokens` positions (grouped-query heads counted)."""
+    cfg = json.loads((ckpt / "config.json").read_text())
+    heads = cfg.get("num_attention_heads", 1)
+    kv_width = cfg["hidden_size"] * cfg.get("num_key_value_heads", heads) // heads
+    return 2 * cfg["num_hidden_layers"] * kv_width * tokens * batch * itemsize
+
+
 def peak_rss() -> int:
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -236,8 +251,10 @@ def child(a) -> dict:
 
         if a.system == "flexgen-auto":
             gpu, cpu, disk = a.budget
+            gbs, ngb = a.block or (None, None)
             policy, est, _ = choose_policy(model_args_for(a.ckpt), a.prompt_len, a.gen_len,
                                         offload_dir=Path(a.offload_dir), gpu_mem=gpu, cpu_mem=cpu, disk_mem=disk,
+                                        gpu_batch_size=gbs, num_gpu_batches=ngb,
                                         hardware=a.hardware, compress_weight=a.compress, compress_cache=a.compress,
                                         log=lambda m: None)
             out["predicted_tok_s"] = est.throughput
@@ -447,6 +464,7 @@ def main(argv=None) -> int:
         ap.add_argument("--offload-dir", required=True)
         ap.add_argument("--peer-weight-budget", type=float, default=0)
         ap.add_argument("--budget", type=float, nargs=3)
+        ap.add_argument("--block", type=int, nargs=2, help="flexgen-auto: gpu batch size and gpu batches")
         ap.add_argument("--hardware")
         ap.add_argument("--compress", action="store_true")
         ap.add_argument("--policy-percent", type=float, nargs=6, default=[100, 0, 100, 0, 100, 0])
@@ -495,11 +513,13 @@ def main(argv=None) -> int:
         for system in w.systems:
             if system in ("transformers", "accelerate"):
                 batches = w.peer_batches if system == "accelerate" else (w.peer_batches[-1],)
-                # Accelerate's max_memory bounds the weights it keeps in RAM; the rest of the
-                # limit is left for activations, the KV cache and Python + torch (~0.6 GB).
-                budget = max(0.1, (w.limit_gib or 0) * 0.6) if w.limit_gib else 1e6
                 tried = []
                 for b in batches:
+                    # Accelerate's max_memory bounds the weights it keeps in RAM; the rest of the
+                    # limit is left for activations, Python + torch (~0.6 GB) and the batch's KV
+                    # cache, which a larger batch takes from the weights (they go to disk instead).
+                    kv = kv_cache_bytes(ckpt, b, w.prompt_len + w.gen_len) / GIB
+                    budget = max(0.1, w.limit_gib * 0.6 - kv) if w.limit_gib else 1e6
                     drop_page_cache()
                     tried.append(run_child(base + ["--system", system, "--batch", str(b),
                                                    "--peer-weight-budget", str(budget)], w.limit_gib, a.timeout))
@@ -514,6 +534,8 @@ def main(argv=None) -> int:
                 extra = ["--system", system]
                 if system == "flexgen-auto":
                     extra += ["--budget", *map(str, w.flexgen_budget)]
+                    if w.flexgen_block:
+                        extra += ["--block", *map(str, w.flexgen_block)]
                     if a.hardware:
                         extra += ["--hardware", a.hardware]
                 else:
@@ -525,6 +547,8 @@ def main(argv=None) -> int:
             for change in ABLATIONS:
                 drop_page_cache()
                 extra = ["--system", "flexgen-auto", "--budget", *map(str, w.flexgen_budget), "--modify", *change]
+                if w.flexgen_block:
+                    extra += ["--block", *map(str, w.flexgen_block)]
                 if a.hardware:
                     extra += ["--hardware", a.hardware]
                 rows.append(run_child(base + extra, w.limit_gib, a.timeout))

@@ -99,10 +99,14 @@ def choose_policy(model_args: ModelArgs, prompt_len: int, gen_len: int, *, offlo
     from flexgen.device import default_dtype, dtype_name
     # Plan with the bytes per value the engine will compute in, not the profile's.
     hw = hw.for_engine(dtype_name(dtype) if dtype else dtype_name(default_dtype(dev)))
-    for name, budget, reserve in (("gpu", gpu_mem, hw.gpu_reserved), ("cpu", cpu_mem, hw.cpu_reserved)):
-        if budget is not None and reserve and budget * GIB <= reserve:
-            log(f"flexgen: warning: --{name}-mem {budget:g} leaves nothing for tensors: the hardware profile "
-                f"reserves {reserve / GIB:.1f} GiB of {name} memory for the process itself")
+    if gpu_mem is not None and hw.gpu_reserved and gpu_mem * GIB <= hw.gpu_reserved:
+        log(f"flexgen: warning: --gpu-mem {gpu_mem:g} leaves nothing for tensors: the hardware profile "
+            f"reserves {hw.gpu_reserved / GIB:.1f} GiB of gpu memory (CUDA context, allocator slack)")
+    host = max(0, hw.cpu_mem - hw.cpu_reserved)
+    if cpu_mem is not None and cpu_mem * GIB > host:
+        log(f"flexgen: warning: --cpu-mem {cpu_mem:g} is more than this machine has for tensors: "
+            f"{host / GIB:.1f} GiB of {hw.cpu_mem / GIB:.1f} GiB once the process itself "
+            f"({hw.cpu_reserved / GIB:.1f} GiB) is counted; planning with {host / GIB:.1f} GiB")
     cpu = cpu_mem * GIB if cpu_mem is not None else available_memory()
     disk = disk_mem * GIB if disk_mem is not None else free_disk(offload_dir)
     from flexgen import pipeline

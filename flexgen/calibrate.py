@@ -76,6 +76,17 @@ def _host_memory() -> int:
         return 16 * GIB
 
 
+def _process_reserve() -> int:
+    """Host memory the engine's process needs besides its tensors: what this process holds
+    now (Python, torch and its libraries, after the probes freed their buffers) plus room
+    for the tokenizer, I/O threads and the allocator's slack."""
+    try:
+        resident = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 2 * GIB
+    return resident + (512 << 20)
+
+
 def pick_cpu_dtype(quick: bool = False) -> str:
     """The dtype the engine computes in on this CPU (device.default_dtype), so that the
     profile's figures and the policy's bytes are those of the runs it plans. (A timing
@@ -335,7 +346,7 @@ def measure_hardware(offload_dir: str | Path, quick: bool = False, device: str |
         compute_dtype=dtype_name,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         gpu_mem=int(gpu_mem), cpu_mem=int(cpu_mem), disk_mem=int(max(disk_free, 1)),
-        gpu_reserved=int(gpu_reserved), cpu_reserved=int(min(2 * GIB, cpu_mem // 8)),
+        gpu_reserved=int(gpu_reserved), cpu_reserved=int(min(_process_reserve(), cpu_mem // 4)),
         unified_memory=unified,
         cpu_to_gpu_bw=c2g, gpu_to_cpu_bw=g2c, disk_read_bw=d_read, disk_write_bw=d_write,
         gpu_matmul_flops=mm, gpu_mem_bw=mem_bw, gpu_attn_flops_prefill=attn_p, gpu_attn_flops_decode=attn_d,

@@ -341,13 +341,17 @@ def test_bad_input_ids_and_closed_model(opt_dir, tmp_path):
         m.generate(ids, max_new_tokens=2)
 
 
-def test_budget_within_reserve_is_said(tmp_path):
+def test_budget_beyond_the_machine_is_said(tmp_path):
     from flexgen.optimizer import load_hardware
     f = tmp_path / "hw.json"
-    load_hardware("t4").replace(cpu_reserved=2 << 30).save(f)
-    res = cli("--model", "opt-125m", "--dummy", "--gpu-mem", 1, "--cpu-mem", 2, "--hardware", f, "--dry-run",
+    load_hardware("t4").replace(cpu_mem=4 << 30, cpu_reserved=1 << 30).save(f)
+    res = cli("--model", "opt-125m", "--dummy", "--gpu-mem", 2, "--cpu-mem", 5, "--hardware", f, "--dry-run",
               "--prompt-len", 64, "--gen-len", 8, "--offload-dir", tmp_path / "off")
-    assert "--cpu-mem 2 leaves nothing for tensors" in res.stderr and "reserves 2.0 GiB" in res.stderr, res.stderr
+    assert "--cpu-mem 5 is more than this machine has for tensors" in res.stderr, res.stderr
+    assert "planning with 3.0 GiB" in res.stderr, res.stderr
+    res = cli("--model", "opt-125m", "--dummy", "--gpu-mem", 2, "--cpu-mem", 2, "--hardware", f, "--dry-run",
+              "--prompt-len", 64, "--gen-len", 8, "--offload-dir", tmp_path / "off")
+    assert "warning" not in res.stderr, res.stderr
 
 
 # -- 11: progress --------------------------------------------------------------------------

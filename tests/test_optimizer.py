@@ -449,3 +449,18 @@ def test_profile_quick(tmp_path, capsys):
     # The measured profile drives a search.
     p, est = search(OPT_125M, 32, 8, hw, gpu_mem=1 * GIB, cpu_mem=2 * GIB, disk_mem=4 * GIB)
     assert est.throughput > 0
+
+
+def test_cpu_budget_is_for_tensors_and_the_reserve_comes_off_the_machine_once():
+    # A cpu budget under what the machine has once the process is counted is kept whole
+    # (a 0.5 GiB budget used to lose a 2 GiB reserve and hold nothing); one beyond it is cut
+    # to it; on unified memory gpu + cpu share that same remainder; the gpu reserve (CUDA
+    # context) comes off the gpu budget, which names the card.
+    hw = toy_hw().replace(cpu_mem=16 * GIB, cpu_reserved=2 * GIB, gpu_reserved=GIB)
+    b = Budgets.from_request(hw, 8 * GIB, 0.5 * GIB, 10 * GIB)
+    assert (b.gpu, b.cpu, b.disk, b.combined) == (7 * GIB, 0.5 * GIB, 10 * GIB, None)
+    assert Budgets.from_request(hw, 8 * GIB, 15 * GIB, 10 * GIB).cpu == 14 * GIB
+    assert Budgets.from_request(hw).cpu == 14 * GIB
+    unified = hw.replace(unified_memory=True, gpu_reserved=0)
+    b = Budgets.from_request(unified, 4 * GIB, 3 * GIB, 10 * GIB)
+    assert (b.gpu, b.cpu, b.combined) == (4 * GIB, 3 * GIB, 14 * GIB)

@@ -23,7 +23,12 @@ TIER_NAMES = tuple(t.value for t in TIERS)   # "gpu", "cpu", "disk"
 
 @dataclass(frozen=True)
 class Budgets:
-    """Usable bytes per tier (the user's budgets less the profile's reserves)."""
+    """Usable bytes per tier.
+
+    A cpu budget is memory for tensors: the process's own footprint (the profile's
+    `cpu_reserved`) comes out of the machine's total once, so a budget is cut only where it
+    exceeds what is left. The gpu reserve (CUDA context, allocator slack) lives on the card,
+    so it comes out of the gpu budget, which names the card's size."""
     gpu: float
     cpu: float
     disk: float
@@ -40,11 +45,9 @@ class Budgets:
         for name, v in (("gpu", g), ("cpu", c), ("disk", d)):
             if not math.isfinite(v) or v < 0:
                 raise FlexGenError(f"{name} memory budget must be a non-negative number, got {v}")
-        combined = None
-        if hw.unified_memory:
-            combined = max(0.0, hw.cpu_mem - hw.cpu_reserved)
-        return cls(gpu=max(0.0, g - hw.gpu_reserved), cpu=max(0.0, c - hw.cpu_reserved), disk=d,
-                   combined=combined, given=(g, c, d))
+        host = max(0.0, hw.cpu_mem - hw.cpu_reserved)
+        return cls(gpu=max(0.0, g - hw.gpu_reserved), cpu=min(c, host), disk=d,
+                   combined=host if hw.unified_memory else None, given=(g, c, d))
 
     def of(self, tier: str) -> float:
         return getattr(self, tier)
@@ -62,8 +65,9 @@ def _reserve_note(budgets: Budgets, tier: str) -> str:
     given = budgets.given[i]
     usable = budgets.of(tier)
     if given and abs(given - usable) > 1:
-        return (f"{_gib(usable)} usable of the {_gib(given)} budget (the hardware profile reserves "
-                f"{_gib(given - usable)} of {tier} memory for the process itself)")
+        why = ("the CUDA context and allocator slack" if tier == "gpu" else
+               "what this machine has once the process itself is counted")
+        return f"{_gib(usable)} usable of the {_gib(given)} budget ({why})"
     return f"{_gib(usable)} budget"
 
 

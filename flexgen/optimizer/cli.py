@@ -57,8 +57,9 @@ POLICY_HELP = ("Choose an offloading policy with the cost model and a linear pro
 
 def policy_epilog() -> str:
     return ("Memory sizes are in GiB (2^30 bytes), as in the original FlexGen, whose 'GB' was 2^30. "
-            "The hardware profile's reserves (CUDA context, the process itself) are taken off the "
-            "gpu and cpu budgets. Without --hardware, the profile measured by `flexgen profile` "
+            "The gpu budget is the card's size: the profile's gpu reserve (CUDA context, allocator "
+            "slack) is taken off it. The cpu budget is memory for tensors; it is cut only where it "
+            "exceeds the machine's memory less the process itself. Without --hardware, the profile measured by `flexgen profile` "
             f"({default_profile_path()}) is used.")
 
 
