@@ -72,8 +72,9 @@ def main() -> int:
         print("|---|---|---|---|---|")
         for n in a.stages:
             r = run(n, a, tmp / "offload", tmp / f"r{n}.json")
+            # Every rank runs on this machine: they share its disk.
             pe = estimate_pipeline(args, [policy], a.prompt_len, a.gen_len, hw, n, link_bw=a.link_bw * 1e9,
-                                   link_latency=a.link_latency * 1e-6)
+                                   link_latency=a.link_latency * 1e-6, hosts=[0] * n)
             meas = r["total_throughput_tok_s"]
             if n == 1:
                 t = r["timings_s"]

@@ -263,6 +263,27 @@ def test_pipeline_cost_model():
     assert three.groups == 1 and three.bubble > 0.6    # one group: the stages take turns
 
 
+def test_pipeline_cost_model_shared_disk():
+    """Weights on disk: each stage reads its layers once per group, so two stages read the
+    model twice per token step. On two machines each has its own disk; on one machine the
+    disk carries both stages' reads and bounds the step period."""
+    from flexgen.models.registry import args_from_name
+    from flexgen.optimizer.hardware import load_hardware
+    from flexgen.optimizer.pipeline import estimate_pipeline
+
+    args, hw = args_from_name("opt-1.3b"), load_hardware("t4")
+    pol = Policy(gpu_batch_size=8, num_gpu_batches=4, w_gpu_percent=0, w_cpu_percent=0)
+    one = estimate_pipeline(args, [pol], 128, 16, hw, 1, hosts=[0])
+    apart = estimate_pipeline(args, [pol], 128, 16, hw, 2, link_latency=0, hosts=["a", "b"])
+    assert apart.throughput == estimate_pipeline(args, [pol], 128, 16, hw, 2, link_latency=0).throughput
+    shared = estimate_pipeline(args, [pol], 128, 16, hw, 2, link_latency=0, hosts=["a", "a"])
+    steps = 16 - 1
+    reads = sum(s.estimate.busy_time["decode"]["disk->cpu"] for s in shared.stages) / steps
+    assert shared.decode_period == pytest.approx(shared.groups * reads, rel=1e-9)
+    assert shared.decode_period > 1.3 * apart.decode_period
+    assert shared.throughput < 0.75 * one.throughput < apart.throughput
+
+
 def test_policy_cli_num_stages(capsys):
     import json
     from flexgen.cli import main
@@ -270,6 +291,14 @@ def test_policy_cli_num_stages(capsys):
                  "0", "--gpu-batch-size", "8", "--num-gpu-batches", "2", "--num-stages", "2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [s["layers"] for s in out["pipeline"]["stages"]][0][0] == 0 and out["pipeline"]["throughput"] > 0
+    # Weights on disk: two stages on one machine share its disk; on two they do not.
+    tput = {}
+    for nodes in ("1", "2"):
+        assert main(["policy", "--model", "opt-1.3b", "--hardware", "t4", "--percent", "0", "0", "100", "0", "100",
+                     "0", "--gpu-batch-size", "8", "--num-gpu-batches", "2", "--num-stages", "2", "--nodes", nodes,
+                     "--json"]) == 0
+        tput[nodes] = json.loads(capsys.readouterr().out)["pipeline"]["throughput"]
+    assert tput["1"] < 0.8 * tput["2"]
 
 
 def test_profile_network_under_torchrun(tmp_path):

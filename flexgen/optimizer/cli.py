@@ -63,6 +63,12 @@ def policy_epilog() -> str:
             f"({default_profile_path()}) is used.")
 
 
+def _stage_hosts(args) -> list[int]:
+    """The machine of each stage: torchrun gives each node a contiguous run of ranks."""
+    n, k = args.num_stages, min(args.nodes, args.num_stages)
+    return [s * k // n for s in range(n)]
+
+
 def add_policy_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of `python -m flexgen policy`."""
     p.add_argument("--model", required=True, help=f"a named size of a family: {sizes_summary()}; or a "
@@ -102,6 +108,9 @@ def add_policy_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--link-bw", type=float, metavar="GB/S", help="bandwidth between stages (default 10)")
     p.add_argument("--link-latency", type=float, metavar="US", help="latency per message between stages "
                    "(default 20)")
+    p.add_argument("--nodes", type=_positive_int, default=1,
+                   help="machines the stages run on, in order, as torchrun places ranks (default 1): "
+                        "stages on one machine share its disk")
 
 
 def policy_parser() -> argparse.ArgumentParser:
@@ -163,7 +172,8 @@ def policy_run(args) -> int:
                                cpu_cache_compute=args.cpu_cache_compute, overlap=not args.no_overlap,
                                gpu_batch_size=args.gpu_batch_size, num_gpu_batches=args.num_gpu_batches,
                                link_bw=args.link_bw and args.link_bw * 1e9,
-                               link_latency=None if args.link_latency is None else args.link_latency * 1e-6)
+                               link_latency=None if args.link_latency is None else args.link_latency * 1e-6,
+                               hosts=_stage_hosts(args))
         return _print_plan(args, model, hw, plan)
     else:
         mode = "search"
@@ -185,7 +195,8 @@ def policy_run(args) -> int:
         from flexgen.optimizer.pipeline import estimate_pipeline, format_pipeline
         pe = estimate_pipeline(model, [policy], args.prompt_len, args.gen_len, hw, args.num_stages,
                                link_bw=args.link_bw and args.link_bw * 1e9,
-                               link_latency=None if args.link_latency is None else args.link_latency * 1e-6)
+                               link_latency=None if args.link_latency is None else args.link_latency * 1e-6,
+                               hosts=_stage_hosts(args))
         if args.json:
             print(json.dumps({"mode": mode, "policy": policy.to_dict(), "pipeline": pe.to_dict()}))
         else:

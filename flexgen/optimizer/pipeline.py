@@ -12,6 +12,9 @@ group's round trip (every stage once plus N hand-offs):
     period = max(G x max_s t_s, sum_s t_s + N x link).
 The bubble is the share of stage time lost to waiting: 1 - sum_s G t_s / (N x period).
 Prefill fills and drains the pipe once: sum_s t_s + (N - 1) link + (G - 1) max_s t_s.
+Stages on one machine read and write one disk: per phase, each link of that disk must
+carry every co-located stage's traffic (G groups each), which bounds the step period and
+the prefill from below.
 
 `search_pipeline` chooses every stage's policy: all stages share the block (gpu batch
 size and number of gpu batches: the micro-batching must agree) and the weight
@@ -66,11 +69,29 @@ class PipelineEstimate:
         return d
 
 
+DISK_LINKS = ("disk->cpu", "cpu->disk")
+
+
+def _shared_disk_time(stages: list, hosts: Optional[Sequence], phase: str, steps: int, G: int) -> float:
+    """The least time per step (decode) or per phase (prefill) that the busiest machine's
+    disk needs for the traffic of all its stages; 0 when every stage has its own disk."""
+    if hosts is None:
+        return 0.0
+    worst = 0.0
+    for h in set(hosts):
+        on = [s for s, k in zip(stages, hosts) if k == h]
+        if len(on) > 1:
+            worst = max(worst, max(G * sum(s.estimate.busy_time[phase][k] for s in on) / steps for k in DISK_LINKS))
+    return worst
+
+
 def estimate_pipeline(args: ModelArgs, policies: Sequence[Policy], prompt_len: int, gen_len: int,
                       hw: HardwareProfile, num_stages: int, link_bw: Optional[float] = None,
-                      link_latency: Optional[float] = None) -> PipelineEstimate:
+                      link_latency: Optional[float] = None, hosts: Optional[Sequence] = None) -> PipelineEstimate:
     """Predict a pipeline of `num_stages` stages; policies: one for all, or one per stage.
-    The link between stages: link_bw (bytes/s) and link_latency (s), else the profile's."""
+    The link between stages: link_bw (bytes/s) and link_latency (s), else the profile's.
+    hosts: the machine of each stage (stages with the same one share its disk); None:
+    every stage has a disk of its own."""
     bw = link_bw or hw.link_bw
     lat = hw.link_latency if link_latency is None else link_latency
     N = num_stages
@@ -100,8 +121,10 @@ def estimate_pipeline(args: ModelArgs, policies: Sequence[Policy], prompt_len: i
     link_dec = lat * (nb_g + 2) + row / bw
     pre = [s.prefill_group_s for s in stages]
     dec = [s.decode_group_s for s in stages]
-    prefill = sum(pre) + (N - 1) * link_pre + (G - 1) * max(pre)
-    period = max(G * max(dec), sum(dec) + (N * link_dec if N > 1 else 0.0))
+    prefill = max(sum(pre) + (N - 1) * link_pre + (G - 1) * max(pre),
+                  _shared_disk_time(stages, hosts, "prefill", 1, G))
+    period = max(G * max(dec), sum(dec) + (N * link_dec if N > 1 else 0.0),
+                 _shared_disk_time(stages, hosts, "decode", max(1, gen_len - 1), G))
     decode = (gen_len - 1) * period
     B = p0.gpu_batch_size * p0.num_gpu_batches
     total = prefill + decode
@@ -223,7 +246,7 @@ def search_pipeline(args: ModelArgs, prompt_len: int, gen_len: int, hw: Hardware
                     cpu_cache_compute: Optional[bool] = None, overlap: bool = True,
                     gpu_batch_size: Optional[int] = None, num_gpu_batches: Optional[int] = None,
                     link_bw: Optional[float] = None, link_latency: Optional[float] = None,
-                    engine=None) -> PipelinePlan:
+                    hosts: Optional[Sequence] = None, engine=None) -> PipelinePlan:
     """Every stage's policy for a pipeline of `num_stages` stages, each within its own
     budgets (`solver.Budgets`, one for all stages or one per stage).
 
@@ -235,8 +258,8 @@ def search_pipeline(args: ModelArgs, prompt_len: int, gen_len: int, hw: Hardware
     on the first, the head on the last; its share of the KV cache; its budgets), trying
     the cache compression and cpu_cache_compute options the caller allows, and keeps
     the placement that moves one group through it fastest. The block's value is the
-    pipeline's predicted throughput (`estimate_pipeline`: slowest stage, bubble, link);
-    the best wins. Deterministic: the same inputs give the same plan.
+    pipeline's predicted throughput (`estimate_pipeline`: slowest stage, bubble, link,
+    the disk that stages on one machine share (`hosts`)); the best wins. Deterministic: the same inputs give the same plan.
     """
     import math
 
@@ -294,7 +317,7 @@ def search_pipeline(args: ModelArgs, prompt_len: int, gen_len: int, hw: Hardware
                 if best is None:
                     return None
                 pols.append(best[0])
-            memo[key] = estimate_pipeline(args, pols, prompt_len, gen_len, hw, N, link_bw, link_latency)
+            memo[key] = estimate_pipeline(args, pols, prompt_len, gen_len, hw, N, link_bw, link_latency, hosts)
             return memo[key]
 
         def cost(gbs: int, ngb: int, plan=plan) -> float:
@@ -358,9 +381,12 @@ def search_pipeline(args: ModelArgs, prompt_len: int, gen_len: int, hw: Hardware
 
 def plan_for_ranks(args: ModelArgs, prompt_len: int, gen_len: int, hw: HardwareProfile, device, gpu_mem: float,
                    cpu_mem: float, disk_mem: float, **search_kw) -> PipelinePlan:
-    """Under torchrun: every rank's budgets (bytes, this process's own) are gathered, rank 0
-    searches the plan with its hardware profile and sends it to all, so every rank runs
-    its stage of one plan. Collective: every rank calls it."""
+    """Under torchrun: every rank's budgets (bytes, this process's own) and machine are
+    gathered, rank 0 searches the plan with its hardware profile (ranks on one machine
+    share its disk) and sends it to all, so every rank runs its stage of one plan.
+    Collective: every rank calls it."""
+    import socket
+
     import torch.distributed as dist
 
     from flexgen import pipeline
@@ -371,12 +397,13 @@ def plan_for_ranks(args: ModelArgs, prompt_len: int, gen_len: int, hw: HardwareP
     n, r = dist.get_world_size(), dist.get_rank()
     asked = [None] * n
     with pipeline._peer_errors(r, n):
-        dist.all_gather_object(asked, (gpu_mem, cpu_mem, disk_mem))
+        dist.all_gather_object(asked, (gpu_mem, cpu_mem, disk_mem, socket.gethostname()))
     out = [None]
     if r == 0:
         try:
-            budgets = [Budgets.from_request(hw, *b) for b in asked]
-            out = [search_pipeline(args, prompt_len, gen_len, hw, n, budgets, **search_kw)]
+            budgets = [Budgets.from_request(hw, *b[:3]) for b in asked]
+            out = [search_pipeline(args, prompt_len, gen_len, hw, n, budgets, hosts=[b[3] for b in asked],
+                                   **search_kw)]
         except Exception as e:   # every rank raises it, rather than waiting for a plan
             out = [f"{e}" if isinstance(e, FlexGenError) else f"{type(e).__name__}: {e}"]
     with pipeline._peer_errors(r, n):
