@@ -490,6 +490,9 @@ def main(argv=None) -> int:
     ap.add_argument("--gen-len", type=int, help="override the workload's generation length (e.g. a shorter run)")
     ap.add_argument("--peer-batches", type=int, nargs="+", help="override the batch sizes tried for Accelerate")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per system run")
+    ap.add_argument("--systems", nargs="+", help="run only these of the workload's systems")
+    ap.add_argument("--modify", nargs="+", default=[], metavar="FIELD=VALUE",
+                    help="change flexgen-auto's chosen policy (e.g. compress_cache=true)")
     ap.add_argument("--ablations", action="store_true",
                     help="also run the optimizer's policy with one optimisation off (or 4-bit on) at a time")
     ap.add_argument("--json-out", help="write all figures as JSON")
@@ -501,8 +504,12 @@ def main(argv=None) -> int:
                   f"{w.limit_gib or '-'} GiB  {', '.join(w.systems)}  ({w.note})")
         return 0
     w = WORKLOADS[a.workload]
+    unknown = set(a.systems or ()) - set(w.systems)
+    if unknown:
+        ap.error(f"--systems: {', '.join(sorted(unknown))} not in workload {a.workload} ({', '.join(w.systems)})")
     w = replace(w, prompt_len=a.prompt_len or w.prompt_len, gen_len=a.gen_len or w.gen_len,
-                peer_batches=tuple(a.peer_batches or w.peer_batches))
+                peer_batches=tuple(a.peer_batches or w.peer_batches),
+                systems=tuple(x for x in w.systems if x in (a.systems or w.systems)))
     ckpt = write_checkpoint(w.model, Path(a.ckpt_dir) / w.model, a.dtype)
     scratch = Path(tempfile.mkdtemp(prefix="compare-", dir=a.ckpt_dir))
     dropped = drop_page_cache()
@@ -536,6 +543,8 @@ def main(argv=None) -> int:
                     extra += ["--budget", *map(str, w.flexgen_budget)]
                     if w.flexgen_block:
                         extra += ["--block", *map(str, w.flexgen_block)]
+                    if a.modify:
+                        extra += ["--modify", *a.modify]
                     if a.hardware:
                         extra += ["--hardware", a.hardware]
                 else:
