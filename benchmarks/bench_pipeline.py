@@ -44,10 +44,10 @@ def run(n: int, a, offload: Path, out: Path) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="opt-125m")
+    ap.add_argument("--model", default="opt-1.3b")
     ap.add_argument("--stages", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--percent", type=float, nargs=6, default=[0, 20, 100, 0, 100, 0])
-    ap.add_argument("--gbs", type=int, default=4)
+    ap.add_argument("--gbs", type=int, default=8)
     ap.add_argument("--ngb", type=int, default=2)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--gen-len", type=int, default=8)

@@ -37,6 +37,7 @@ import torch
 
 from flexgen.device import DTYPES
 from flexgen.errors import ArgumentParser, FlexGenError
+from flexgen.iopool import LOAD_THREADS
 from flexgen.optimizer.hardware import GIB, HardwareProfile, default_profile_path
 
 
@@ -210,8 +211,11 @@ def engine_layer_overhead(hw: HardwareProfile, offload_dir: Path) -> float:
     return max(0.0, (measured - bare) / layers)
 
 
-def disk_bandwidth(offload_dir: Path, nbytes: int) -> tuple[float, float, str]:
-    """(read, write) bytes/s in `offload_dir`, O_DIRECT when the file system allows it."""
+def disk_bandwidth(offload_dir: Path, nbytes: int, readers: int = LOAD_THREADS) -> tuple[float, float, str]:
+    """(read, write) bytes/s in `offload_dir`, O_DIRECT when the file system allows it.
+    Reads are timed as the engine issues them: `readers` threads (its load threads), each
+    reading its own part of the file, since one read at a time leaves a virtual disk idle
+    between requests."""
     offload_dir.mkdir(parents=True, exist_ok=True)
     path = offload_dir / f".flexgen_profile_{os.getpid()}.bin"
     block = 8 << 20
@@ -240,14 +244,28 @@ def disk_bandwidth(offload_dir: Path, nbytes: int) -> tuple[float, float, str]:
             direct = 0
             note = "disk: O_DIRECT unsupported here; buffered I/O with fsync and the file's pages dropped"
             write_t = timed_write(0)
-        fd = os.open(path, os.O_RDONLY | direct)
         if not direct and hasattr(os, "posix_fadvise"):
+            fd = os.open(path, os.O_RDONLY)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        t0 = time.perf_counter()
-        while os.readv(fd, [buf]) > 0:
-            pass
-        read_t = time.perf_counter() - t0
-        os.close(fd)
+            os.close(fd)
+        blocks = nbytes // block
+        parts = [range(r * blocks // readers, (r + 1) * blocks // readers) for r in range(readers)]
+
+        def read_part(part: range) -> None:
+            fd = os.open(path, os.O_RDONLY | direct)
+            mine = mmap.mmap(-1, block)
+            try:
+                for b in part:
+                    os.preadv(fd, [mine], b * block)
+            finally:
+                mine.close()
+                os.close(fd)
+
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(readers) as pool:
+            t0 = time.perf_counter()
+            list(pool.map(read_part, parts))
+            read_t = time.perf_counter() - t0
     except OSError as e:
         raise FlexGenError(f"cannot measure disk bandwidth in {offload_dir}: {e}") from None
     finally:

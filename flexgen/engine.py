@@ -81,7 +81,7 @@ class FlexGenModel:
         self._bar, self._bar_rows = None, 0
         self.tracker = MemoryTracker()
         self.stats = GenerationStats()
-        self.io = IOPool(num_threads=2)
+        self.io = IOPool()
         self.store = None
         try:
             offload_dir.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 
+# Loads in flight at once; the hardware profile times disk reads with as many readers.
+LOAD_THREADS = 2
+
+
 class IOPool:
     """Threads that run loads and stores. Ordering between dependent tasks is explicit:
     a task that needs another's result is given its future and waits for it.
@@ -15,7 +19,7 @@ class IOPool:
     (and so for compute to reach its mark), and must not hold up the next layer's
     prefetch, which the cost model assumes runs beside it."""
 
-    def __init__(self, num_threads: int = 2, store_threads: int = 1):
+    def __init__(self, num_threads: int = LOAD_THREADS, store_threads: int = 1):
         # One intra-op thread per I/O worker (torch's setting is per thread): their copies
         # are memory-bound, and a full OpenMP team each would oversubscribe the cores the
         # compute thread's team runs on (seen as 5-30x stalls on a 2-core host).

@@ -416,3 +416,13 @@ def test_dequantize_runs_on_the_loader_not_the_compute_thread(opt_dir, tmp_path,
     # Each layer once per token step, not once per gpu batch.
     assert len(threads) <= 3 * (layers + 2) * 4
     assert set(t) >= {"prefill.compute", "prefill.wait", "decode.compute", "decode.wait"}
+
+
+def test_disk_bandwidth_probe_reads_with_the_engines_load_threads(tmp_path):
+    """The probe times reads with several readers over parts of one file (as the engine's
+    load threads read), returns positive rates and leaves nothing behind."""
+    from flexgen.calibrate import disk_bandwidth
+    for readers in (1, 3):
+        read, write, note = disk_bandwidth(tmp_path, 24 << 20, readers=readers)
+        assert read > 0 and write > 0 and note.startswith("disk:")
+        assert list(tmp_path.iterdir()) == []
