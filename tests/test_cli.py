@@ -91,8 +91,11 @@ def test_ctrl_c_removes_run_files(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     args = ["--model", "opt-125m", "--dummy", "--percent", 0, 0, 0, 0, 0, 0, "--gpu-batch-size", 2,
             "--prompt-len", 32, "--gen-len", 500, "--offload-dir", off, "--dtype", "float32", "--quiet"]
+    # A suite started in the background (`cmd &` in a script) hands its children SIGINT
+    # ignored, and Python then keeps it ignored: give the child Ctrl-C's default back.
     proc = subprocess.Popen([PY, "-m", "flexgen", *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while time.time() < deadline and not list(off.glob("run-*/kv_layer_*")):
         time.sleep(0.1)
