@@ -8,7 +8,8 @@ same leading (T, rows) dims, so appending a token quantizes only that token.
 
 A decode step goes: `begin` (I/O thread) assembles working K/V with room for the new
 token, on the compute device, or on the host for rows whose cache is not on the gpu
-tier when `cpu_cache_compute` is on; the layer calls `update` (compute thread), which
+tier when `cpu_cache_compute` is on (a 4-bit cache read into host memory stays packed
+there); the layer calls `update` (compute thread), which dequantizes what is packed,
 writes the new k/v and returns what each row group attends over; `end` (I/O thread)
 writes the new positions back to their tiers. Every slot has its own working buffers,
 so any number of gpu batches can be in flight.
@@ -136,15 +137,19 @@ class KVArray:
         if not self.compress:
             self.parts[""].read(0, t1, out, scratch_after, host)
             return
-        from flexgen.quant import CACHE_QUANT, Packed, dequantize
+        from flexgen.quant import dequantize
+        dequantize(self.read_packed(t1, host), out.dtype, out=out)   # straight into the working buffer
+
+    def read_packed(self, t1: int, host: bool = True):
+        """Positions [0, t1) of a compressed array, still packed (a quant.Packed)."""
+        from flexgen.quant import CACHE_QUANT, Packed
         arrays = {}
         for name, p in self.parts.items():
             buf = _buffer((t1, *p.shape[1:]), p.dtype, self.device, host)
             p.read(0, t1, buf, scratch_after=True, host=host)   # _buffer pads to a whole page
             arrays[name] = buf
-        packed = Packed(data=arrays["data"], scale=arrays["scale"], mn=arrays["mn"],
-                        shape=(t1, *self.shape[1:]), cfg=CACHE_QUANT)
-        dequantize(packed, out.dtype, out=out)   # straight into the working buffer
+        return Packed(data=arrays["data"], scale=arrays["scale"], mn=arrays["mn"],
+                      shape=(t1, *self.shape[1:]), cfg=CACHE_QUANT)
 
     def write(self, t0: int, x: torch.Tensor) -> None:
         if not self.compress:
@@ -179,6 +184,15 @@ class _Group:
     v: torch.Tensor = None
     live: bool = False              # k/v are views of the part's own storage
     host: bool = False              # these rows attend on the host (cpu_cache_compute)
+    packed: tuple = None            # (K, V) read but still packed: dequantized by `unpack`
+
+    def unpack(self, t: int) -> None:
+        """Dequantize the cached positions [0, t) into the working buffers (compute thread)."""
+        if self.packed is not None:
+            from flexgen.quant import dequantize
+            dequantize(self.packed[0], out=self.k[:t])
+            dequantize(self.packed[1], out=self.v[:t])
+            self.packed = None
 
 
 @dataclass
@@ -201,6 +215,7 @@ class KVWork:
         out = []
         host = self.slot.host_attention
         for g in self.groups:
+            g.unpack(self.t)
             if host is not None and g.host:
                 out.append(AttendGroup(g.rows, g.k, g.v, host.prepare(g, self.t, kt[:, g.rows], vt[:, g.rows])))
                 continue
@@ -323,8 +338,14 @@ class KVSlot:
                 g.k = _buffer((t + s, p.stop - p.start, self.hidden), self.dtype, self.device, on_host)
                 g.v = _buffer(g.k.shape, self.dtype, self.device, on_host)
                 # Positions t.. of the buffer are filled by KVWork.update afterwards.
-                p.k.read(t, g.k[:t], scratch_after=True, host=on_host)
-                p.v.read(t, g.v[:t], scratch_after=True, host=on_host)
+                if p.k.compress and device.type == "cpu":
+                    # Dequantized on the compute thread (KVWork.update): here it would hold
+                    # this I/O thread off the disk while it runs, and on a CPU it takes the
+                    # same cores either way.
+                    g.packed = (p.k.read_packed(t, on_host), p.v.read_packed(t, on_host))
+                else:
+                    p.k.read(t, g.k[:t], scratch_after=True, host=on_host)
+                    p.v.read(t, g.v[:t], scratch_after=True, host=on_host)
                 if not on_host:   # compute writes, reads and frees them
                     self.device.hand_off(g.k)
                     self.device.hand_off(g.v)

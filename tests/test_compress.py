@@ -145,3 +145,38 @@ def test_compressed_cache_bytes(ckpt, prompts, tmp_path):
             held[flag] = m.stats.cache_bytes["disk"]
     # fp32 compute here: 4.5 bits against 32 per value
     assert abs(held[True] / held[False] - 4.5 / 32) < 0.01, held
+
+
+@pytest.mark.parametrize("ccc", [False, True], ids=["device", "host-attention"])
+def test_cpu_cache_read_stays_packed_until_compute(tmp_path, ccc):
+    """On a CPU device a 4-bit cache read (I/O thread) only reads: the compute thread's
+    `update` dequantizes (the I/O thread goes on to its next read). What attention sees is
+    exactly the dequantized stored cache, with this step's k/v appended."""
+    from flexgen.device import ComputeDevice
+    from flexgen.kvcache import KVCache
+    from flexgen.memory import MemoryTracker
+    from flexgen.placement import RowSplit
+    from flexgen.quant import CACHE_QUANT, fake_quantize
+    g = torch.Generator().manual_seed(3)
+    rows, hidden, t = 4, 128, 7
+    cache = KVCache(1, 1, RowSplit(0, 1, 3), t + 1, hidden, torch.float32, ComputeDevice("cpu"),
+                    MemoryTracker(), tmp_path, compress=True, cpu_cache_compute=ccc)
+    try:
+        slot = cache.slot(0, 0)
+        k, v = torch.randn(rows, t, hidden, generator=g), torch.randn(rows, t, hidden, generator=g)
+        work = slot.begin(0, t)
+        work.update(k, v)
+        slot.end(work)
+        work = slot.begin(t, 1)
+        assert [grp.packed is not None for grp in work.groups] == [True, True]   # cpu part, disk part
+        nk, nv = torch.randn(rows, 1, hidden, generator=g), torch.randn(rows, 1, hidden, generator=g)
+        groups = work.update(nk, nv)
+        keys = torch.cat([grp.keys[:, :] for grp in groups], dim=1)        # (t + 1, rows, h)
+        values = torch.cat([grp.values[:, :] for grp in groups], dim=1)
+        want_k = torch.cat([fake_quantize(k.transpose(0, 1), CACHE_QUANT), nk.transpose(0, 1)])
+        want_v = torch.cat([fake_quantize(v.transpose(0, 1), CACHE_QUANT), nv.transpose(0, 1)])
+        assert torch.equal(keys, want_k) and torch.equal(values, want_v)
+        slot.end(work)
+    finally:
+        cache.close()
+    assert not list(tmp_path.glob("kv_layer_*"))

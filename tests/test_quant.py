@@ -234,7 +234,7 @@ def test_dequantize_blocking_does_not_change_result(monkeypatch, chunk, shape, g
     x = torch.randn(shape, generator=torch.Generator().manual_seed(7))
     p = quantize(x, QuantConfig(4, 64, group_dim))
     expected = (_per_element(p.mn, p) + _decode_q(p) * _per_element(p.scale, p)).to(dtype)
-    monkeypatch.setitem(quant._CHUNK_ELEMS, "cpu", chunk)
+    monkeypatch.setattr(quant, "_CPU_CHUNK_ELEMS_PER_THREAD", chunk)
     assert torch.equal(dequantize(p, dtype), expected)
 
 
