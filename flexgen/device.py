@@ -5,9 +5,6 @@ the same on both. Also the compute dtypes by name, the one map of them.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import sys
 import threading
 import time
 import weakref
@@ -45,43 +42,6 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-# glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-# The largest mmap threshold glibc accepts on 64-bit hosts (HEAP_MAX_SIZE / 2).
-MMAP_THRESHOLD = 32 << 20
-TRIM_THRESHOLD = 1 << 30
-_malloc_tuned = False
-
-
-def keep_freed_host_memory() -> bool:
-    """Let glibc reuse freed host buffers of up to 32 MiB instead of returning them to the
-    kernel; returns whether it applied (glibc only).
-
-    The engine allocates and frees working buffers of this size every layer (KV cache
-    reads, temporaries of compute and quantization). By default glibc serves each from a
-    fresh mmap and unmaps it on free, so every use of the buffer page-faults its memory
-    in again: about 1.7 us per 4 KiB page measured on this project's CPU machine, i.e.
-    ~2.4 GB/s, slower than the copy itself. With the buffers kept in the heap (at most
-    TRIM_THRESHOLD of free memory stays mapped) a decode step with the KV cache on disk
-    ran 15-30 % faster (benchmarks/RESULTS.md). Process-wide and idempotent; only
-    the allocation thresholds change, no memory is reserved."""
-    global _malloc_tuned
-    if _malloc_tuned:
-        return True
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False   # not glibc (e.g. musl): its allocator has no such knobs
-    ok = all(mallopt(param, value) == 1 for param, value in
-             ((_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
-              (_M_TOP_PAD, 64 << 20)))
-    _malloc_tuned = ok
-    return ok
-
-
 class ComputeDevice:
     """The device that computes, and how I/O threads hand data to it.
 
@@ -110,7 +70,6 @@ class ComputeDevice:
                 self.device = torch.device("cuda", torch.cuda.current_device())
         elif self.device.type != "cpu":
             raise FlexGenError(f"unsupported device {device!r}; use cpu or cuda")
-        keep_freed_host_memory()
         self._local = threading.local()
         self._lock = threading.Lock()
         self.pinned_bytes = self.pinned_peak = 0   # page-locked host bytes, now and at most

@@ -159,8 +159,9 @@ def test_cpu_cache_read_stays_packed_until_compute(tmp_path, ccc):
     from flexgen.quant import CACHE_QUANT, fake_quantize
     g = torch.Generator().manual_seed(3)
     rows, hidden, t = 4, 128, 7
-    cache = KVCache(1, 1, RowSplit(0, 1, 3), t + 1, hidden, torch.float32, ComputeDevice("cpu"),
-                    MemoryTracker(), tmp_path, compress=True, cpu_cache_compute=ccc)
+    tracker = MemoryTracker()
+    cache = KVCache(1, 1, RowSplit(0, 1, 3), t + 2, hidden, torch.float32, ComputeDevice("cpu"),
+                    tracker, tmp_path, compress=True, cpu_cache_compute=ccc)
     try:
         slot = cache.slot(0, 0)
         k, v = torch.randn(rows, t, hidden, generator=g), torch.randn(rows, t, hidden, generator=g)
@@ -177,6 +178,16 @@ def test_cpu_cache_read_stays_packed_until_compute(tmp_path, ccc):
         want_v = torch.cat([fake_quantize(v.transpose(0, 1), CACHE_QUANT), nv.transpose(0, 1)])
         assert torch.equal(keys, want_k) and torch.equal(values, want_v)
         slot.end(work)
+        # The next step's working buffers are the same memory (no fresh pages to fault in).
+        held = dict(tracker.current)
+        again = slot.begin(t + 1, 1)
+        def ptrs(w):
+            return sorted(x.data_ptr() for grp in w.groups for x in (grp.k, grp.v))
+        assert ptrs(again) == ptrs(work)
+        assert tracker.current == held
+        again.update(nk, nv)
+        slot.end(again)
     finally:
         cache.close()
     assert not list(tmp_path.glob("kv_layer_*"))
+    assert all(n == 0 for n in tracker.current.values())
