@@ -418,10 +418,14 @@ def run_child(args: list, limit_gib: Optional[float], timeout: float) -> dict:
 
 
 def machine() -> dict:
-    cpu = platform.processor()
+    cpu, isa = platform.processor(), []
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+        # Hosts with this same model name have run bf16 matmuls at 165 and at 870 GFLOP/s on two
+        # cores: record the bf16 instructions, so figures from different hosts are told apart.
+        flags = next(line.split(":", 1)[1].split() for line in info if line.startswith("flags"))
+        isa = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
     except (OSError, StopIteration):
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -432,7 +436,7 @@ def machine() -> dict:
             gpu = torch.cuda.get_device_name(0)
     except ImportError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(mem / GIB, 1), "gpu": gpu,
+    return {"cpu": cpu, "bf16_isa": isa, "cores": os.cpu_count(), "ram_gib": round(mem / GIB, 1), "gpu": gpu,
             "python": platform.python_version()}
 
 
@@ -633,7 +637,8 @@ def main(argv=None) -> int:
         cmd = "python benchmarks/compare.py " + " ".join(argv)
         with open(HERE / "RESULTS.md", "a") as f:
             f.write(f"\n## compare.py: {a.workload}\n\n- command: `{cmd}`\n- machine: {mach['cpu']}, {mach['cores']} "
-                    f"cores, {mach['ram_gib']} GiB RAM, GPU {mach['gpu'] or 'none'}\n- date: {when}\n\n{table}\n")
+                    f"cores, {', '.join(mach.get('bf16_isa') or ['no bf16 matmul instructions'])}, "
+                    f"{mach['ram_gib']} GiB RAM, GPU {mach['gpu'] or 'none'}\n- date: {when}\n\n{table}\n")
     return 0 if all("failed" not in r for r in rows) else 1
 
 
