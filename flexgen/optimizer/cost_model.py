@@ -147,7 +147,7 @@ class EngineConstants:
     """
 
     weight_slots: int = 2          # working copies of a layer on the compute device: current + next
-    max_cache_in_flight: int = 3   # (layer, batch) cache working sets: storing, computing, prefetching
+    max_cache_in_flight: int = 4   # (layer, batch) cache working sets: storing (up to two), computing, prefetching
     attn_score_bytes: float = 0.0
     mask_bytes: float = 5.0
     quant_group: int = 64          # 4-bit groups with an fp16 (scale, min) pair each
@@ -419,7 +419,8 @@ class BlockModel:
                   decode working K/V of (t+1, rows, kv width) for each (layer, batch) in flight,
                   one per cache part not used in place: the non-gpu rows on the device
                   (every row when compressed); with cpu_cache_compute the disk rows (every
-                  host row when compressed) on the host.
+                  host row when compressed) on the host; a compressed part read into host
+                  memory also holds its packed bytes there (kvcache.HostBuffers).
         hidden    per gpu batch, the whole (gbs, s, h) output stays on the device while any
                   of its rows lives there (activations.HiddenSlot keeps a view); host and
                   disk rows go through one host buffer per gpu batch sized for the prompt;
@@ -448,8 +449,10 @@ class BlockModel:
         hid = b * s_cur * h * dt                     # hidden of one gpu batch
         cuda = self.hw.compute_device == "cuda"
         # With one gpu batch the scheduler starts the next attention layer's cache load
-        # two steps ahead, so three working sets (storing, computing, loading) can coexist
-        # for any number of gpu batches.
+        # two steps ahead, so working sets storing, computing and loading coexist for any
+        # number of gpu batches; and the store worker can still be writing the previous
+        # set when the next store is queued: four were measured (tests/
+        # test_families_optimizer.py, packed cache buffers), one more than this model assumed.
         in_flight = e.max_cache_in_flight
 
         gpu: dict[str, Lin | Switched] = {
@@ -495,27 +498,31 @@ class BlockModel:
             # One working buffer per cache part that is not used in place (kvcache.KVSlot.begin):
             # every part when compressed; else the parts away from where their rows attend.
             work = in_flight * b * row_work
+            # A compressed part computed from host memory is first read, still packed, into a
+            # host buffer of its stored bytes, counted with its working buffer
+            # (kvcache.HostBuffers); on CUDA the device's packed copies are not tracked.
+            packed = in_flight * b * row_cache if self.compress_cache else 0
+            dev_packed = 0 if cuda else packed
             if self.cpu_cache_compute:
                 if self.compress_cache:
-                    gpu["cache buffers"] = V("cg") * work
-                    cpu["cache buffers"] = (V("cc") + V("cd")) * work
+                    gpu["cache buffers"] = V("cg") * (work + dev_packed)
+                    cpu["cache buffers"] = (V("cc") + V("cd")) * (work + packed)
                 else:
                     cpu["cache buffers"] = V("cd") * work
             else:
-                gpu["cache buffers"] = Lin(work) if self.compress_cache else (V("cc") + V("cd")) * work
+                gpu["cache buffers"] = (Lin(work + dev_packed) if self.compress_cache
+                                        else (V("cc") + V("cd")) * work)
             if cuda and self.cpu_cache_compute:
                 # kvcache.HostAttention: an fp32 copy of one group's K/V (when the dtype is
                 # narrower) and page-locked q, k, v, output and mask of one gpu batch; the
                 # buffers that grow with the sequence double, so up to twice their size.
                 cpu["host attention"] = (1 - V("cg")) * (2 * 2 * t_max * b * h * 4 * (dt < 4))
                 cpu["host attention staging"] = Lin(4 * b * h * dt + 2 * b * t_max)
-            # Disk rows land in their working buffer directly when it is in host memory and
-            # uncompressed; otherwise they pass through a host buffer of their stored bytes.
+            # Disk rows land in their working buffer (or packed buffer) directly when it is in
+            # host memory; bound for a CUDA device, they pass through pinned host memory.
             if cuda and not self.cpu_cache_compute:
                 # kvcache.PinnedStaging: one K or V array per load thread.
                 cpu["cache staging"] = V("cd") * (b * row_cache)
-            elif self.compress_cache:
-                cpu["cache staging"] = V("cd") * (in_flight * b * row_cache)
             score = b * t_max * (nh * e.attn_score_bytes + e.mask_bytes * fig.query_groups + nb)
             attn = b * fig.attn_temp_width * dt + score
             mlp = b * fig.mlp_temp_width * dt
