@@ -11,7 +11,7 @@ EXTRAS ?= test,helm
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.flexgen-installed
 
-.PHONY: install run test lint bench gpu-suite gpu-compare fetch-original clean
+.PHONY: install run test lint bench compare gpu-suite gpu-compare fetch-original clean
 
 # crfm-helm would otherwise replace the pinned torch: the extras install under a constraint that
 # holds it. It also pulls torchvision (a CUDA build) that breaks transformers' model imports on a
@@ -40,6 +40,12 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_vs_hf.py
+
+# flexgen beside transformers / Accelerate on one workload (benchmarks/compare.py --list), each
+# system in its own memory cgroup; RECORD=--record appends the table to benchmarks/RESULTS.md.
+WORKLOAD ?= smoke
+compare: $(STAMP)
+	$(PY) benchmarks/compare.py --workload $(WORKLOAD) $(RECORD)
 
 # One call on a GPU machine: OK/FAIL per check, figures in gpu_suite.json (see README).
 gpu-suite:

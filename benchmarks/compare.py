@@ -499,6 +499,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, help="override the workload's prompt length")
     ap.add_argument("--gen-len", type=int, help="override the workload's generation length (e.g. a shorter run)")
     ap.add_argument("--peer-batches", type=int, nargs="+", help="override the batch sizes tried for Accelerate")
+    ap.add_argument("--block", type=int, nargs=2, metavar=("GBS", "NGB"),
+                    help="override the block flexgen-auto is held to (gpu batch size, gpu batches)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per system run")
     ap.add_argument("--systems", nargs="+", help="run only these of the workload's systems")
     ap.add_argument("--modify", nargs="+", default=[], metavar="FIELD=VALUE",
@@ -514,11 +516,14 @@ def main(argv=None) -> int:
                   f"{w.limit_gib or '-'} GiB  {', '.join(w.systems)}  ({w.note})")
         return 0
     w = WORKLOADS[a.workload]
+    if a.block and min(a.block) < 1:
+        ap.error(f"--block: gpu batch size and gpu batches must be >= 1, got {a.block[0]} {a.block[1]}")
     unknown = set(a.systems or ()) - set(w.systems)
     if unknown:
         ap.error(f"--systems: {', '.join(sorted(unknown))} not in workload {a.workload} ({', '.join(w.systems)})")
     w = replace(w, prompt_len=a.prompt_len or w.prompt_len, gen_len=a.gen_len or w.gen_len,
                 peer_batches=tuple(a.peer_batches or w.peer_batches),
+                flexgen_block=tuple(a.block or w.flexgen_block),
                 systems=tuple(x for x in w.systems if x in (a.systems or w.systems)))
     ckpt = write_checkpoint(w.model, Path(a.ckpt_dir) / w.model, a.dtype)
     scratch = Path(tempfile.mkdtemp(prefix="compare-", dir=a.ckpt_dir))
