@@ -66,7 +66,11 @@ def main() -> int:
         args = args_from_name(a.model)
         policy = Policy.from_percent(a.percent, gpu_batch_size=a.gbs, num_gpu_batches=a.ngb)
         print(f"{a.model} dummy, policy {' '.join(f'{v:g}' for v in a.percent)}, block {a.gbs} x {a.ngb}, "
-              f"prompt {a.prompt_len}, gen {a.gen_len}, {a.threads} thread(s) per rank, device {a.device}\n")
+              f"prompt {a.prompt_len}, gen {a.gen_len}, {a.threads} thread(s) per rank, device {a.device}")
+        # The prediction is only as steady as these: print them with every table.
+        print(f"profile: matmul {hw.gpu_matmul_flops / 1e9:.0f} GFLOP/s, memory {hw.gpu_mem_bw / 1e9:.1f} GB/s, "
+              f"disk read {hw.disk_read_bw / 1e9:.2f} GB/s, write {hw.disk_write_bw / 1e9:.2f} GB/s, "
+              f"per-layer overhead {hw.layer_overhead * 1e6:.0f} us\n")
         print("| stages | measured token/s | predicted token/s | measured / predicted | per stage: layers, "
               "compute / I/O wait / recv wait / send (s) |")
         print("|---|---|---|---|---|")

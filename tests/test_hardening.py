@@ -426,3 +426,15 @@ def test_disk_bandwidth_probe_reads_with_the_engines_load_threads(tmp_path):
         read, write, note = disk_bandwidth(tmp_path, 24 << 20, readers=readers)
         assert read > 0 and write > 0 and note.startswith("disk:")
         assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_bandwidth_is_the_median_of_repeats(monkeypatch, tmp_path):
+    """One outlying measurement (a read back served at twice the disk's speed) does not
+    become the profile's figure: read and write are each the median of the repeats."""
+    from flexgen import calibrate
+    runs = iter([(1.2e9, 2.0e9, "disk: O_DIRECT"), (2.6e9, 1.8e9, "disk: O_DIRECT"), (1.1e9, 2.4e9, "disk: O_DIRECT")])
+    seen = []
+    monkeypatch.setattr(calibrate, "_disk_bandwidth_once", lambda d, n, r: seen.append((d, n, r)) or next(runs))
+    read, write, note = calibrate.disk_bandwidth(tmp_path, 8 << 20, readers=2)
+    assert (read, write, note) == (1.2e9, 2.0e9, "disk: O_DIRECT")
+    assert seen == [(tmp_path, 8 << 20, 2)] * 3
