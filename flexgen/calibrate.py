@@ -152,7 +152,10 @@ def dequant_rate(device, dtype, numel: int, group: int = 64) -> float:
         w = torch.randn(numel // cols, cols, device=device, dtype=torch.float32)
         packed = quantize(w, WEIGHT_QUANT)
         del w
-        return numel // cols * cols / _best_time(lambda: dequantize(packed, dtype), device)
+        # Into one reused output, as the engine does: a fresh one per call timed the page
+        # faults of its memory instead (CPU, 16M values: 0.7 G values/s against 3.8).
+        out = torch.empty(packed.shape, dtype=dtype, device=device)
+        return numel // cols * cols / _best_time(lambda: dequantize(packed, dtype, out=out), device)
     packed = torch.randint(0, 256, (numel // group, group // 2), dtype=torch.uint8, device=device)
     scale = torch.rand(numel // group, 1, device=device, dtype=torch.float16)
     mn = torch.rand(numel // group, 1, device=device, dtype=torch.float16)

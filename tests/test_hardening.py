@@ -438,3 +438,21 @@ def test_disk_bandwidth_is_the_median_of_repeats(monkeypatch, tmp_path):
     read, write, note = calibrate.disk_bandwidth(tmp_path, 8 << 20, readers=2)
     assert (read, write, note) == (1.2e9, 2.0e9, "disk: O_DIRECT")
     assert seen == [(tmp_path, 8 << 20, 2)] * 3
+
+
+def test_dequant_rate_times_dequantization_into_a_reused_output(monkeypatch):
+    """The profile times dequantization as the engine runs it, into one output buffer kept
+    across calls: timing a fresh output per call measured its page faults (~5x slower)."""
+    import torch
+
+    from flexgen import calibrate, quant
+    outs = []
+    real = quant.dequantize
+
+    def spy(p, dtype=None, out=None):
+        outs.append(out)
+        return real(p, dtype, out=out)
+    monkeypatch.setattr(quant, "dequantize", spy)
+    assert calibrate.dequant_rate(torch.device("cpu"), torch.float32, 1 << 16) > 0
+    assert len(outs) > 1 and outs[0] is not None
+    assert all(o is outs[0] for o in outs)
