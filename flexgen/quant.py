@@ -205,23 +205,17 @@ def quantize(x: torch.Tensor, cfg: QuantConfig) -> Packed:
     data = out.data.view(pre, G, nb, post)
     scale = out.scale.view(pre, G, 1, post)
     mn = out.mn.view(pre, G, 1, post)
-    # Blocks of whole groups, as in `dequantize`: on the CPU one block's fp32 passes stay
-    # in cache (whole-tensor passes ran at ~0.2 Gelem/s on this project's 2-core host).
-    chunk = _chunk_elems(x.device)
-    row = P * post
-    rows, groups = (max(1, chunk // row), G) if row <= chunk else (1, max(1, chunk // (gs * post)))
-    for r0 in range(0, pre, rows):
-        r1 = min(r0 + rows, pre)
-        for g0 in range(0, G, groups):
-            g1 = min(g0 + groups, G)
-            l0, l1 = g0 * gs, min(g1 * gs, L)
-            xg = torch.empty(r1 - r0, g1 - g0, gs, post, dtype=torch.float32, device=x.device)
-            flat = xg.view(r1 - r0, (g1 - g0) * gs, post)
-            flat[:, :l1 - l0] = x3[r0:r1, l0:l1]
-            if l1 - l0 < flat.shape[1]:
-                # Pad with the last real element: it never widens its group's range.
-                flat[:, l1 - l0:] = x3[r0:r1, l1 - 1:l1]
-            _quantize_block(xg, cfg, data[r0:r1, g0:g1], scale[r0:r1, g0:g1], mn[r0:r1, g0:g1])
+    # Blocks of whole groups, as in `dequantize` (whole-tensor passes ran at ~0.2 Gelem/s on
+    # this project's 2-core host).
+    for r0, r1, g0, g1 in _group_blocks(pre, G, gs, post, x.device):
+        l0, l1 = g0 * gs, min(g1 * gs, L)
+        xg = torch.empty(r1 - r0, g1 - g0, gs, post, dtype=torch.float32, device=x.device)
+        flat = xg.view(r1 - r0, (g1 - g0) * gs, post)
+        flat[:, :l1 - l0] = x3[r0:r1, l0:l1]
+        if l1 - l0 < flat.shape[1]:
+            # Pad with the last real element: it never widens its group's range.
+            flat[:, l1 - l0:] = x3[r0:r1, l1 - 1:l1]
+        _quantize_block(xg, cfg, data[r0:r1, g0:g1], scale[r0:r1, g0:g1], mn[r0:r1, g0:g1])
     return out
 
 
@@ -262,6 +256,17 @@ def _chunk_elems(device: torch.device) -> int:
     return _DEFAULT_CHUNK_ELEMS
 
 
+def _group_blocks(pre: int, G: int, gs: int, post: int, device: torch.device):
+    """(r0, r1, g0, g1) blocks of the (pre, G groups, gs, post) view, each about one chunk:
+    whole rows of groups, or part of one row; either way contiguous."""
+    chunk = _chunk_elems(device)
+    row = G * gs * post
+    rows, groups = (max(1, chunk // row), G) if row <= chunk else (1, max(1, chunk // (gs * post)))
+    for r0 in range(0, pre, rows):
+        for g0 in range(0, G, groups):
+            yield r0, min(r0 + rows, pre), g0, min(g0 + groups, G)
+
+
 def dequantize(p: Packed, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """The tensor `p` encodes, in its original shape, as `dtype` (default float32).
 
@@ -284,30 +289,23 @@ def dequantize(p: Packed, dtype: torch.dtype | None = None, out: torch.Tensor | 
     mn = p.mn.reshape(pre, G, 1, post).float()
     work = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
     out3 = work.view(pre, L, post)
-    # Blocks are whole rows of groups, or part of one row: either way contiguous in out3.
-    chunk = _chunk_elems(out.device)
-    row = G * gs * post
-    rows, groups = (max(1, chunk // row), G) if row <= chunk else (1, max(1, chunk // (gs * post)))
     direct = out.dtype == torch.float32 and P == L  # unpack straight into the output
-    for r0 in range(0, pre, rows):
-        r1 = min(r0 + rows, pre)
-        for g0 in range(0, G, groups):
-            g1 = min(g0 + groups, G)
-            l0, l1 = g0 * gs, min(g1 * gs, L)
-            if direct:
-                ws = out3[r0:r1, l0:l1].view(r1 - r0, g1 - g0, gs, post)
-            else:
-                ws = torch.empty(r1 - r0, g1 - g0, gs, post, dtype=torch.float32, device=out.device)
-            d = data[r0:r1, g0:g1]  # (rows, groups, nb, post)
-            if cfg.num_bits == 4:
-                pairs = ws.view(r1 - r0, g1 - g0, gs // 2, 2, post)
-                pairs[:, :, :, 0] = d & 0x0F
-                pairs[:, :, :, 1] = d >> 4
-            else:
-                ws.copy_(d)
-            ws.mul_(scale[r0:r1, g0:g1]).add_(mn[r0:r1, g0:g1])
-            if not direct:
-                out3[r0:r1, l0:l1] = ws.view(r1 - r0, (g1 - g0) * gs, post)[:, :l1 - l0]
+    for r0, r1, g0, g1 in _group_blocks(pre, G, gs, post, out.device):
+        l0, l1 = g0 * gs, min(g1 * gs, L)
+        if direct:
+            ws = out3[r0:r1, l0:l1].view(r1 - r0, g1 - g0, gs, post)
+        else:
+            ws = torch.empty(r1 - r0, g1 - g0, gs, post, dtype=torch.float32, device=out.device)
+        d = data[r0:r1, g0:g1]  # (rows, groups, nb, post)
+        if cfg.num_bits == 4:
+            pairs = ws.view(r1 - r0, g1 - g0, gs // 2, 2, post)
+            pairs[:, :, :, 0] = d & 0x0F
+            pairs[:, :, :, 1] = d >> 4
+        else:
+            ws.copy_(d)
+        ws.mul_(scale[r0:r1, g0:g1]).add_(mn[r0:r1, g0:g1])
+        if not direct:
+            out3[r0:r1, l0:l1] = ws.view(r1 - r0, (g1 - g0) * gs, post)[:, :l1 - l0]
     if work is not out:
         out.copy_(work)
     return out

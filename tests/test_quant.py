@@ -238,6 +238,21 @@ def test_dequantize_blocking_does_not_change_result(monkeypatch, chunk, shape, g
     assert torch.equal(dequantize(p, dtype), expected)
 
 
+@pytest.mark.parametrize("chunk", [1, 100, 3000])
+@pytest.mark.parametrize("shape,group_dim,bits", [((130, 70), 0, 4), ((33, 4, 97), -1, 4), ((5, 200, 3), 1, 8)])
+def test_quantize_blocking_does_not_change_result(monkeypatch, chunk, shape, group_dim, bits):
+    """Small blocks (part of a row, a padded last block) pack exactly what one block does."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(11)).bfloat16()
+    cfg = QuantConfig(bits, 64, group_dim)
+    monkeypatch.setattr(quant, "_CPU_CHUNK_ELEMS_PER_THREAD", 1 << 24)
+    whole = quantize(x, cfg)
+    monkeypatch.setattr(quant, "_CPU_CHUNK_ELEMS_PER_THREAD", chunk)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)   # the chunk is per thread
+    blocked = quantize(x, cfg)
+    for name in ("data", "scale", "mn"):
+        assert torch.equal(getattr(blocked, name), getattr(whole, name)), name
+
+
 def _decode_q(p):
     d = p.cfg.group_dim % len(p.shape)
     q = torch.stack([p.data & 15, p.data >> 4], dim=d + 1).flatten(d, d + 1)
