@@ -154,3 +154,36 @@ def test_threads_appending_to_separate_regions_of_one_file(tmp_path):
             assert torch.equal(out, want), r
     finally:
         f.close()
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_large_reads_are_issued_in_pieces_and_match(tmp_path, monkeypatch, direct):
+    """A read longer than READ_PIECE goes to the disk in pieces no longer than it (so a
+    small read from another thread is not queued behind all of it), and returns the same
+    bytes as the file holds, at aligned and unaligned offsets."""
+    import os
+
+    from flexgen import diskio
+
+    size = 40 * ALIGN + 77
+    data = torch.randint(0, 256, (size,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    f = DiskFile(tmp_path / "f.bin", size, direct=direct)
+    f.write(0, data)
+    monkeypatch.setattr(diskio, "READ_PIECE", 3 * ALIGN)
+    lengths = []
+    real = os.preadv
+
+    def preadv(fd, bufs, offset):
+        lengths.append(sum(len(b) for b in bufs))
+        return real(fd, bufs, offset)
+
+    monkeypatch.setattr(diskio.os, "preadv", preadv)
+    try:
+        for off, n in ((0, size), (5 * ALIGN, 20 * ALIGN), (123, 17 * ALIGN + 5)):
+            lengths.clear()
+            out = diskio.aligned_empty(n)[:n]
+            f.read(off, out)
+            assert torch.equal(out, data[off:off + n]), (off, n)
+            assert max(lengths) <= 3 * ALIGN and sum(lengths) >= n, lengths
+    finally:
+        f.unlink()
