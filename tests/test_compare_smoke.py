@@ -31,3 +31,33 @@ def test_compare_smoke(tmp_path):
     # The checkpoint is written once, sharded, and re-used.
     assert (tmp_path / "ckpt" / "tiny" / "model.safetensors.index.json").is_file()
     assert not list((tmp_path / "ckpt").glob("compare-*")), "scratch offload dirs left behind"
+
+
+def test_compare_ablations_smoke(tmp_path):
+    """--ablations: the optimizer's policy with one optimisation off (or 4-bit on) at a
+    time, then flexgen with Accelerate's placement at Accelerate's best batch."""
+    out = tmp_path / "cmp.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--workload", "smoke",
+                        "--systems", "accelerate", "flexgen-auto", "--ablations", "--hardware", "t4",
+                        "--ckpt-dir", str(tmp_path / "ckpt"), "--json-out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["system"] for row in rows] == [
+        "accelerate", "flexgen-auto", "flexgen-auto (overlap=false)", "flexgen-auto (num_gpu_batches=1)",
+        "flexgen-auto (cpu_cache_compute=false)", "flexgen-auto (compress_weight=true)",
+        "flexgen-auto (compress_cache=true)", "flexgen (Accelerate's placement)"]
+    base = rows[1]["policy"]
+    for row in rows:
+        assert "failed" not in row, row
+        assert row["throughput"] > 0
+    for row, (field, value) in zip(rows[2:7], [("overlap", False), ("num_gpu_batches", 1),
+                                               ("cpu_cache_compute", False), ("compress_weight", True),
+                                               ("compress_cache", True)]):
+        changed = {k for k in base if row["policy"][k] != base[k]}
+        assert row["policy"][field] == value and changed <= {field}, (row["system"], changed)
+    acc = rows[-1]["policy"]
+    placed = rows[0]["device_map"] or {"cpu": 1}  # none: the whole model stayed in memory
+    kept = sum(n for d, n in placed.items() if d != "disk") / sum(placed.values())
+    assert (acc["gpu_batch_size"], acc["num_gpu_batches"]) == (rows[0]["batch"], 1)
+    assert abs(acc["w_gpu_percent"] - 100 * kept) < 0.1 and acc["cache_gpu_percent"] == 100
