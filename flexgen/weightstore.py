@@ -44,6 +44,19 @@ def store_staleness(manifest: dict) -> Optional[str]:
     return None
 
 
+def _settle(f) -> None:
+    """Put a written layer file on disk and out of the page cache before the run reads it.
+
+    The engine reads the store with O_DIRECT, which must first flush any dirty pages of the
+    range it reads, on the critical path; left to background writeback, a fresh store's
+    pages are flushed while the run reads, and count against a memory cgroup's limit until
+    then (OPT-1.3B under 2 GiB, the run that converted: decode 71 s -> 54 s with this)."""
+    f.flush()
+    os.fsync(f.fileno())
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
 class WeightStore:
     """Per-layer weight files in the offload directory, read by byte range.
 
@@ -144,6 +157,7 @@ class WeightStore:
                                             "nbytes": sa.nbytes, "crc32": zlib.crc32(buf)})
                             bar.update(sa.nbytes)
                         del t
+                    _settle(f)
                 manifest["layers"].append({"kind": lay.spec.kind, "block": lay.spec.block, "arrays": entries})
             tmp = self.dir / "manifest.json.tmp"
             tmp.write_text(json.dumps(manifest, indent=1))

@@ -263,6 +263,39 @@ def test_store_build_waits_for_the_builder(opt_dir, tmp_path):
     assert not list((tmp_path / "weights").glob(".build-*"))
 
 
+
+def test_store_layers_are_on_disk_and_out_of_the_page_cache_before_the_manifest(opt_dir, tmp_path, monkeypatch):
+    """A built store's layer files are fsynced and dropped from the page cache, each before
+    the manifest marks the store complete: no dirty pages left for the run's first O_DIRECT
+    reads to flush, none counted against a memory cgroup."""
+    from flexgen.checkpoint import CheckpointSource
+    from flexgen.layout import model_layouts
+    from flexgen.weightstore import WeightStore
+    path, _ = opt_dir
+    src = CheckpointSource(path)
+    layouts = model_layouts(src.args, torch.float32, False)
+    synced, dropped = [], []
+    fsync, fadvise = os.fsync, os.posix_fadvise
+
+    def on_fsync(fd):
+        fsync(fd)
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), (tmp_path / "manifest.json").exists()))
+
+    def on_fadvise(fd, offset, length, advice):
+        fadvise(fd, offset, length, advice)
+        if advice == os.POSIX_FADV_DONTNEED and (offset, length) == (0, 0):
+            dropped.append(os.readlink(f"/proc/self/fd/{fd}"))
+
+    monkeypatch.setattr(os, "fsync", on_fsync)
+    monkeypatch.setattr(os, "posix_fadvise", on_fadvise)
+    store = WeightStore(tmp_path, layouts)
+    store._build(src, False)
+    layers = [str(store.layer_path(i).resolve()) for i in range(len(layouts))]
+    assert (tmp_path / "manifest.json").is_file()
+    assert [p for p, _ in synced if p in layers] == layers and not any(done for _, done in synced)
+    assert [p for p in dropped if p in layers] == layers
+
+
 # -- 8: output paths -------------------------------------------------------------------------
 
 def test_unwritable_outputs_fail_before_the_work(tmp_path):
