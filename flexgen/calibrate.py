@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from flexgen.device import DTYPES
+from flexgen.diskio import drop_cached
 from flexgen.errors import ArgumentParser, FlexGenError
 from flexgen.iopool import LOAD_THREADS
 from flexgen.optimizer.hardware import GIB, HardwareProfile, default_profile_path
@@ -236,8 +237,8 @@ def _disk_bandwidth_once(offload_dir: Path, nbytes: int, readers: int) -> tuple[
     nbytes = max(block, nbytes // block * block)
     buf = mmap.mmap(-1, block)               # page-aligned, as O_DIRECT needs
     buf.write(os.urandom(1 << 16) * (block >> 16))
-    note = "disk: O_DIRECT"
     direct = getattr(os, "O_DIRECT", 0)
+    note = "disk: O_DIRECT" if direct else "disk: no O_DIRECT here; buffered I/O with fsync and the file's pages dropped"
     try:
         def timed_write(flags: int) -> float:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flags, 0o600)
@@ -258,9 +259,9 @@ def _disk_bandwidth_once(offload_dir: Path, nbytes: int, readers: int) -> tuple[
             direct = 0
             note = "disk: O_DIRECT unsupported here; buffered I/O with fsync and the file's pages dropped"
             write_t = timed_write(0)
-        if not direct and hasattr(os, "posix_fadvise"):
+        if not direct:
             fd = os.open(path, os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            drop_cached(fd)
             os.close(fd)
         blocks = nbytes // block
         parts = [range(r * blocks // readers, (r + 1) * blocks // readers) for r in range(readers)]

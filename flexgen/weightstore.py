@@ -21,7 +21,7 @@ import torch
 
 from flexgen.checkpoint import CheckpointSource, DummySource, fingerprint
 from flexgen.device import dtype_name
-from flexgen.diskio import as_bytes
+from flexgen.diskio import as_bytes, drop_cached
 from flexgen.errors import FlexGenError
 from flexgen.layout import LayerLayout, encode_entry, model_layouts
 
@@ -53,8 +53,7 @@ def _settle(f) -> None:
     then (OPT-1.3B under 2 GiB, the run that converted: decode 71 s -> 54 s with this)."""
     f.flush()
     os.fsync(f.fileno())
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    drop_cached(f.fileno())
 
 
 class WeightStore:
