@@ -114,6 +114,15 @@ def paper_policy(model: str) -> dict:
 
 # -- children: one system each ---------------------------------------------------------
 
+T0 = time.perf_counter()
+
+
+def phase(msg: str) -> None:
+    """A child's progress line, in its log: a child killed at its time limit still says
+    how far it got and how long each part took."""
+    print(f"[{time.perf_counter() - T0:7.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
 def child_flexgen(a) -> dict:
     import dataclasses
 
@@ -141,6 +150,7 @@ def child_flexgen(a) -> dict:
         if hw is None:
             from flexgen.calibrate import measure_hardware
             hw = measure_hardware(off, quick=True)
+            phase("hardware profile measured")
         args = model_args_for(model)
         note = ""
         try:
@@ -152,6 +162,7 @@ def child_flexgen(a) -> dict:
                                    log=lambda m: None)
             note = "4-bit (no fp16 policy fits); "
         policy = choice.policy
+        phase(f"policy chosen: {policy.to_dict()}; predicted {choice.estimate.throughput:.2f} token/s")
         out.update(predicted_tok_s=choice.estimate.throughput, note=note + "optimizer, --gpu-mem "
                    f"{a.gpu_cap_gib:g}")
     else:
@@ -167,9 +178,12 @@ def child_flexgen(a) -> dict:
                             gpu_mem=a.gpu_cap_gib * GIB if cuda else None, prompt_len=a.prompt_len,
                             gen_len=a.gen_len) as m:
         out["load_s"] = time.perf_counter() - t0   # dummy weights generated and placed
+        phase(f"weights generated and placed: block {block}, pinned {m.device.pinned_bytes / GIB:.1f} GiB")
         m.generate(ids[:, :min(32, a.prompt_len)], max_new_tokens=1, eos_token_id=[])   # warm-up, as the original
+        phase("warm-up done")
         m.generate(ids, max_new_tokens=a.gen_len, eos_token_id=[])
         s = m.stats
+        phase(f"generated: prefill {s.prefill_time:.1f} s, decode {s.decode_time:.1f} s")
         out.update(batch=block, prefill_s=s.prefill_time, decode_s=s.decode_time, generated=s.generated_tokens,
                    throughput=s.throughput, peak_gpu=gpu_peak(), engine_peak=dict(s.peak_memory))
     return out
@@ -188,6 +202,7 @@ class StepClock:
 
     def put(self, value):
         self.times.append(time.perf_counter())
+        phase("prompt queued" if len(self.times) == 1 else f"token step {len(self.times) - 1}")
         if len(self.times) >= 3 and self.times[-1] > self.deadline:
             raise _Stop
 
@@ -229,6 +244,7 @@ def child_accelerate(a) -> dict:
         sd[name] = t
     del skeleton
     out = {"system": "accelerate", "materialise_s": time.perf_counter() - t_start, "tried": {}}
+    phase("weights materialised in host memory")
     w_bytes = sum(t.numel() * t.element_size() for t in sd.values())
     h, L = cfg.hidden_size, cfg.num_hidden_layers
     best = None
@@ -261,8 +277,10 @@ def child_accelerate(a) -> dict:
         r = {"batch": b, "device_map": {str(d): sum(1 for v in dmap.values() if v == d) for d in set(dmap.values())},
              "gpu_weight_budget_gib": round(gpu_w / GIB, 2)}
         t0 = time.perf_counter()
+        phase(f"batch {b}: device map {r['device_map']}")
         try:
             model = dispatch_model(model, device_map=dmap)
+            phase(f"batch {b}: dispatched")
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             with torch.no_grad():
@@ -304,26 +322,40 @@ def child_accelerate(a) -> dict:
     return out
 
 
-def run_child(cmd: list, timeout: float, system: str, env=None) -> dict:
+def run_logged(cmd: list, timeout: float, log: Path, env=None, cwd=None):
+    """Run `cmd` with its output in the file `log`, which is kept: (exit code or "timeout",
+    the log's non-empty lines)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        try:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, env=env, cwd=cwd).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    text = log.read_text(errors="replace").replace("\r", "\n")
+    return rc, [ln for ln in text.splitlines() if ln.strip()]
+
+
+def failure(rc, lines: list, timeout: float) -> dict:
+    """A row's failure from a child's exit and log: which limit, and the last thing it said."""
+    last = lines[-1][:200] if lines else ""
+    if rc == "timeout":
+        why = f"out of time ({timeout:.0f} s slice)"
+    else:
+        oom = any("OutOfMemory" in ln or "out of memory" in ln.lower() for ln in lines)
+        why = "out of memory" if oom or rc in (-9, 137) else f"exit {rc}"
+    return {"failed": f"{why}; last: {last}" if last else why, "log_tail": "\n".join(lines[-15:])}
+
+
+def run_child(cmd: list, timeout: float, system: str, log: Path, env=None) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out_json = f.name
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd + ["--out", out_json], capture_output=True, text=True, timeout=timeout, env=env)
-        rc, err = proc.returncode, proc.stderr + proc.stdout
-    except subprocess.TimeoutExpired as e:
-        rc, err = "timeout", (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else ""
+    rc, lines = run_logged(cmd + ["--out", out_json], timeout, log, env=env)
     wall = time.perf_counter() - t0
     try:
         res = json.loads(Path(out_json).read_text())
     except (OSError, json.JSONDecodeError):
-        if rc == "timeout":
-            res = {"failed": f"out of time ({timeout:.0f} s slice)"}
-        else:
-            lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-            oom = any("OutOfMemory" in ln or "out of memory" in ln.lower() for ln in lines)
-            why = "out of memory" if oom or rc in (-9, 137) else f"exit {rc}"
-            res = {"failed": f"{why}: {lines[-1][:200] if lines else ''}", "log_tail": "\n".join(lines[-15:])}
+        res = failure(rc, lines, timeout)
     finally:
         Path(out_json).unlink(missing_ok=True)
     res.setdefault("system", system)
@@ -456,6 +488,8 @@ def main(argv=None) -> int:
     ap.add_argument("--self-test", action="store_true", help="no CUDA: every system's path on a tiny model")
     ap.add_argument("--out", default="gpu_compare.json")
     ap.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    ap.add_argument("--log-dir", help="each system's output, one file per system, kept (default: beside --out, "
+                    "OUT_logs/)")
     a = ap.parse_args(argv)
     if a.fetch_original:
         return fetch_original(Path(a.fetch_original))
@@ -472,6 +506,7 @@ def main(argv=None) -> int:
         a.hardware = a.hardware or "t4"
         a.model_key = "opt-30b"   # whose paper policy the tiny model runs (block shrunk below)
     systems = [s for s in a.systems.split(",") if s]
+    logs = Path(a.log_dir) if a.log_dir else Path(a.out).with_name(Path(a.out).stem + "_logs")
     cfg = hf_config(a.model)
     ram = host_ram()
     scratch = Path(tempfile.mkdtemp(prefix="gpu-compare-"))
@@ -512,11 +547,12 @@ def main(argv=None) -> int:
                 "--slice-s", str(slice_s), "--scratch", str(scratch / system)]
         data = paper_policy(a.model_key)
         if system == "flexgen":
-            r = run_child(base + (["--hardware", a.hardware] if a.hardware else []), slice_s, system, env)
+            r = run_child(base + (["--hardware", a.hardware] if a.hardware else []), slice_s, system,
+                          logs / f"{system}.log", env)
         elif system == "accelerate":
             bs = a.accelerate_batches or ([4, 2] if a.self_test else {"opt-6.7b": [32, 16, 8], "opt-30b": [16, 8, 4, 2],
                                                                       "opt-175b": [4, 2, 1]}[a.model_key])
-            r = run_child(base + ["--batches", *map(str, bs)], slice_s, system, env)
+            r = run_child(base + ["--batches", *map(str, bs)], slice_s, system, logs / f"{system}.log", env)
         elif system == "flexgen-paper":
             p = data["policy"]
             gbs, ngb, need = fit_block(cfg, p["gpu_batch_size"], p["num_gpu_batches"], p["w_cpu_percent"],
@@ -527,7 +563,7 @@ def main(argv=None) -> int:
                                        f", block shrunk from {p['gpu_batch_size']}x{p['num_gpu_batches']} to "
                                        f"{gbs}x{ngb} (host RAM)")
             r = run_child(base + ["--policy-json", json.dumps(data), "--gbs", str(gbs), "--ngb", str(ngb),
-                                  "--note", note], slice_s, system, env)
+                                  "--note", note], slice_s, system, logs / f"{system}.log", env)
         elif system == "original":
             if not a.original:
                 r = {"system": system, "skipped": "no --original DIR (fetch it with --fetch-original DIR)"}
@@ -544,7 +580,7 @@ def main(argv=None) -> int:
                         gbs, ngb = 2, 2
                     cenv = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}   # never this repo's flexgen
                     cmd = [py] + original_cmd(a, pp, gbs, ngb, scratch, check=not cuda)
-                    r = _run_original(cmd, slice_s, cenv, scratch)
+                    r = _run_original(cmd, slice_s, cenv, scratch, logs / "original.log")
                     r["system"] = system
                     r.setdefault("batch", gbs * ngb)
                     r["policy_text"] = (f"{gbs}x{ngb}, " + " ".join(str(x) for x in pp["percent"])
@@ -569,28 +605,17 @@ def main(argv=None) -> int:
     return finish(a, rows, cuda, ram, disk, argv)
 
 
-def _run_original(cmd: list, slice_s: float, env: dict, scratch: Path) -> dict:
+def _run_original(cmd: list, slice_s: float, env: dict, scratch: Path, log: Path) -> dict:
     """The original's wrapper, with cwd outside this repository (its log and offload files go there)."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False, dir=scratch) as f:
         out_json = f.name
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd[:2] + ["--json-out", out_json] + cmd[2:], capture_output=True, text=True,
-                              timeout=slice_s, env=env, cwd=scratch)
-        rc, err = proc.returncode, proc.stderr + proc.stdout
-    except subprocess.TimeoutExpired:
-        rc, err = "timeout", ""
+    rc, lines = run_logged(cmd[:2] + ["--json-out", out_json] + cmd[2:], slice_s, log, env=env, cwd=scratch)
     try:
         res = json.loads(Path(out_json).read_text())
         res.pop("args", None)
     except (OSError, json.JSONDecodeError):
-        lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-        if rc == "timeout":
-            res = {"failed": f"out of time ({slice_s:.0f} s slice)"}
-        else:
-            oom = any("OutOfMemory" in ln or "out of memory" in ln.lower() for ln in lines)
-            res = {"failed": f"{'out of memory' if oom or rc in (-9, 137) else f'exit {rc}'}: "
-                             f"{lines[-1][:200] if lines else ''}", "log_tail": "\n".join(lines[-15:])}
+        res = failure(rc, lines, slice_s)
     if "peak_gpu_reserved" in res:
         res["peak_gpu"] = res["peak_gpu_reserved"]
     res["wall_s_total"] = time.perf_counter() - t0

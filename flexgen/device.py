@@ -11,9 +11,10 @@ import weakref
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
-from flexgen.diskio import aligned_empty
+from flexgen.diskio import ALIGN, align_up, aligned_empty
 from flexgen.errors import FlexGenError
 
 # Compute dtypes by name (--dtype, HardwareProfile.compute_dtype), with the short aliases
@@ -92,12 +93,21 @@ class ComputeDevice:
 
     def host_bytes(self, nbytes: int, pin: bool = False) -> torch.Tensor:
         """An ALIGN-aligned uint8 host buffer of align_up(nbytes) (see aligned_empty)."""
-        buf = aligned_empty(nbytes)
-        if pin and self.is_cuda:
-            self._register(buf, buf._base if buf._base is not None else buf)
+        if not (pin and self.is_cuda):
+            return aligned_empty(nbytes)
+        # The memory is owned by a numpy array, which the tensor's storage holds until the
+        # last view dies: its finalizer unregisters then. A finalizer on the base *tensor*
+        # fired as soon as the caller kept only a view (the base's Python object dies with
+        # the first view), which left host weights pageable on CUDA.
+        n = align_up(max(nbytes, 1))
+        owner = np.empty(n + ALIGN, dtype=np.uint8)
+        raw = torch.from_numpy(owner)
+        start = (-raw.data_ptr()) % ALIGN
+        buf = raw[start:start + n]
+        self._register(buf, owner)
         return buf
 
-    def _register(self, buf: torch.Tensor, raw: torch.Tensor) -> None:
+    def _register(self, buf: torch.Tensor, owner) -> None:
         n, ptr = buf.numel(), buf.data_ptr()   # whole pages: buf is page-aligned and sized
         err = torch.cuda.cudart().cudaHostRegister(ptr, n, 0)
         if int(err) != 0:
@@ -106,8 +116,7 @@ class ComputeDevice:
         with self._lock:
             self.pinned_bytes += n
             self.pinned_peak = max(self.pinned_peak, self.pinned_bytes)
-        # Unregistered when the buffer (and every view of it, which holds it as _base) dies.
-        weakref.finalize(raw, self._unregister, ptr, n)
+        weakref.finalize(owner, self._unregister, ptr, n)
 
     def _unregister(self, ptr: int, n: int) -> None:
         try:

@@ -87,7 +87,11 @@ class PlacedWeights:
     # -- placement --------------------------------------------------------------------
 
     def _keep(self, flat_part: torch.Tensor, seg: Segments, pin: bool):
-        gpu = flat_part[:seg.gpu_end].to(self.device.device, copy=True) if seg.gpu_end else None
+        gpu = None
+        if seg.gpu_end == flat_part.numel() and not self.device.is_cuda:
+            gpu = flat_part   # the whole buffer, already on the (CPU) compute device: no copy
+        elif seg.gpu_end:
+            gpu = flat_part[:seg.gpu_end].to(self.device.device, copy=True)
         cpu = None
         if seg.cpu_end > seg.gpu_end:
             cpu = self.device.host_empty((seg.cpu_end - seg.gpu_end,), torch.uint8, pin=pin)

@@ -232,8 +232,17 @@ def _note_older_stores(weights: Path, key: str, source) -> None:
 
 def dummy_layer_bytes(source: DummySource, layout: LayerLayout) -> torch.Tensor:
     """One layer of dummy weights, encoded as the store would hold it (flat uint8)."""
-    flat = torch.zeros(layout.nbytes, dtype=torch.uint8)
+    flat = torch.empty(layout.nbytes, dtype=torch.uint8)
+    covered = 0   # zero only the alignment gaps: every array is written below
+    for a in sorted(layout.arrays, key=lambda a: a.offset):
+        flat[covered:a.offset].zero_()
+        covered = a.end
+    flat[covered:].zero_()
     for e in layout.spec.entries:
+        plain = [a for a in layout.arrays if a.field == e.field and a.part == ""]
+        if plain:   # written in place, in the stored dtype
+            source.fill(e.name, flat[plain[0].offset:plain[0].end].view(plain[0].dtype), e.init)
+            continue
         t = source.get(e.name, e.shape, e.init)
         for part, arr in encode_entry(e, t, layout).items():
             sa = next(a for a in layout.arrays if a.field == e.field and a.part == part)

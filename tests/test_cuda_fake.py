@@ -253,3 +253,30 @@ def test_cuda_branches_of_other_families(fake_cuda, family_dirs, prompts, offloa
         fake_cuda.violations.clear()   # the CPU branches hand off without streams, by design
         assert torch.equal(out, ref), name
         torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_host_weights_stay_page_locked_while_the_model_lives(fake_cuda, opt_dir, prompts, offload):
+    """Every host weight part is inside a registered range for the model's whole life, and
+    all of it is unregistered once the model is gone. (The host part is kept as a view of
+    the registered buffer: a finalizer tied to the buffer's base tensor fired at once and
+    left the weights pageable on a real GPU.)"""
+    import gc
+    path, _ = opt_dir
+    ids, mask = prompts
+    m = flexgen.load_model(str(path), P(0, 100, gpu_batch_size=5), device="cpu", dtype=torch.float32,
+                           offload_dir=offload)
+    try:
+        m.generate(ids, mask, max_new_tokens=2, eos_token_id=[])
+        gc.collect()
+        live = [(k[1], req) for k, (req, _) in fake_cuda.pinned_live.items() if k[0] == "reg"]
+        parts = [t for t in m.weights.cpu_parts if t is not None]
+        assert parts
+        for t in parts:
+            lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+            assert any(p <= lo and hi <= p + n for p, n in live), (lo, hi, live)
+        assert m.device.pinned_bytes >= sum(t.numel() for t in parts)
+    finally:
+        m.close()
+    del m, parts, t
+    gc.collect()
+    assert [k for k in fake_cuda.pinned_live if k[0] == "reg"] == []

@@ -31,6 +31,10 @@ def test_gpu_compare_self_test(tmp_path, capsys):
     assert rows["accelerate"]["device_map"] == {"cpu": 1}
     assert "| flexgen | " in printed and "| accelerate | " in printed
     assert data["self_test"] is True and rc == 0
+    # Each system's output is kept, with its progress lines.
+    assert "weights generated and placed" in (tmp_path / "compare_logs" / "flexgen.log").read_text()
+    assert "token step 1" in (tmp_path / "compare_logs" / "accelerate.log").read_text()
+
 
 
 def test_fit_block_and_feasibility():
@@ -60,12 +64,17 @@ def test_parse_original_log():
     assert r["peak_gpu_gb"] == 7.341 and r["projected"] is False
 
 
-def test_out_of_time_and_crash_are_rows():
+def test_out_of_time_and_crash_are_rows(tmp_path):
+    """A child killed at its time limit is a row that says how far it got (its log is kept)."""
     import sys
     gc = _load()
-    r = gc.run_child([sys.executable, "-c", "import time; time.sleep(30)"], 0.5, "slow")
-    assert r["system"] == "slow" and r["failed"].startswith("out of time")
-    r = gc.run_child([sys.executable, "-c", "raise MemoryError('CUDA out of memory')"], 30, "oom")
+    code = "import sys, time; print('[    0.1 s] weights placed', file=sys.stderr, flush=True); time.sleep(60)"
+    log = tmp_path / "logs" / "slow.log"
+    r = gc.run_child([sys.executable, "-c", code], 3, "slow", log)
+    assert r["system"] == "slow"
+    assert r["failed"].startswith("out of time (3 s slice); last: [    0.1 s] weights placed"), r
+    assert r["wall_s_total"] < 30 and "weights placed" in log.read_text()
+    r = gc.run_child([sys.executable, "-c", "raise MemoryError('CUDA out of memory')"], 30, "oom", tmp_path / "oom.log")
     assert r["failed"].startswith("out of memory")
 
 

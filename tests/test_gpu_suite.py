@@ -26,3 +26,18 @@ def test_gpu_suite_self_test(tmp_path, capsys):
         assert f"OK   {name}" in printed
     assert all(v is True for v in results["tokens"]["policies"]["all-gpu"].values())
     assert rc == 0
+
+
+def test_gpu_suite_runs_a_chosen_subset_and_refuses_unknown_checks(tmp_path, capsys):
+    import pytest
+    spec = importlib.util.spec_from_file_location("gpu_suite", SUITE)
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    out = tmp_path / "suite.json"
+    assert suite.main(["--self-test", "--out", str(out), "--checks", "env,weight_streaming"]) == 0
+    results = json.loads(out.read_text())
+    assert list(results) == ["env", "weight_streaming"]
+    assert results["weight_streaming"]["overlap"]["host_weights_gib"] > 0
+    with pytest.raises(SystemExit):
+        suite.main(["--self-test", "--out", str(out), "--checks", "env,nope"])
+    assert "unknown check(s): nope" in capsys.readouterr().err
