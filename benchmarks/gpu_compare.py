@@ -133,6 +133,9 @@ def child_flexgen(a) -> dict:
     from flexgen.errors import FlexGenError
     from flexgen.optimizer.cli import model_args_for
 
+    if torch.cuda.is_available():
+        from flexgen.device import prefer_expandable_segments
+        prefer_expandable_segments()   # before CUDA starts, as flexgen's own CLI does
     cap_gpu(a.gpu_cap_gib)
     cuda = torch.cuda.is_available()
     dev, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
@@ -151,6 +154,10 @@ def child_flexgen(a) -> dict:
             from flexgen.calibrate import measure_hardware
             hw = measure_hardware(off, quick=True)
             phase("hardware profile measured")
+        if not isinstance(hw, str):   # what the optimizer saw, for the record
+            out["hardware"] = {k: v for k, v in hw.to_dict().items() if k.endswith(("_bw", "_flops", "_rate"))
+                               or k in ("gpu_reserved", "layer_overhead")}
+            phase(f"profile: {out['hardware']}")
         args = model_args_for(model)
         note = ""
         try:

@@ -357,6 +357,8 @@ def check_weight_streaming(s: Suite):
     pinned = s.figures.get("pinned_h2d_gbps")
     if pinned:
         out["share_of_pinned_bw"] = round(out["overlap"]["weights_gb_per_s"] / pinned, 2)
+    get = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
+    out["allocator_settings"] = get() if get else None   # expandable_segments, unless the user set it
     if not s.cuda:
         return True, out
     # Host weights stay page-locked for the model's life, overlap does not slow decode, and

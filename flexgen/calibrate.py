@@ -292,6 +292,17 @@ def _disk_bandwidth_once(offload_dir: Path, nbytes: int, readers: int) -> tuple[
     return nbytes / max(read_t, 1e-9), nbytes / max(write_t, 1e-9), note
 
 
+def kernel_sizes(device: str, quick: bool) -> dict:
+    """The shapes the profile times on the compute device. On a GPU --quick keeps the full
+    sizes: they take milliseconds there, while the small ones (a 1 GFLOP matmul is about
+    2 us of an H200's work) would time kernel-launch latency instead of throughput."""
+    if quick and device == "cpu":
+        return {"matmul": (256, 1024, 2048), "heads": (8, 64), "prefill": (2, 128), "decode": (8, 256),
+                "dequant": 1 << 20}
+    return {"matmul": (1024, 2048, 8192) if device == "cpu" else (8192, 8192, 8192), "heads": (16, 128),
+            "prefill": (4, 512) if device == "cpu" else (16, 512), "decode": (32, 544), "dequant": 16 << 20}
+
+
 def measure_hardware(offload_dir: str | Path, quick: bool = False, device: str | None = None,
                      name: str | None = None, log=None, engine: bool = False) -> HardwareProfile:
     """Measure this machine. `device`: "cuda" or "cpu" (default: cuda when available).
@@ -313,6 +324,8 @@ def measure_hardware(offload_dir: str | Path, quick: bool = False, device: str |
     big = (64 if quick else 512) << 20
 
     if device == "cuda":
+        from flexgen.device import prefer_expandable_segments
+        prefer_expandable_segments()   # as the engine runs
         dtype_name = "float16"
         free, total = torch.cuda.mem_get_info(dev)
         gpu_mem = total
@@ -331,21 +344,19 @@ def measure_hardware(offload_dir: str | Path, quick: bool = False, device: str |
     dtype = DTYPES[dtype_name]
     torch.manual_seed(0)
 
+    k = kernel_sizes(device, quick)
     log("matmul")
-    if quick:
-        mm = matmul_flops(dev, dtype, 256, 1024, 2048)
-    else:
-        mm = matmul_flops(dev, dtype, 1024 if device == "cpu" else 8192, 2048 if device == "cpu" else 8192, 8192)
+    mm = matmul_flops(dev, dtype, *k["matmul"])
     log("memory bandwidth")
     mem_bw = copy_bandwidth(dev, big)
     log("attention")
-    heads, hd = (8, 64) if quick else (16, 128)
-    rows_p, s_p = (2, 128) if quick else (4, 512) if device == "cpu" else (16, 512)
+    heads, hd = k["heads"]
+    rows_p, s_p = k["prefill"]
     attn_p = attention_flops(dev, dtype, rows_p, heads, hd, s_p, s_p)
-    rows_d, t_d = (8, 256) if quick else (32, 544)
+    rows_d, t_d = k["decode"]
     attn_d = attention_flops(dev, dtype, rows_d, heads, hd, 1, t_d)
     log("dequantization")
-    dq = dequant_rate(dev, dtype, (1 << 20) if quick else (16 << 20))
+    dq = dequant_rate(dev, dtype, k["dequant"])
     log("host attention")
     if device == "cpu":
         cpu_mm, cpu_attn, cpu_dq = mm, attn_d, dq

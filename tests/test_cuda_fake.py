@@ -280,3 +280,16 @@ def test_host_weights_stay_page_locked_while_the_model_lives(fake_cuda, opt_dir,
     del m, parts, t
     gc.collect()
     assert [k for k in fake_cuda.pinned_live if k[0] == "reg"] == []
+
+
+def test_expandable_segments_are_asked_for_unless_the_user_configured_the_allocator():
+    from flexgen.device import prefer_expandable_segments
+    calls = []
+    assert prefer_expandable_segments({}, calls.append) is True
+    assert calls == ["expandable_segments:True"]
+    for user in ({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}, {"PYTORCH_ALLOC_CONF": "max_split_size_mb:64"}):
+        assert prefer_expandable_segments(dict(user), calls.append) is False
+    assert len(calls) == 1                     # the user's setting stands
+    env = {}                                   # a torch without the run-time setter: the variable
+    assert prefer_expandable_segments(env, None) is True
+    assert env == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}

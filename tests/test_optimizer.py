@@ -464,3 +464,13 @@ def test_cpu_budget_is_for_tensors_and_the_reserve_comes_off_the_machine_once():
     unified = hw.replace(unified_memory=True, gpu_reserved=0)
     b = Budgets.from_request(unified, 4 * GIB, 3 * GIB, 10 * GIB)
     assert (b.gpu, b.cpu, b.combined) == (4 * GIB, 3 * GIB, 14 * GIB)
+
+
+def test_quick_profile_times_full_size_kernels_on_a_gpu():
+    """Small kernels time launch latency on a GPU: --quick shrinks them on a CPU only."""
+    from flexgen.calibrate import kernel_sizes
+    assert kernel_sizes("cuda", quick=True) == kernel_sizes("cuda", quick=False)
+    m, k, n = kernel_sizes("cuda", quick=True)["matmul"]
+    assert 2 * m * k * n >= 1e12                  # ~1 ms even at 1 PFLOP/s
+    qm, qk, qn = kernel_sizes("cpu", quick=True)["matmul"]
+    assert qm * qk * qn < m * k * n
