@@ -104,6 +104,21 @@ def matmul_flops(device, dtype, m: int, k: int, n: int) -> float:
     return 2 * m * k * n / t
 
 
+MATMUL_ROWS = (16, 64, 256, 1024, 4096)
+
+
+def matmul_by_rows(device, dtype, rows=MATMUL_ROWS, k: int = 4096, n: int = 8192) -> tuple:
+    """((rows, flop/s), ...) of `rows` x k times k x n: the weights (64 MiB in 16-bit, more
+    than a CPU's last-level cache) are read from memory as a layer's are; decode multiplies
+    gpu_batch_size rows, prefill gpu_batch_size x prompt_len."""
+    w = torch.randn(n, k, device=device, dtype=dtype)
+    out = []
+    for m in rows:
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        out.append((m, 2 * m * k * n / _best_time(lambda: torch.nn.functional.linear(a, w), device)))
+    return tuple(out)
+
+
 def copy_bandwidth(device, nbytes: int) -> float:
     """Bytes read per second by a device-to-device copy (read + write counted once each)."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
@@ -347,6 +362,10 @@ def measure_hardware(offload_dir: str | Path, quick: bool = False, device: str |
     k = kernel_sizes(device, quick)
     log("matmul")
     mm = matmul_flops(dev, dtype, *k["matmul"])
+    by_rows = ()
+    if not quick:
+        log("matmul by row count")
+        by_rows = matmul_by_rows(dev, dtype)
     log("memory bandwidth")
     mem_bw = copy_bandwidth(dev, big)
     log("attention")
@@ -396,7 +415,7 @@ def measure_hardware(offload_dir: str | Path, quick: bool = False, device: str |
         cpu_to_gpu_bw=c2g, gpu_to_cpu_bw=g2c, disk_read_bw=d_read, disk_write_bw=d_write,
         gpu_matmul_flops=mm, gpu_mem_bw=mem_bw, gpu_attn_flops_prefill=attn_p, gpu_attn_flops_decode=attn_d,
         gpu_dequant_rate=dq, cpu_matmul_flops=cpu_mm, cpu_attn_flops=cpu_attn, cpu_dequant_rate=cpu_dq,
-        layer_overhead=overhead, notes="; ".join(notes),
+        layer_overhead=overhead, gpu_matmul_by_rows=by_rows, notes="; ".join(notes),
     )
     if engine and not quick:
         log("engine overhead per layer step")

@@ -474,3 +474,36 @@ def test_quick_profile_times_full_size_kernels_on_a_gpu():
     assert 2 * m * k * n >= 1e12                  # ~1 ms even at 1 PFLOP/s
     qm, qk, qn = kernel_sizes("cpu", quick=True)["matmul"]
     assert qm * qk * qn < m * k * n
+
+
+# ---------------------------------------------------------------------------------------
+# Matmul rate by row count.
+
+def test_matmul_rate_table_interpolates_in_log_rows_and_round_trips(tmp_path):
+    hw = toy_hw(gpu_matmul_by_rows=[[1024, 400e9], [16, 100e9], [256, 300e9]])   # any order, lists (JSON)
+    assert hw.gpu_matmul_by_rows == ((16, 100e9), (256, 300e9), (1024, 400e9))
+    assert hw.matmul_rate(16) == 100e9 and hw.matmul_rate(1024) == 400e9
+    assert hw.matmul_rate(1) == 100e9 and hw.matmul_rate(10**6) == 400e9        # held at the ends
+    assert hw.matmul_rate(64) == pytest.approx(200e9)                             # halfway in log rows
+    assert HardwareProfile.load(hw.save(tmp_path / "hw.json")) == hw
+    assert load_hardware("t4").gpu_matmul_by_rows == ()                           # older profiles: no table
+    assert load_hardware("t4").matmul_rate(64) == load_hardware("t4").gpu_matmul_flops
+    for bad in ([[0, 1e9]], [[16, -1.0]], [[16, 1e9], [16, 2e9]], ["x"]):
+        with pytest.raises(FlexGenError, match="gpu_matmul_by_rows"):
+            toy_hw(gpu_matmul_by_rows=bad)
+
+
+def test_cost_model_prices_small_batches_at_their_measured_rate():
+    """Decode multiplies gpu_batch_size rows: with a table that says 16-row matmuls run at a
+    quarter of the 1024-row rate, a 16-row decode costs more per row than a 1024-row one."""
+    cpu = dict(unified_memory=True, compute_device="cpu", compute_dtype="bfloat16", gpu_mem=64 * GIB,
+               gpu_matmul_flops=400e9, gpu_mem_bw=1e15)
+    flat = toy_hw(**cpu, gpu_matmul_by_rows=[[16, 400e9], [1024, 400e9]])
+    slow = toy_hw(**cpu, gpu_matmul_by_rows=[[16, 100e9], [1024, 400e9]])
+    pol_small, pol_big = policy([100, 0, 100, 0, 100, 0], gbs=16), policy([100, 0, 100, 0, 100, 0], gbs=1024)
+    small_flat, small_slow = (estimate(OPT_1_3B, pol_small, 32, 8, h).decode_time for h in (flat, slow))
+    big_flat, big_slow = (estimate(OPT_1_3B, pol_big, 32, 8, h).decode_time for h in (flat, slow))
+    assert small_slow > 2.5 * small_flat          # matmuls dominate a 16-row decode
+    assert big_slow == pytest.approx(big_flat)    # same rate at 1024 rows
+    # The old two-term model is kept without a table.
+    assert estimate(OPT_1_3B, pol_small, 32, 8, toy_hw(**cpu)).decode_time == pytest.approx(small_flat, rel=0.05)

@@ -76,6 +76,13 @@ class HardwareProfile:
 
     layer_overhead: float = 0.0            # fixed seconds per (layer, gpu batch) step: launches, Python
 
+    # Matmul rate by row count, measured: ((rows, flop/s), ...) of a (rows x k) @ (k x n)
+    # product whose k x n weights come from memory. When given, the cost model prices a
+    # layer's matmuls at the rate for its rows (weight reads included) instead of
+    # gpu_matmul_flops + gpu_mem_bw: on a CPU a 64-row matmul ran at 0.8 of a 1024-row one.
+    # Empty (older and fitted profiles): the two-term model.
+    gpu_matmul_by_rows: tuple = ()
+
     # Between pipeline stages (torchrun ranks): `flexgen profile --network`, or given.
     link_bw: float = 10e9                  # bytes/s
     link_latency: float = 20e-6            # seconds per message
@@ -98,6 +105,29 @@ class HardwareProfile:
                 raise FlexGenError(f"hardware profile {self.name!r}: {f} must be >= 0, got {v!r}")
         for f in ("gpu_mem", "cpu_mem", "disk_mem", "gpu_reserved", "cpu_reserved"):
             object.__setattr__(self, f, int(getattr(self, f)))
+        try:
+            table = tuple(sorted((int(r), float(v)) for r, v in self.gpu_matmul_by_rows))
+        except (TypeError, ValueError):
+            table = None
+        if table is None or any(r < 1 or not math.isfinite(v) or v <= 0 for r, v in table) \
+                or len({r for r, _ in table}) != len(table):
+            raise FlexGenError(f"hardware profile {self.name!r}: gpu_matmul_by_rows must be [rows, flop/s] pairs "
+                               f"with distinct rows >= 1 and positive rates, got {self.gpu_matmul_by_rows!r}")
+        object.__setattr__(self, "gpu_matmul_by_rows", table)
+
+    def matmul_rate(self, rows: float) -> float:
+        """flop/s of a matmul with `rows` rows: gpu_matmul_by_rows interpolated in log rows,
+        held at its end points; gpu_matmul_flops without a table."""
+        t = self.gpu_matmul_by_rows
+        if not t:
+            return self.gpu_matmul_flops
+        if rows <= t[0][0]:
+            return t[0][1]
+        for (r0, v0), (r1, v1) in zip(t, t[1:]):
+            if rows <= r1:
+                w = math.log(rows / r0) / math.log(r1 / r0)
+                return v0 + w * (v1 - v0)
+        return t[-1][1]
 
     @property
     def dtype_bytes(self) -> int:
