@@ -104,7 +104,7 @@ def matmul_flops(device, dtype, m: int, k: int, n: int) -> float:
     return 2 * m * k * n / t
 
 
-MATMUL_ROWS = (16, 64, 256, 1024, 4096)
+MATMUL_ROWS = (1, 4, 16, 64, 256, 1024, 4096)
 
 
 def matmul_by_rows(device, dtype, rows=MATMUL_ROWS, k: int = 4096, n: int = 8192) -> tuple:

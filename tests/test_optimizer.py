@@ -483,7 +483,8 @@ def test_matmul_rate_table_interpolates_in_log_rows_and_round_trips(tmp_path):
     hw = toy_hw(gpu_matmul_by_rows=[[1024, 400e9], [16, 100e9], [256, 300e9]])   # any order, lists (JSON)
     assert hw.gpu_matmul_by_rows == ((16, 100e9), (256, 300e9), (1024, 400e9))
     assert hw.matmul_rate(16) == 100e9 and hw.matmul_rate(1024) == 400e9
-    assert hw.matmul_rate(1) == 100e9 and hw.matmul_rate(10**6) == 400e9        # held at the ends
+    assert hw.matmul_rate(10**6) == 400e9                                         # held above the table
+    assert hw.matmul_rate(4) == pytest.approx(25e9)          # below it the time of 16 rows (weight reads)
     assert hw.matmul_rate(64) == pytest.approx(200e9)                             # halfway in log rows
     assert HardwareProfile.load(hw.save(tmp_path / "hw.json")) == hw
     assert load_hardware("t4").gpu_matmul_by_rows == ()                           # older profiles: no table
@@ -507,3 +508,17 @@ def test_cost_model_prices_small_batches_at_their_measured_rate():
     assert big_slow == pytest.approx(big_flat)    # same rate at 1024 rows
     # The old two-term model is kept without a table.
     assert estimate(OPT_1_3B, pol_small, 32, 8, toy_hw(**cpu)).decode_time == pytest.approx(small_flat, rel=0.05)
+
+
+def test_search_rounds_further_down_when_the_best_lp_solutions_do_not_round(monkeypatch):
+    """The LP's best placements can all sit where whole percents overflow a budget: the
+    search goes on down the list instead of giving up."""
+    import flexgen.optimizer.solver as solver
+    real, calls = solver.round_solution, []
+
+    def first_ten_fail(sol, *a, **kw):
+        calls.append(sol)
+        return None if len(calls) <= 10 else real(sol, *a, **kw)
+    monkeypatch.setattr(solver, "round_solution", first_ten_fail)
+    _, est = solver.search(OPT_125M, 64, 8, toy_hw(), gpu_mem=GIB, cpu_mem=4 * GIB, disk_mem=20 * GIB)
+    assert len(calls) > 10 and est.throughput > 0

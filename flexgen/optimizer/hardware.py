@@ -116,13 +116,14 @@ class HardwareProfile:
         object.__setattr__(self, "gpu_matmul_by_rows", table)
 
     def matmul_rate(self, rows: float) -> float:
-        """flop/s of a matmul with `rows` rows: gpu_matmul_by_rows interpolated in log rows,
-        held at its end points; gpu_matmul_flops without a table."""
+        """flop/s of a matmul with `rows` rows: gpu_matmul_by_rows interpolated in log rows;
+        below its first point the time stays that point's (reading the weights bounds it),
+        above its last the rate stays the last one; gpu_matmul_flops without a table."""
         t = self.gpu_matmul_by_rows
         if not t:
             return self.gpu_matmul_flops
         if rows <= t[0][0]:
-            return t[0][1]
+            return t[0][1] * rows / t[0][0]
         for (r0, v0), (r1, v1) in zip(t, t[1:]):
             if rows <= r1:
                 w = math.log(rows / r0) / math.log(r1 / r0)

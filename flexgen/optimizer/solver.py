@@ -446,10 +446,12 @@ def search_detailed(model_args: ModelArgs, prompt_len: int, gen_len: int, hw: Ha
     sols = sorted((s for bs in searches.values() for s in bs.memo.values() if s is not None),
                   key=lambda s: s.time_per_token)
     rounded = []
-    for s in sols[:8]:
+    for s in sols:   # the 8 best that round; further down only while none has
         r = round_solution(s, model_args, hw, budgets, engine)
         if r is not None:
             rounded.append(r)
+            if len(rounded) == 8:
+                break
     if not rounded:
         raise FlexGenError("the linear program found placements, but none survives rounding to whole "
                            "percents within the budgets; give a little more memory")
