@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from flexgen.diskio import ALIGN, align_up, aligned_empty
+from flexgen.diskio import ALIGN, align_up, aligned_empty, aligned_view
 from flexgen.errors import FlexGenError
 
 # Compute dtypes by name (--dtype, HardwareProfile.compute_dtype), with the short aliases
@@ -123,11 +123,8 @@ class ComputeDevice:
         # last view dies: its finalizer unregisters then. A finalizer on the base *tensor*
         # fired as soon as the caller kept only a view (the base's Python object dies with
         # the first view), which left host weights pageable on CUDA.
-        n = align_up(max(nbytes, 1))
-        owner = np.empty(n + ALIGN, dtype=np.uint8)
-        raw = torch.from_numpy(owner)
-        start = (-raw.data_ptr()) % ALIGN
-        buf = raw[start:start + n]
+        owner = np.empty(align_up(max(nbytes, 1)) + ALIGN, dtype=np.uint8)
+        buf = aligned_view(torch.from_numpy(owner), nbytes)
         self._register(buf, owner)
         return buf
 

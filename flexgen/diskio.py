@@ -35,8 +35,13 @@ def aligned_empty(nbytes: int) -> torch.Tensor:
     """A pageable host uint8 buffer whose data pointer and length are ALIGN-aligned (for
     O_DIRECT). Page-locked memory comes from ComputeDevice.host_bytes, never from torch's
     pinned allocator (which rounds every block up to a power of two)."""
+    return aligned_view(torch.empty(align_up(max(nbytes, 1)) + ALIGN, dtype=torch.uint8), nbytes)
+
+
+def aligned_view(raw: torch.Tensor, nbytes: int) -> torch.Tensor:
+    """The align_up(nbytes) bytes of a uint8 buffer of at least that + ALIGN that start on an
+    ALIGN boundary."""
     n = align_up(max(nbytes, 1))
-    raw = torch.empty(n + ALIGN, dtype=torch.uint8)
     start = (-raw.data_ptr()) % ALIGN
     return raw[start:start + n]
 
@@ -218,4 +223,4 @@ class DiskFile:
         self.path.unlink(missing_ok=True)
 
 
-__all__ = ["ALIGN", "DiskFile", "align_up", "aligned_empty", "aligned_host_empty", "as_bytes", "drop_cached"]
+__all__ = ["ALIGN", "DiskFile", "align_up", "aligned_empty", "aligned_host_empty", "aligned_view", "as_bytes", "drop_cached"]

@@ -352,11 +352,8 @@ class BlockModel:
 
         # Matmuls: every gpu batch multiplies by the whole layer, reading it from device memory.
         rows = b if layer.kind == "output" else b * s_cur
-        if layer.matmul_params and hw.gpu_matmul_by_rows:   # measured at this many rows
-            gpu += nb * 2 * rows * layer.matmul_params / hw.matmul_rate(rows)
-        elif layer.matmul_params:
-            gpu += nb * (2 * rows * layer.matmul_params / hw.gpu_matmul_flops
-                         + layer.matmul_params * dt / hw.gpu_mem_bw)
+        if layer.matmul_params:
+            gpu += nb * hw.matmul_time(rows, layer.matmul_params)
         gpu += nb * hw.layer_overhead
 
         if layer.kind == "attention":

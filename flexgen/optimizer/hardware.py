@@ -115,6 +115,13 @@ class HardwareProfile:
                                f"with distinct rows >= 1 and positive rates, got {self.gpu_matmul_by_rows!r}")
         object.__setattr__(self, "gpu_matmul_by_rows", table)
 
+    def matmul_time(self, rows: float, params: float) -> float:
+        """Seconds to multiply `rows` rows by `params` weights read from device memory: at
+        the measured rate for that many rows, else one rate plus the weight read."""
+        if self.gpu_matmul_by_rows:
+            return 2 * rows * params / self.matmul_rate(rows)
+        return 2 * rows * params / self.gpu_matmul_flops + params * self.dtype_bytes / self.gpu_mem_bw
+
     def matmul_rate(self, rows: float) -> float:
         """flop/s of a matmul with `rows` rows: gpu_matmul_by_rows interpolated in log rows;
         below its first point the time stays that point's (reading the weights bounds it),
