@@ -104,8 +104,11 @@ WORKLOADS = {
                                    # run with a 0.5 GiB cpu tier, when the profile took a 2 GiB reserve off it).
                                    flexgen_budget=(0.9, 0, 10), peer_batches=(64, 128, 256, 512),
                                    note="TinyLlama 1.1B's shape, 2.2 GB in bf16 under a 1.5 GiB limit: minutes, not hours"),
-    "offload-13b": Workload("opt-13b", 32, 64, None, ("accelerate", "flexgen-auto"), peer_batches=(16, 32),
-                            flexgen_budget=(8, 8, 60), note="26 GB in bf16: larger than this machine's RAM"),
+    # Block held to 128 x 2 and gen to 32 so the run takes half an hour on two cores (the
+    # optimizer's own block, ~650 sequences at gen 64, is predicted at 1.4 h for flexgen alone).
+    "offload-13b": Workload("opt-13b", 32, 32, None, ("accelerate", "flexgen-auto"), peer_batches=(16, 32),
+                            flexgen_budget=(8, 8, 60), flexgen_block=(128, 2),
+                            note="26 GB in bf16: larger than this machine's RAM, no cgroup"),
 }
 
 
@@ -436,6 +439,24 @@ def run_child(args: list, limit_gib: Optional[float], timeout: float) -> dict:
     return res
 
 
+def still_rising(tried: dict) -> bool:
+    """Whether, of two or more batches tried ({batch: token/s or failure}), the fastest is the largest."""
+    ok = {int(b): v for b, v in tried.items() if isinstance(v, (int, float))}
+    return len(tried) > 1 and len(ok) > 0 and max(ok, key=ok.get) == max(int(b) for b in tried)
+
+
+def available_gib() -> float:
+    """MemAvailable of /proc/meminfo in GiB (total memory where it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 / GIB
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+
+
 def machine() -> dict:
     cpu, isa = platform.processor(), []
     try:
@@ -569,7 +590,11 @@ def main(argv=None) -> int:
                     # limit is left for activations, Python + torch (~0.6 GB) and the batch's KV
                     # cache, which a larger batch takes from the weights (they go to disk instead).
                     kv = kv_cache_bytes(ckpt, b, w.prompt_len + w.gen_len) / GIB
-                    budget = max(0.1, w.limit_gib * 0.6 - kv) if w.limit_gib else 1e6
+                    # With no limit, max_memory is what a careful user would give: 80 % of the RAM
+                    # available once the page cache is dropped (an unbounded budget would place a
+                    # model larger than RAM wholly in RAM).
+                    room = w.limit_gib * 0.6 if w.limit_gib else available_gib() * 0.8
+                    budget = max(0.1, room - kv)
                     drop_page_cache()
                     tried.append(run_child(base + ["--system", system, "--batch", str(b),
                                                    "--peer-weight-budget", str(budget)], w.limit_gib, a.timeout))
@@ -661,6 +686,9 @@ def main(argv=None) -> int:
     for r in rows:
         if "tried" in r:
             lines.append(f"\n{r['system']} throughput by batch: " + ", ".join(f"{b}: {v}" for b, v in r["tried"].items()))
+            if still_rising(r["tried"]):
+                lines.append(f"{r['system']}: its best batch is the largest tried; a larger one may be faster "
+                             "(try --peer-batches with larger sizes)")
     if agree is not None:
         lines.append(f"\ntoken agreement transformers vs flexgen (same weights, prompts and batch): {agree:.1%}")
     if forced is not None and "failed" not in forced:

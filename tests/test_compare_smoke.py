@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -61,3 +62,19 @@ def test_compare_ablations_smoke(tmp_path):
     kept = sum(n for d, n in placed.items() if d != "disk") / sum(placed.values())
     assert (acc["gpu_batch_size"], acc["num_gpu_batches"]) == (rows[0]["batch"], 1)
     assert abs(acc["w_gpu_percent"] - 100 * kept) < 0.1 and acc["cache_gpu_percent"] == 100
+
+
+def test_still_rising_flags_a_peer_whose_best_batch_is_the_largest_tried():
+    spec = importlib.util.spec_from_file_location("compare", ROOT / "benchmarks" / "compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    sys.modules["compare"] = compare   # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(compare)
+    finally:
+        del sys.modules["compare"]
+    assert compare.still_rising({"16": 1.0, "32": 1.9})
+    assert not compare.still_rising({"16": 1.0, "32": 1.9, "64": 1.5})
+    # a larger batch the cgroup killed does not count as tried successfully, nor as the best
+    assert not compare.still_rising({"64": 16.6, "128": 23.5, "256": "killed by the cgroup's OOM killer"})
+    assert not compare.still_rising({"32": 1.9})           # one size says nothing about the trend
+    assert not compare.still_rising({"32": "failed", "64": "failed"})
