@@ -446,18 +446,6 @@ def still_rising(tried: dict) -> bool:
     return len(tried) > 1 and len(ok) > 0 and max(ok, key=ok.get) == max(int(b) for b in tried)
 
 
-def available_gib() -> float:
-    """MemAvailable of /proc/meminfo in GiB (total memory where it cannot be read)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 / GIB
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
-
-
 def machine() -> dict:
     cpu, isa = platform.processor(), []
     try:
@@ -575,6 +563,8 @@ def main(argv=None) -> int:
                 peer_batches=tuple(a.peer_batches or w.peer_batches),
                 flexgen_block=tuple(a.block or w.flexgen_block),
                 systems=tuple(x for x in w.systems if x in (a.systems or w.systems)))
+    from flexgen.autopolicy import available_memory
+
     ckpt = write_checkpoint(w.model, Path(a.ckpt_dir) / w.model, a.dtype)
     scratch = Path(tempfile.mkdtemp(prefix="compare-", dir=a.ckpt_dir))
     dropped = drop_page_cache()
@@ -594,7 +584,7 @@ def main(argv=None) -> int:
                     # With no limit, max_memory is what a careful user would give: 80 % of the RAM
                     # available once the page cache is dropped (an unbounded budget would place a
                     # model larger than RAM wholly in RAM).
-                    room = w.limit_gib * 0.6 if w.limit_gib else available_gib() * 0.8
+                    room = w.limit_gib * 0.6 if w.limit_gib else available_memory() / GIB * 0.8
                     budget = max(0.1, room - kv)
                     drop_page_cache()
                     tried.append(run_child(base + ["--system", system, "--batch", str(b),

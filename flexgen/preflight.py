@@ -7,7 +7,6 @@ bytes a policy holds on each tier; compare them with what the machine has now.
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,13 +56,8 @@ def needs(args: ModelArgs, policy: Policy, prompt_len: int, gen_len: int, device
 
 def host_available() -> int:
     """Host memory a new allocation can get now (MemAvailable), within a cgroup limit if lower."""
-    avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                avail = int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    from flexgen.autopolicy import available_memory
+    avail = available_memory()
     for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
                          ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
                           "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
