@@ -81,9 +81,11 @@ WORKLOADS = {
                                flexgen_budget=(1, 2, 60), flexgen_block=(32, 8),
                                note="13.4 GB model, 4 GiB limit, prompt 32, gen 32: decode-heavy"),
     # The issue's decode-heavy length (gen 64) on the same model and limit: a sequence's KV
-    # cache is 96 positions, so Accelerate's batch is capped lower than at gen 32.
+    # cache is 96 positions, so Accelerate's batch is capped lower than at gen 32. On a CPU
+    # both of flexgen's tiers are the same RAM: 1.6 + 1.4 GiB (not 1 + 2) lets the optimizer
+    # take gpu batches of 128 rows, whose matmuls run faster than 64's (RESULTS.md).
     "decode-6.7b-g64": Workload("opt-6.7b", 32, 64, 4, ("accelerate", "flexgen-auto"), peer_batches=(48, 64),
-                                flexgen_budget=(1, 2, 60), flexgen_block=(64, 8),
+                                flexgen_budget=(1.6, 1.4, 60), flexgen_block=(128, 4),
                                 note="13.4 GB model, 4 GiB limit, prompt 32, gen 64: decode-heavy"),
     # The paper's ablations (--ablations) on a model larger than its limit, with the KV cache
     # off the compute tier, in runs of minutes: block held to 256 (the optimizer's is ~2000),
@@ -104,6 +106,12 @@ WORKLOADS = {
                                    # run with a 0.5 GiB cpu tier, when the profile took a 2 GiB reserve off it).
                                    flexgen_budget=(0.9, 0, 10), peer_batches=(64, 128, 256, 512),
                                    note="TinyLlama 1.1B's shape, 2.2 GB in bf16 under a 1.5 GiB limit: minutes, not hours"),
+    # A model over 6x its limit: Accelerate re-reads ~26 GB per token step for a batch its KV
+    # cache caps near 48; flexgen's block held to 128 x 4 (a 40-minute run; the optimizer's
+    # own is ~1300 sequences), run with --compress so its optimizer may choose 4-bit.
+    "decode-13b-4g": Workload("opt-13b", 32, 32, 4, ("accelerate", "flexgen-auto"), peer_batches=(32, 48),
+                              flexgen_budget=(1.6, 1.4, 60), flexgen_block=(128, 4),
+                              note="26 GB in bf16 under a 4 GiB limit"),
     # Block held to 128 x 2 and gen to 32 so flexgen's run takes 20 minutes on two cores (the
     # optimizer's own block, ~650 sequences at gen 64, is predicted at 1.4 h); Accelerate was
     # still faster at each larger batch up to 256 (16 to 64: RESULTS.md); about an hour in all.
@@ -279,6 +287,8 @@ def child(a) -> dict:
                                         hardware=a.hardware, compress_weight=a.compress, compress_cache=a.compress,
                                         log=lambda m: None)
             out["predicted_tok_s"] = est.throughput
+            if a.compress:
+                out["system"] = "flexgen-auto (4-bit allowed)"
         else:
             p = a.policy_percent
             policy = flexgen.Policy(gpu_batch_size=a.policy_gbs, num_gpu_batches=a.policy_ngb,
@@ -541,6 +551,8 @@ def main(argv=None) -> int:
                     help="override the block flexgen-auto is held to (gpu batch size, gpu batches)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per system run")
     ap.add_argument("--systems", nargs="+", help="run only these of the workload's systems")
+    ap.add_argument("--compress", action="store_true",
+                    help="let flexgen-auto's optimizer choose 4-bit weights and / or a 4-bit KV cache")
     ap.add_argument("--modify", nargs="+", default=[], metavar="FIELD=VALUE",
                     help="change flexgen-auto's chosen policy (e.g. compress_cache=true)")
     ap.add_argument("--ablations", action="store_true",
@@ -604,6 +616,8 @@ def main(argv=None) -> int:
                         extra += ["--block", *map(str, w.flexgen_block)]
                     if a.modify:
                         extra += ["--modify", *a.modify]
+                    if a.compress:
+                        extra += ["--compress"]
                     if a.hardware:
                         extra += ["--hardware", a.hardware]
                 else:
@@ -653,6 +667,7 @@ def main(argv=None) -> int:
             place = (f"{p['gpu_batch_size']}x{p['num_gpu_batches']}, " + " ".join(
                 f"{p[k]:g}" for k in ("w_gpu_percent", "w_cpu_percent", "cache_gpu_percent", "cache_cpu_percent",
                                       "act_gpu_percent", "act_cpu_percent")))
+            place += "".join(f", 4-bit {what}" for what in ("weight", "cache") if p.get(f"compress_{what}"))
         else:
             place = ", ".join(f"{k}: {v}" for k, v in sorted(r.get("device_map", {}).items())) or "in memory"
         ratio = f"{r['throughput'] / ref:.2f}" if ref else "-"
