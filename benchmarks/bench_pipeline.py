@@ -13,6 +13,7 @@ throughput and each stage's compute / I/O wait / receive wait / send time.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -24,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flexgen import Policy  # noqa: E402
 from flexgen.models.registry import args_from_name  # noqa: E402
-from flexgen.calibrate import measure_hardware  # noqa: E402
+from flexgen.calibrate import disk_bandwidth, measure_hardware  # noqa: E402
+from flexgen.iopool import LOAD_THREADS  # noqa: E402
 from flexgen.optimizer import HardwareProfile  # noqa: E402
 from flexgen.optimizer.pipeline import estimate_pipeline  # noqa: E402
 
@@ -57,6 +59,8 @@ def main() -> int:
     ap.add_argument("--profile", help="hardware profile JSON (default: measured now with --threads threads)")
     ap.add_argument("--link-bw", type=float, default=1.0, help="GB/s between stages (gloo on loopback: ~1)")
     ap.add_argument("--link-latency", type=float, default=100.0, help="us per message")
+    ap.add_argument("--profile-disk", action="store_true",
+                    help="predict with the profile's disk figure instead of one measured before each run")
     a = ap.parse_args()
     import torch
     torch.set_num_threads(a.threads)
@@ -71,13 +75,20 @@ def main() -> int:
         print(f"profile: matmul {hw.gpu_matmul_flops / 1e9:.0f} GFLOP/s, memory {hw.gpu_mem_bw / 1e9:.1f} GB/s, "
               f"disk read {hw.disk_read_bw / 1e9:.2f} GB/s, write {hw.disk_write_bw / 1e9:.2f} GB/s, "
               f"per-layer overhead {hw.layer_overhead * 1e6:.0f} us\n")
-        print("| stages | measured token/s | predicted token/s | measured / predicted | per stage: layers, "
-              "compute / I/O wait / recv wait / send (s) |")
-        print("|---|---|---|---|---|")
+        print("| stages | disk read GB/s | measured token/s | predicted token/s | measured / predicted | "
+              "per stage: layers, compute / I/O wait / recv wait / send (s) |")
+        print("|---|---|---|---|---|---|")
         for n in a.stages:
+            run_hw = hw
+            if not a.profile_disk and a.percent[0] + a.percent[1] < 100:
+                # This virtual disk's read rate moves by more than 25 % between runs minutes
+                # apart, so measure it just before the run, with as many readers as the run's
+                # ranks keep in flight (each rank has its own load threads on the one disk).
+                read, _, _ = disk_bandwidth(tmp / "probe", 512 << 20, readers=n * LOAD_THREADS)
+                run_hw = dataclasses.replace(hw, disk_read_bw=read)
             r = run(n, a, tmp / "offload", tmp / f"r{n}.json")
             # Every rank runs on this machine: they share its disk.
-            pe = estimate_pipeline(args, [policy], a.prompt_len, a.gen_len, hw, n, link_bw=a.link_bw * 1e9,
+            pe = estimate_pipeline(args, [policy], a.prompt_len, a.gen_len, run_hw, n, link_bw=a.link_bw * 1e9,
                                    link_latency=a.link_latency * 1e-6, hosts=[0] * n)
             meas = r["total_throughput_tok_s"]
             if n == 1:
@@ -88,8 +99,8 @@ def main() -> int:
                 stages = "; ".join(f"{s['layers'][0]}-{s['layers'][1] - 1}: {s['compute_s']:.2f} / "
                                    f"{s['io_wait_s']:.2f} / {s['recv_wait_s']:.2f} / {s['send_s']:.2f}"
                                    for s in r["stages"])
-            print(f"| {n} | {meas:.2f} | {pe.throughput:.2f} | {meas / pe.throughput:.2f} | {stages} |",
-                  flush=True)
+            print(f"| {n} | {run_hw.disk_read_bw / 1e9:.2f} | {meas:.2f} | {pe.throughput:.2f} | "
+                  f"{meas / pe.throughput:.2f} | {stages} |", flush=True)
     return 0
 
 
