@@ -441,7 +441,8 @@ def run_child(args: list, limit_gib: Optional[float], timeout: float) -> dict:
         res = json.loads(Path(out_json).read_text())
     except (OSError, json.JSONDecodeError):
         reason = "killed by the cgroup's OOM killer" if rc == -9 else f"exit {rc}"
-        tail = [line for line in err.strip().splitlines() if line.strip()][-1:] if err else []
+        # A kill leaves stderr's last line unrelated (a warning while loading): say only why.
+        tail = [line for line in err.strip().splitlines() if line.strip()][-1:] if err and rc != -9 else []
         res = {"failed": f"{reason}{': ' + tail[0][:160] if tail else ''}"}
         res["system"] = args[args.index("--system") + 1]
     finally:
