@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flexgen import Policy  # noqa: E402
 from flexgen.models.registry import args_from_name  # noqa: E402
 from flexgen.calibrate import disk_bandwidth, measure_hardware  # noqa: E402
-from flexgen.iopool import LOAD_THREADS  # noqa: E402
 from flexgen.optimizer import HardwareProfile  # noqa: E402
 from flexgen.optimizer.pipeline import estimate_pipeline  # noqa: E402
 
@@ -82,9 +81,10 @@ def main() -> int:
             run_hw = hw
             if not a.profile_disk and a.percent[0] + a.percent[1] < 100:
                 # This virtual disk's read rate moves by more than 25 % between runs minutes
-                # apart, so measure it just before the run, with as many readers as the run's
-                # ranks keep in flight (each rank has its own load threads on the one disk).
-                read, _, _ = disk_bandwidth(tmp / "probe", 512 << 20, readers=n * LOAD_THREADS)
+                # apart, so measure it just before the run, with as many readers as the run
+                # keeps in flight: with only weights on disk, one per rank (a rank reads its
+                # layers one at a time, each in sequential pieces).
+                read, _, _ = disk_bandwidth(tmp / "probe", 512 << 20, readers=n)
                 run_hw = dataclasses.replace(hw, disk_read_bw=read)
             r = run(n, a, tmp / "offload", tmp / f"r{n}.json")
             # Every rank runs on this machine: they share its disk.
