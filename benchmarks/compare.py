@@ -107,7 +107,7 @@ WORKLOADS = {
                                    flexgen_budget=(0.9, 0, 10), peer_batches=(64, 128, 256, 512),
                                    note="TinyLlama 1.1B's shape, 2.2 GB in bf16 under a 1.5 GiB limit: minutes, not hours"),
     # A model over 6x its limit: Accelerate re-reads ~26 GB per token step for a batch its KV
-    # cache caps near 48; flexgen's block held to 128 x 4 (a 40-minute run; the optimizer's
+    # cache caps near 48; flexgen's block held to 128 x 4 (20-40 minutes; the optimizer's
     # own is ~1300 sequences), run with --compress so its optimizer may choose 4-bit.
     "decode-13b-4g": Workload("opt-13b", 32, 32, 4, ("accelerate", "flexgen-auto"), peer_batches=(32, 48),
                               flexgen_budget=(1.6, 1.4, 60), flexgen_block=(128, 4),
