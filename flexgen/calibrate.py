@@ -4,8 +4,9 @@ Outside the optimizer package because it times the engine's own kernels (and, wi
 `engine=True`, the engine itself); the optimizer only reads the profile it produces.
 Every number is timed directly with small, representative kernels, best of a few runs:
 
-- matmul throughput on the compute device (a prefill-sized GEMM), its memory bandwidth
-  (a large copy), attention throughput for prefill and for decode (the engine's fused
+- matmul throughput on the compute device (a prefill-sized GEMM, and by row count with
+  weights cycled through more than the last-level cache, as a model's layers stream),
+  its memory bandwidth (a large copy), attention throughput for prefill and for decode (the engine's fused
   `models.base.attend`, i.e. scaled_dot_product_attention), and 4-bit dequantization speed;
 - the same attention and dequantization on the host, in fp32 (for cpu_cache_compute);
 - cpu<->gpu bandwidth: pinned host<->device copies on CUDA, memory copies on a CPU;
@@ -104,18 +105,47 @@ def matmul_flops(device, dtype, m: int, k: int, n: int) -> float:
     return 2 * m * k * n / t
 
 
-MATMUL_ROWS = (1, 4, 16, 64, 256, 1024, 4096)
+MATMUL_ROWS = (1, 4, 16, 64, 128, 256, 512, 1024, 4096)   # 128 and 512: common gpu batch sizes
+
+
+def last_level_cache(device: torch.device) -> int:
+    """Bytes of the largest cache in front of `device`'s memory (0 when unknown)."""
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0))
+    sizes = [0]
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = f.read_text().strip().upper()
+            sizes.append(int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1:], 0))
+        except (OSError, ValueError):
+            continue
+    return max(sizes)
 
 
 def matmul_by_rows(device, dtype, rows=MATMUL_ROWS, k: int = 4096, n: int = 8192) -> tuple:
-    """((rows, flop/s), ...) of `rows` x k times k x n: the weights (64 MiB in 16-bit, more
-    than a CPU's last-level cache) are read from memory as a layer's are; decode multiplies
-    gpu_batch_size rows, prefill gpu_batch_size x prompt_len."""
-    w = torch.randn(n, k, device=device, dtype=dtype)
+    """((rows, flop/s), ...) of `rows` x k times k x n, as the engine runs a layer's matmuls:
+    decode multiplies gpu_batch_size rows, prefill gpu_batch_size x prompt_len.
+
+    Each timing cycles through distinct weights that together exceed the last-level cache,
+    since a model's layers come from memory one after another. One weight timed over and
+    over stays in a large cache and reads optimistic: on a 2-core VM showing a 480 MiB L3,
+    128 rows ran at 1.39 TFLOP/s on one bf16 4096 x 8192 weight and 1.09 cycling through
+    ten, while the engine's decode matmuls at that batch ran at 1.02."""
+    device = torch.device(device)
+    one = n * k * torch.empty((), dtype=dtype).element_size()
+    count = max(2, -(-3 * last_level_cache(device) // (2 * one)))
+    if device.type == "cpu":
+        count = min(count, max(2, _host_memory() // (8 * one)))   # at most 1/8 of the host
+    ws = [torch.randn(n, k, device=device, dtype=dtype) for _ in range(min(count, 16))]
+
+    def cycle(a):
+        for w in ws:
+            torch.nn.functional.linear(a, w)
+
     out = []
     for m in rows:
         a = torch.randn(m, k, device=device, dtype=dtype)
-        out.append((m, 2 * m * k * n / _best_time(lambda: torch.nn.functional.linear(a, w), device)))
+        out.append((m, 2 * m * k * n * len(ws) / _best_time(lambda: cycle(a), device, repeat=2)))
     return tuple(out)
 
 
@@ -158,20 +188,30 @@ def attention_flops(device, dtype, rows: int, heads: int, head_dim: int, s: int,
 
 def dequant_rate(device, dtype, numel: int, group: int = 64) -> float:
     """4-bit values dequantized per second: with the engine's own `flexgen.quant` when it
-    is there, else a stand-in (unpack two values per byte, scale and shift per group)."""
+    is there, else a stand-in (unpack two values per byte, scale and shift per group).
+
+    Half the values are in the weights' layout (groups along the input dimension), half
+    in the KV cache's (time-major, groups along the hidden dimension): the engine
+    dequantizes both every decode step, and the cache's ran ~10 % slower here."""
     try:
-        from flexgen.quant import WEIGHT_QUANT, dequantize, quantize
+        from flexgen.quant import CACHE_QUANT, WEIGHT_QUANT, dequantize, quantize
     except ImportError:
         quantize = None
     if quantize is not None:
-        cols = 1024
-        w = torch.randn(numel // cols, cols, device=device, dtype=torch.float32)
-        packed = quantize(w, WEIGHT_QUANT)
-        del w
-        # Into one reused output, as the engine does: a fresh one per call timed the page
-        # faults of its memory instead (CPU, 16M values: 0.7 G values/s against 3.8).
-        out = torch.empty(packed.shape, dtype=dtype, device=device)
-        return numel // cols * cols / _best_time(lambda: dequantize(packed, dtype, out=out), device)
+        cols, rows = 1024, 32
+        half = max(numel // 2, rows * cols)
+        jobs = []
+        for cfg, shape in ((WEIGHT_QUANT, (half // cols, cols)), (CACHE_QUANT, (half // (rows * cols), rows, cols))):
+            packed = quantize(torch.randn(shape, device=device, dtype=torch.float32), cfg)
+            # Into one reused output, as the engine does: a fresh one per call timed the page
+            # faults of its memory instead (CPU, 16M values: 0.7 G values/s against 3.8).
+            out = torch.empty(packed.shape, dtype=dtype, device=device)
+            jobs.append((packed, out))
+
+        def run():
+            for packed, out in jobs:
+                dequantize(packed, dtype, out=out)
+        return sum(out.numel() for _, out in jobs) / _best_time(run, device)
     packed = torch.randint(0, 256, (numel // group, group // 2), dtype=torch.uint8, device=device)
     scale = torch.rand(numel // group, 1, device=device, dtype=torch.float16)
     mn = torch.rand(numel // group, 1, device=device, dtype=torch.float16)

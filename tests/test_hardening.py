@@ -487,5 +487,48 @@ def test_dequant_rate_times_dequantization_into_a_reused_output(monkeypatch):
         return real(p, dtype, out=out)
     monkeypatch.setattr(quant, "dequantize", spy)
     assert calibrate.dequant_rate(torch.device("cpu"), torch.float32, 1 << 16) > 0
-    assert len(outs) > 1 and outs[0] is not None
-    assert all(o is outs[0] for o in outs)
+    # Two layouts (weights, KV cache), each into its own output, reused on every call.
+    assert len(outs) > 2 and all(o is not None for o in outs)
+    assert len({id(o) for o in outs}) == 2
+    assert outs[0].dim() == 2 and outs[1].dim() == 3
+    assert all(o is outs[i % 2] for i, o in enumerate(outs))
+
+
+def test_matmul_by_rows_cycles_weights_larger_than_the_last_level_cache(monkeypatch):
+    """A layer's weights come from memory, not from a cache that one weight timed over and
+    over would stay in: the profile cycles through distinct weights that exceed the cache."""
+    import torch
+
+    from flexgen import calibrate
+    k, n = 64, 128
+    one = k * n * 4
+    monkeypatch.setattr(calibrate, "last_level_cache", lambda device: 3 * one)
+    seen = {}
+    real = torch.nn.functional.linear
+
+    def spy(a, w, *rest):
+        seen.setdefault(a.shape[0], set()).add(id(w))
+        return real(a, w, *rest)
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    table = calibrate.matmul_by_rows(torch.device("cpu"), torch.float32, rows=(1, 8), k=k, n=n)
+    assert [r for r, _ in table] == [1, 8] and all(v > 0 for _, v in table)
+    for rows in (1, 8):
+        assert len(seen[rows]) * one > 3 * one   # together larger than the cache
+    monkeypatch.setattr(calibrate, "last_level_cache", lambda device: 0)   # unknown: still two
+    seen.clear()
+    calibrate.matmul_by_rows(torch.device("cpu"), torch.float32, rows=(4,), k=k, n=n)
+    assert len(seen[4]) == 2
+
+
+def test_last_level_cache_is_the_largest_cpu_cache():
+    import torch
+
+    from flexgen.calibrate import last_level_cache
+    size = last_level_cache(torch.device("cpu"))
+    caches = Path("/sys/devices/system/cpu/cpu0/cache")
+    if not caches.is_dir():
+        assert size == 0
+        return
+    kib = [int(f.read_text().strip().rstrip("K")) for f in caches.glob("index*/size")
+           if f.read_text().strip().endswith("K")]
+    assert size >= max(kib, default=0) << 10
