@@ -200,6 +200,27 @@ def test_io_follows_placement():
     assert host_attn.busy_time["decode"]["compute (host)"] > 0 == cpu_cache.busy_time["decode"]["compute (host)"]
 
 
+def test_unified_memory_reads_disk_straight_into_the_compute_buffers():
+    """On a CPU compute device a disk read lands in the layer slot / cache working buffer
+    itself (weights.py, kvcache.py): only host-tier bytes are copied, and the copy time
+    that unified memory adds to compute counts those alone."""
+    hw = toy_hw(unified_memory=True, compute_device="cpu", compute_dtype="bfloat16")
+    s, n = 32, 9
+    stored = sum(l.stored for l in layer_costs(OPT_1_3B, False, "bfloat16"))
+    on_disk = estimate(OPT_1_3B, policy((0, 0, 100, 0, 100, 0)), s, n, hw)
+    on_host = estimate(OPT_1_3B, policy((0, 100, 100, 0, 100, 0)), s, n, hw)
+    assert on_disk.io_bytes["decode"]["disk->cpu"] == pytest.approx((n - 1) * stored)
+    assert on_disk.io_bytes["decode"]["cpu->gpu"] == 0
+    assert on_host.io_bytes["decode"]["cpu->gpu"] == pytest.approx((n - 1) * stored)
+    cuda = estimate(OPT_1_3B, policy((0, 0, 100, 0, 100, 0)), s, n, toy_hw())
+    assert cuda.io_bytes["decode"]["cpu->gpu"] == pytest.approx((n - 1) * stored)   # through staging
+    # KV cache rows on disk (the device attends): read into the working buffer directly.
+    cache_disk = estimate(OPT_1_3B, policy((100, 0, 0, 0, 100, 0), gbs=8), s, n, hw)
+    cache_host = estimate(OPT_1_3B, policy((100, 0, 0, 100, 100, 0), gbs=8), s, n, hw)
+    assert cache_disk.io_bytes["decode"]["disk->cpu"] > 0 and cache_disk.io_bytes["decode"]["cpu->gpu"] == 0
+    assert cache_host.io_bytes["decode"]["cpu->gpu"] == pytest.approx(cache_disk.io_bytes["decode"]["disk->cpu"])
+
+
 def test_overlap_and_bottleneck():
     hw = toy_hw()
     p = policy((0, 0, 0, 100, 0, 100), gbs=8, ngb=4)

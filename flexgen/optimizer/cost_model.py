@@ -335,8 +335,9 @@ class BlockModel:
         io = {k: Lin() for k in LINKS}
         gpu, host = Lin(), Lin()
 
-        # Weights of the next layer, once per block.
-        io["cpu->gpu"] += (V("wc") + V("wd")) * nxt.stored
+        # Weights of the next layer, once per block. On unified memory a disk read lands in
+        # the compute slot itself (weights.py): only the host part is copied.
+        io["cpu->gpu"] += (V("wc") + (0 if hw.unified_memory else V("wd"))) * nxt.stored
         io["disk->cpu"] += V("wd") * nxt.stored
         if self.compress_weight:
             gpu += layer.quantized_numel / hw.gpu_dequant_rate
@@ -380,7 +381,9 @@ class BlockModel:
                     if self.compress_cache:
                         host += nb * 2 * non_gpu * t_att * kv / hw.cpu_dequant_rate
                 else:
-                    io["cpu->gpu"] += nb * non_gpu * t_load * tok
+                    # (On unified memory disk rows are read into the working buffer directly.)
+                    copied = b * V("cc") if hw.unified_memory else non_gpu
+                    io["cpu->gpu"] += nb * copied * t_load * tok
                     io["gpu->cpu"] += nb * non_gpu * tok
                     dev_rows = Lin(b)
                 gpu += nb * 4 * dev_rows * t_att * qw / hw.gpu_attn_flops_decode
