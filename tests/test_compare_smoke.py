@@ -78,3 +78,14 @@ def test_still_rising_flags_a_peer_whose_best_batch_is_the_largest_tried():
     assert not compare.still_rising({"64": 16.6, "128": 23.5, "256": "killed by the cgroup's OOM killer"})
     assert not compare.still_rising({"32": 1.9})           # one size says nothing about the trend
     assert not compare.still_rising({"32": "failed", "64": "failed"})
+
+
+def test_bench_matmul_cache_smoke():
+    """benchmarks/bench_matmul_cache.py at tiny sizes: one table row per row count."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_matmul_cache.py"), "--dtype", "float32",
+                        "--k", "64", "--n", "128", "--weights", "3", "--rows", "1", "8"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| ") and "rows" not in line]
+    assert [int(c[0]) for c in rows] == [1, 8]
+    assert all(float(c[1]) > 0 and float(c[2]) > 0 for c in rows)
