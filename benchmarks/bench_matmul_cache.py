@@ -12,29 +12,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flexgen.calibrate import last_level_cache  # noqa: E402
+from flexgen.calibrate import _best_time, last_level_cache  # noqa: E402
 from flexgen.device import DTYPES  # noqa: E402
-
-
-def rate(fn, flops: float, device: torch.device, repeat: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return flops / best
 
 
 def main() -> int:
@@ -61,8 +46,8 @@ def main() -> int:
         def cycle():
             for w in ws:
                 F.linear(x, w)
-        warm = rate(lambda: F.linear(x, ws[0]), flops, dev, 5)
-        cold = rate(cycle, flops * len(ws), dev, 3)
+        warm = flops / _best_time(lambda: F.linear(x, ws[0]), dev, repeat=5)
+        cold = flops * len(ws) / _best_time(cycle, dev, repeat=3)
         print(f"| {m} | {warm / 1e9:.1f} | {cold / 1e9:.1f} | {warm / cold:.2f} |", flush=True)
     return 0
 

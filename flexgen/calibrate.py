@@ -133,10 +133,10 @@ def matmul_by_rows(device, dtype, rows=MATMUL_ROWS, k: int = 4096, n: int = 8192
     ten, while the engine's decode matmuls at that batch ran at 1.02."""
     device = torch.device(device)
     one = n * k * torch.empty((), dtype=dtype).element_size()
-    count = max(2, -(-3 * last_level_cache(device) // (2 * one)))
+    count = min(16, max(2, -(-3 * last_level_cache(device) // (2 * one))))   # 1.5x the cache
     if device.type == "cpu":
         count = min(count, max(2, _host_memory() // (8 * one)))   # at most 1/8 of the host
-    ws = [torch.randn(n, k, device=device, dtype=dtype) for _ in range(min(count, 16))]
+    ws = [torch.randn(n, k, device=device, dtype=dtype) for _ in range(count)]
 
     def cycle(a):
         for w in ws:
