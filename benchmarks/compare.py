@@ -680,16 +680,15 @@ def main(argv=None) -> int:
         lines.append(f"| {r['system']} | {r['batch']} | {place} | {r['prefill_s']:.2f} | {r['decode_s']:.2f} | "
                      f"{r['throughput']:.3f} | {bound} | {_fmt_gib(r['peak_rss'])} | {_fmt_gib(r['cgroup_peak'])} | "
                      f"{ratio} |")
+    from flexgen.cli import time_breakdown
     for r in rows:   # where the time went, for a phase well below its bound
         for ph in ("prefill", "decode"):
             b, t = r.get("bound", {}).get(ph), r.get("timings", {})
             if not b or "failed" in r or b["seconds"] >= 0.7 * r[ph + "_s"]:
                 continue
-            comp, wait = t.get(ph + ".compute", 0.0), t.get(ph + ".wait", 0.0)
             busy = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(b["busy"].items(), key=lambda kv: -kv[1])[:3])
             lines.append(f"\n{r['system']} {ph}: {b['seconds'] / r[ph + '_s']:.0%} of its bound; measured "
-                         f"{r[ph + '_s']:.1f} s = compute {comp:.1f} s + waiting for I/O {wait:.1f} s + other "
-                         f"{r[ph + '_s'] - comp - wait:.1f} s; the model's busiest resources: {busy}")
+                         f"{r[ph + '_s']:.1f} s = {time_breakdown(t, ph)}; the model's busiest resources: {busy}")
     for r in rows:
         if "tried" in r:
             lines.append(f"\n{r['system']} throughput by batch: " + ", ".join(f"{b}: {v}" for b, v in r["tried"].items()))

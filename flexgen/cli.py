@@ -261,6 +261,22 @@ def _with_other(t: dict) -> dict:
     return t
 
 
+_WAITS = ("weights", "cache", "hidden")
+_IO = ("load_weights", "load_cache", "store_cache", "load_hidden", "store_hidden")
+
+
+def time_breakdown(t: dict, phase: str) -> str:
+    """Where a phase's seconds went: compute, waits by kind, the rest; and how long the
+    I/O threads were busy with each kind of load and store (they run beside compute)."""
+    comp, wait = t.get(f"{phase}.compute", 0.0), t.get(f"{phase}.wait", 0.0)
+    kinds = ", ".join(f"{k} {t[f'{phase}.wait.{k}']:.1f}" for k in _WAITS if t.get(f"{phase}.wait.{k}", 0.0) >= 0.05)
+    text = (f"compute {comp:.1f} s + waiting for I/O {wait:.1f} s" + (f" ({kinds})" if kinds else "")
+            + f" + other {max(0.0, t.get(phase, 0.0) - comp - wait):.1f} s")
+    busy = ", ".join(f"{k.replace('_', ' ')} {t[f'{phase}.io.{k}']:.1f} s" for k in _IO
+                     if t.get(f"{phase}.io.{k}", 0.0) >= 0.05)
+    return text + (f"; I/O threads busy: {busy}" if busy else "")
+
+
 def print_report(r: dict) -> None:
     pol = r["policy"]
     ach = r["achieved_percent"]
@@ -275,6 +291,9 @@ def print_report(r: dict) -> None:
     print(f"{'phase':<8} {'latency (s)':>12} {'throughput':>12}")
     for name, lat, thr, unit in rows:
         print(f"{name:<8} {lat:>12.3f} {thr:>12.2f}  {unit}")
+    for phase in ("prefill", "decode"):
+        if r["timings_s"].get(phase):
+            print(f"{phase}: {time_breakdown(r['timings_s'], phase)}")
     mem, held, cache = r["peak_memory_bytes"], r["weights_held_bytes"], r["cache_held_bytes"]
     print(f"{'tier':<8} {'peak held':>12} {'weights':>12} {'KV cache':>12}")
     for tier in ("gpu", "cpu", "disk"):

@@ -232,13 +232,13 @@ class StageScheduler(Scheduler):
                 self._issue_loads(pending, i, j, k)
             if step.first:
                 layer_weights = self._wait_weights(pending, j, i)
-            kv = self._wait(pending.cache.pop((j, k), None), i)
+            kv = self._wait(pending.cache.pop((j, k), None), i, "cache")
             if j == 0 and not self.first:
                 s = b.prompt_len if i == 0 else 1
                 x = self._recv((self.policy.gpu_batch_size, s, self.args.hidden_size), self.weights.dtype,
                                self.stage - 1)
             else:
-                x = self._wait(pending.hidden.pop((j, k), None), i)
+                x = self._wait(pending.hidden.pop((j, k), None), i, "hidden")
             c0 = self.device.clock()
             x = self._compute(i, j, k, layer_weights, inputs[k], x, kv)
             self._clocks.append((c0, self.device.clock()))
@@ -265,7 +265,7 @@ class StageScheduler(Scheduler):
             inline = self.weights.resident(j)
             after = None if inline else self.device.mark()
             self._flip ^= 1
-            pending.weights[j] = self._submit(inline, self.weights.load, j, self._flip, after=after)
+            pending.weights[j] = self._submit(inline, "load_weights", self.weights.load, j, self._flip, after=after)
 
     def _check_sequences(self, rows: slice, i: int) -> None:
         """StopCriteria.check_sequences for one group's rows (the others have not reached step i)."""

@@ -14,7 +14,9 @@ A step that moves no bytes runs inline, on no stream of its own.
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -98,6 +100,10 @@ class Scheduler:
         self.specs = [lay.spec for lay in weights.layouts]
         self.num_layers = len(self.specs)
         self.attn_index = {j: s.block for j, s in enumerate(self.specs) if s.kind == "attention"}
+        # Host seconds the I/O threads spent in each kind of load / store since the last
+        # step ended (added from several threads: under a lock).
+        self._io_busy: dict[str, float] = defaultdict(float)
+        self._io_lock = threading.Lock()
 
     # -- public -----------------------------------------------------------------------
 
@@ -143,8 +149,8 @@ class Scheduler:
                         self._issue_loads(pending, i, j, k)
                     if step.first:
                         layer_weights = self._wait_weights(pending, j, i)
-                    kv = self._wait(pending.cache.pop((j, k), None), i)
-                    x = self._wait(pending.hidden.pop((j, k), None), i)
+                    kv = self._wait(pending.cache.pop((j, k), None), i, "cache")
+                    x = self._wait(pending.hidden.pop((j, k), None), i, "hidden")
                     c0 = self.device.clock()
                     x = self._compute(i, j, k, layer_weights, inputs[k], x, kv)
                     clocks.append((c0, self.device.clock()))
@@ -167,9 +173,29 @@ class Scheduler:
     def _step_done(self, i: int, t0: float, clocks: list) -> None:
         """End of a token step: one sync, then its wall and compute time to the hook."""
         self.device.synchronize()
-        self.hook("prefill" if i == 0 else "decode", time.perf_counter() - t0)
-        self.hook("prefill.compute" if i == 0 else "decode.compute",
-                  sum(self.device.elapsed(a, b) for a, b in clocks))
+        phase = "prefill" if i == 0 else "decode"
+        self.hook(phase, time.perf_counter() - t0)
+        self.hook(phase + ".compute", sum(self.device.elapsed(a, b) for a, b in clocks))
+        self._flush_io(phase)
+
+    def _flush_io(self, phase: str) -> None:
+        """I/O busy time to the hook, under the phase that was running when it was spent."""
+        with self._io_lock:
+            busy, self._io_busy = self._io_busy, defaultdict(float)
+        for kind, seconds in busy.items():
+            self.hook(f"{phase}.io.{kind}", seconds)
+
+    def _timed(self, kind: str, fn):
+        """fn, adding the host time it takes to the I/O busy time of `kind`."""
+        def run(*args):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                seconds = time.perf_counter() - t0
+                with self._io_lock:
+                    self._io_busy[kind] += seconds
+        return run
 
     def _finish(self, pending: _Pending, cache: KVCache, hidden: list[HiddenSlot]) -> None:
         """Wait for every load and store still in flight (also after an error or early stop)."""
@@ -177,6 +203,7 @@ class Scheduler:
         for slot in [*hidden, *cache.slots.values()]:
             if slot.last_store is not None:
                 slot.last_store.result()
+        self._flush_io("decode" if self._block.steps_done > 1 else "prefill")
 
     # -- inputs -----------------------------------------------------------------------
 
@@ -204,33 +231,37 @@ class Scheduler:
 
     # -- issuing loads and stores ---------------------------------------------------------
 
-    def _submit(self, inline: bool, fn, *args, after=None, store: bool = False):
+    def _submit(self, inline: bool, kind: str, fn, *args, after=None, store: bool = False, prev=None):
         """Run fn on the I/O pool, or here when it moves no bytes (a thread hop costs more,
         and so would entering a side stream). The future holds (result, ready event).
+        `kind` names the work in the I/O busy times; `prev`: a future (the slot's last
+        store) to wait for first, outside the busy time.
 
         Stores wait for their copies on their own worker (the host may need the bytes:
         a disk write, the next load of the slot); loads hand compute an event instead."""
         if inline:
-            return done_future((fn(*args), None))
-        return self.io.submit(self.device.io_task(fn, after, sync=store), *args, store=store)
+            return done_future((_after(prev, fn)(*args), None))
+        return self.io.submit(self.device.io_task(_after(prev, self._timed(kind, fn)), after, sync=store),
+                              *args, store=store)
 
     def _issue_weight(self, pending: _Pending, j: int) -> None:
         if j not in pending.weights:
             inline = self.weights.resident(j)
             after = None if inline else self.device.mark()
-            pending.weights[j] = self._submit(inline, self.weights.load, j, j % 2, after=after)
+            pending.weights[j] = self._submit(inline, "load_weights", self.weights.load, j, j % 2, after=after)
 
     def _issue_loads(self, pending: _Pending, i: int, j: int, k: int, cache: bool = True,
                      hidden: bool = True) -> None:
         if cache and self.specs[j].kind == "attention" and (j, k) not in pending.cache:
             slot = self._cache.slot(self.attn_index[j], k)
             t, s = (0, self._block.prompt_len) if i == 0 else (self._block.prompt_len + i - 1, 1)
-            pending.cache[(j, k)] = self._submit(slot.resident, _after(slot.last_store, slot.begin), t, s)
+            pending.cache[(j, k)] = self._submit(slot.resident, "load_cache", slot.begin, t, s, prev=slot.last_store)
         if hidden and j > 0 and (j, k) not in pending.hidden:
             slot = self._hidden[k]
             # The load may read gpu rows that compute wrote: after a mark taken now.
             after = None if slot.resident else self.device.mark()
-            pending.hidden[(j, k)] = self._submit(slot.resident, _after(slot.last_store, slot.load), after=after)
+            pending.hidden[(j, k)] = self._submit(slot.resident, "load_hidden", slot.load, after=after,
+                                                  prev=slot.last_store)
 
     def _prefetch_cache(self, pending: _Pending, i: int, step: ZigzagStep, steps: int) -> None:
         """When the next position has no cache to load (an MLP layer, or the next token's
@@ -247,26 +278,31 @@ class Scheduler:
         stores = []
         if kv is not None:
             slot = self._cache.slot(self.attn_index[j], k)
-            stores.append((slot, slot.end, kv))
+            stores.append((slot, "store_cache", slot.end, kv))
         if j < self.num_layers - 1:
             slot = self._hidden[k]
-            stores.append((slot, slot.store, x))
-        after = None if all(s.resident for s, _, _ in stores) else self.device.mark()
-        for slot, fn, value in stores:
-            slot.last_store = self._submit(slot.resident, fn, value, after=after, store=True)
-        return [slot.last_store for slot, _, _ in stores]
+            stores.append((slot, "store_hidden", slot.store, x))
+        after = None if all(s.resident for s, _, _, _ in stores) else self.device.mark()
+        for slot, kind, fn, value in stores:
+            slot.last_store = self._submit(slot.resident, kind, fn, value, after=after, store=True)
+        return [slot.last_store for slot, _, _, _ in stores]
 
-    def _wait(self, fut, i: int):
+    def _wait(self, fut, i: int, kind: str):
+        """The result of a load, counting the time compute waited for it (in total and
+        by `kind`: weights, cache or hidden)."""
         if fut is None:
             return None
         w0 = time.perf_counter()
         out, ready = fut.result()
         self.device.wait(ready)
-        self.hook("prefill.wait" if i == 0 else "decode.wait", time.perf_counter() - w0)
+        waited = time.perf_counter() - w0
+        phase = "prefill" if i == 0 else "decode"
+        self.hook(phase + ".wait", waited)
+        self.hook(f"{phase}.wait.{kind}", waited)
         return out
 
     def _wait_weights(self, pending: _Pending, j: int, i: int):
-        loaded = self._wait(pending.weights.pop(j), i)
+        loaded = self._wait(pending.weights.pop(j), i, "weights")
         return self.weights.weights(loaded)
 
     def _drain(self, pending: _Pending) -> None:

@@ -423,6 +423,50 @@ def test_progress_bar_on_a_terminal_only(opt_dir, tmp_path):
     assert "generating" not in cli(*args).stderr     # not a terminal
 
 
+# -- where the time went: waits by kind, I/O threads' busy time --------------------------
+
+def _slowed(monkeypatch, cls, name, seconds):
+    real = getattr(cls, name)
+
+    def slow(*a, **kw):
+        time.sleep(seconds)
+        return real(*a, **kw)
+    monkeypatch.setattr(cls, name, slow)
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlap"])
+def test_waits_by_kind_and_io_busy_time_name_the_slow_link(opt_dir, tmp_path, monkeypatch, overlap):
+    """A cache read and a cache write made 50 ms slower show up as the cache's wait (when
+    nothing hides it) and as the I/O threads' busy time for those kinds, not elsewhere."""
+    from flexgen import Policy, load_model
+    from flexgen.cli import time_breakdown
+    from flexgen.kvcache import KVSlot
+    path, _ = opt_dir
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=2, w_gpu_percent=0, w_cpu_percent=0,
+                    cache_gpu_percent=0, cache_cpu_percent=0, act_gpu_percent=100, act_cpu_percent=0,
+                    overlap=overlap)
+    delay, gen, layers, ngb = 0.05, 4, 2, 2
+    with load_model(str(path), policy, device="cpu", dtype="float32", offload_dir=tmp_path) as m:
+        _slowed(monkeypatch, KVSlot, "begin", delay)
+        _slowed(monkeypatch, KVSlot, "end", delay)
+        m.generate(torch.randint(4, 300, (4, 8)), max_new_tokens=gen, eos_token_id=[])
+        t = dict(m.stats.timings)
+    for ph in ("prefill", "decode"):
+        kinds = sum(t.get(f"{ph}.wait.{k}", 0.0) for k in ("weights", "cache", "hidden"))
+        assert kinds == pytest.approx(t[ph + ".wait"], rel=1e-6, abs=1e-9)
+    # Every (step, layer, batch) begins and ends once. I/O time counts under the phase
+    # running when it was spent: a prefetch for the first decode step may end in prefill.
+    per_kind = gen * layers * ngb
+    for kind in ("load_cache", "store_cache"):
+        assert t.get(f"prefill.io.{kind}", 0.0) + t[f"decode.io.{kind}"] >= delay * per_kind
+    assert t["decode.io.load_weights"] > 0 and "decode.io.load_hidden" not in t   # hidden is resident
+    if not overlap:   # every decode load is waited for in full
+        assert t["decode.wait.cache"] >= delay * (gen - 1) * layers * ngb
+        assert t["decode.wait.cache"] > t["decode.wait.weights"]
+    text = time_breakdown(t, "decode")
+    assert f"cache {t['decode.wait.cache']:.1f}" in text and f"load cache {t['decode.io.load_cache']:.1f} s" in text
+
+
 # -- 10: compressed weights are dequantized off the compute thread -------------------------
 
 @pytest.mark.parametrize("percent", [(100, 0), (20, 30)], ids=["gpu", "mixed"])
