@@ -188,6 +188,14 @@ class KVArray:
         from flexgen.quant import dequantize
         dequantize(self.read_packed(t1, host, take), out.dtype, out=out)   # straight into the working buffer
 
+    def packed_view(self, t1: int):
+        """Positions [0, t1) of a compressed array held in memory, still packed, as live
+        views of its storage (no copy): for dequantizing on the device that holds it."""
+        from flexgen.quant import CACHE_QUANT, Packed
+        views = {name: p.view(t1) for name, p in self.parts.items()}
+        return Packed(data=views["data"], scale=views["scale"], mn=views["mn"],
+                      shape=(t1, *self.shape[1:]), cfg=CACHE_QUANT)
+
     def read_packed(self, t1: int, host: bool = True, take=None):
         """Positions [0, t1) of a compressed array, still packed (a quant.Packed).
         `take(shape, capacity, dtype)`: where the buffers come from (default: fresh)."""
@@ -404,8 +412,13 @@ class KVSlot:
                 if p.k.compress and device.type == "cpu":
                     # Dequantized on the compute thread (KVWork.update): here it would hold
                     # this I/O thread off the disk while it runs, and on a CPU it takes the
-                    # same cores either way.
-                    g.packed = (p.k.read_packed(t, on_host, take), p.v.read_packed(t, on_host, take))
+                    # same cores either way. Packed rows already in host memory are
+                    # dequantized where they are: a copy would move the same bytes once
+                    # more, on the I/O thread, through the same memory and cores.
+                    if p.tier is Tier.DISK:
+                        g.packed = (p.k.read_packed(t, on_host, take), p.v.read_packed(t, on_host, take))
+                    else:
+                        g.packed = (p.k.packed_view(t), p.v.packed_view(t))
                 else:
                     p.k.read(t, g.k[:t], scratch_after=True, host=on_host, take=take)
                     p.v.read(t, g.v[:t], scratch_after=True, host=on_host, take=take)

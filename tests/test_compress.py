@@ -170,6 +170,13 @@ def test_cpu_cache_read_stays_packed_until_compute(tmp_path, ccc):
         slot.end(work)
         work = slot.begin(t, 1)
         assert [grp.packed is not None for grp in work.groups] == [True, True]   # cpu part, disk part
+        # The host part is dequantized from its own storage, not from a copy of it.
+        host_part, disk_part = (grp.parts[0] for grp in work.groups)
+        for grp, part in zip(work.groups, (host_part, disk_part)):
+            for packed, arr in zip(grp.packed, (part.k, part.v)):
+                own = part.tier.name != "DISK" and all(
+                    getattr(packed, n).data_ptr() == arr.parts[n].data.data_ptr() for n in ("data", "scale", "mn"))
+                assert own == (part is host_part)
         nk, nv = torch.randn(rows, 1, hidden, generator=g), torch.randn(rows, 1, hidden, generator=g)
         groups = work.update(nk, nv)
         keys = torch.cat([grp.keys[:, :] for grp in groups], dim=1)        # (t + 1, rows, h)

@@ -120,6 +120,18 @@ def test_sampling_reproducible_with_seed(opt_dir, prompts, offload):
     assert not torch.equal(outs[0], greedy)  # sampling really samples
 
 
+def test_greedy_is_argmax_including_ties_and_nan():
+    from flexgen.sampling import greedy
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randint(0, 3, (33, 5000), generator=gen).to(dtype)   # many equal maxima per row
+        x[4, 17] = float("nan")
+        x[9] = 1.0                                                       # a row of one value
+        assert torch.equal(greedy(x), x.argmax(dim=-1))
+        y = torch.randn(8, 50272, generator=gen).to(dtype)
+        assert torch.equal(greedy(y), y.argmax(dim=-1))
+
+
 def test_stop_sequence(opt_dir, prompts, offload):
     path, model = opt_dir
     ids, mask = prompts
