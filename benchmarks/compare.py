@@ -317,7 +317,9 @@ def child(a) -> dict:
             out["tokens"] = seq[:, a.prompt_len:].tolist()
             s = m.stats
             out.update(prefill_s=s.prefill_time, decode_s=s.decode_time, generated_tokens=s.generated_tokens,
-                       timings=dict(s.timings), peak_memory=dict(s.peak_memory), direct_io=s.direct_io)
+                       timings=dict(s.timings), peak_memory=dict(s.peak_memory), direct_io=s.direct_io,
+                       disk_read={"prefill": s.disk_read_bytes - s.decode_disk_read_bytes,
+                                  "decode": s.decode_disk_read_bytes})
         out["bound"] = phase_bounds(a, policy)
     out["total_s"] = out["prefill_s"] + out["decode_s"]
     out["throughput"] = out["generated_tokens"] / out["total_s"] if out["total_s"] else 0.0
@@ -362,6 +364,7 @@ def phase_bounds(a, policy) -> dict:
         resource = max(busy, key=busy.get)
         out[phase] = {"seconds": busy[resource], "resource": resource, "busy": dict(busy)}
     out["predicted_tok_s"] = est.throughput
+    out["disk_read_bw"] = hw.disk_read_bw
     return out
 
 
@@ -687,8 +690,12 @@ def main(argv=None) -> int:
             if not b or "failed" in r or b["seconds"] >= 0.7 * r[ph + "_s"]:
                 continue
             busy = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(b["busy"].items(), key=lambda kv: -kv[1])[:3])
+            read = r.get("disk_read", {}).get(ph, 0)
+            profile = r["bound"].get("disk_read_bw")
             lines.append(f"\n{r['system']} {ph}: {b['seconds'] / r[ph + '_s']:.0%} of its bound; measured "
-                         f"{r[ph + '_s']:.1f} s = {time_breakdown(t, ph)}; the model's busiest resources: {busy}")
+                         f"{r[ph + '_s']:.1f} s = {time_breakdown(t, ph, read)}"
+                         + (f" (the profile's: {profile / 1e9:.2f} GB/s)" if read and profile else "")
+                         + f"; the model's busiest resources: {busy}")
     for r in rows:
         if "tried" in r:
             lines.append(f"\n{r['system']} throughput by batch: " + ", ".join(f"{b}: {v}" for b, v in r["tried"].items()))

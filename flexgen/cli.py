@@ -244,6 +244,7 @@ def report(model, stats, a) -> dict:
         "weights_held_bytes": model.placement.weight_bytes(),
         "cache_held_bytes": dict(stats.cache_bytes),
         "disk_read_bytes": stats.disk_read_bytes,
+        "decode_disk_read_bytes": stats.decode_disk_read_bytes,
         "disk_write_bytes": stats.disk_write_bytes,
         "process_peak_rss_bytes": stats.process_peak_rss,
         "cuda_peak_allocated_bytes": stats.cuda_peak_allocated,
@@ -265,16 +266,20 @@ _WAITS = ("weights", "cache", "hidden")
 _IO = ("load_weights", "load_cache", "store_cache", "load_hidden", "store_hidden")
 
 
-def time_breakdown(t: dict, phase: str) -> str:
-    """Where a phase's seconds went: compute, waits by kind, the rest; and how long the
-    I/O threads were busy with each kind of load and store (they run beside compute)."""
+def time_breakdown(t: dict, phase: str, disk_read: int = 0) -> str:
+    """Where a phase's seconds went: compute, waits by kind, the rest; how long the I/O
+    threads were busy with each kind of load and store (they run beside compute); and
+    the rate of the phase's `disk_read` bytes over its wall time."""
     comp, wait = t.get(f"{phase}.compute", 0.0), t.get(f"{phase}.wait", 0.0)
     kinds = ", ".join(f"{k} {t[f'{phase}.wait.{k}']:.1f}" for k in _WAITS if t.get(f"{phase}.wait.{k}", 0.0) >= 0.05)
     text = (f"compute {comp:.1f} s + waiting for I/O {wait:.1f} s" + (f" ({kinds})" if kinds else "")
             + f" + other {max(0.0, t.get(phase, 0.0) - comp - wait):.1f} s")
     busy = ", ".join(f"{k.replace('_', ' ')} {t[f'{phase}.io.{k}']:.1f} s" for k in _IO
                      if t.get(f"{phase}.io.{k}", 0.0) >= 0.05)
-    return text + (f"; I/O threads busy: {busy}" if busy else "")
+    text += f"; I/O threads busy: {busy}" if busy else ""
+    if disk_read and t.get(phase):
+        text += f"; disk reads {disk_read / 1e9:.1f} GB, {disk_read / t[phase] / 1e9:.2f} GB/s over the phase"
+    return text
 
 
 def print_report(r: dict) -> None:
@@ -291,9 +296,10 @@ def print_report(r: dict) -> None:
     print(f"{'phase':<8} {'latency (s)':>12} {'throughput':>12}")
     for name, lat, thr, unit in rows:
         print(f"{name:<8} {lat:>12.3f} {thr:>12.2f}  {unit}")
-    for phase in ("prefill", "decode"):
+    decode_read = r["decode_disk_read_bytes"]
+    for phase, read in (("prefill", r["disk_read_bytes"] - decode_read), ("decode", decode_read)):
         if r["timings_s"].get(phase):
-            print(f"{phase}: {time_breakdown(r['timings_s'], phase)}")
+            print(f"{phase}: {time_breakdown(r['timings_s'], phase, read)}")
     mem, held, cache = r["peak_memory_bytes"], r["weights_held_bytes"], r["cache_held_bytes"]
     print(f"{'tier':<8} {'peak held':>12} {'weights':>12} {'KV cache':>12}")
     for tier in ("gpu", "cpu", "disk"):

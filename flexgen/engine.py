@@ -55,6 +55,7 @@ class GenerationStats:
     cuda_peak_reserved: Optional[int] = None      # what --gpu-mem caps (allocator blocks)
     direct_io: Optional[bool] = None
     disk_read_bytes: int = 0      # weights, KV cache and activations read from disk
+    decode_disk_read_bytes: int = 0   # the part of disk_read_bytes read during decode steps
     disk_write_bytes: int = 0
 
     @property
@@ -79,6 +80,8 @@ class FlexGenModel:
         self.offload_dir = offload_dir
         self.progress = progress
         self._bar, self._bar_rows = None, 0
+        self._disk_read = None         # () -> bytes read from disk so far by the running block
+        self._decode_read_from = None  # that count when the block's prefill ended
         self.tracker = MemoryTracker()
         self.stats = GenerationStats()
         self.io = IOPool()
@@ -299,13 +302,21 @@ class FlexGenModel:
             row_bytes = block.prompt_len * self.args.hidden_size * torch.empty((), dtype=self.dtype).element_size()
             hidden = [HiddenSlot(self.placement.act, row_bytes, self.device, self.tracker,
                                  self.run_dir / f"hidden_{k}.bin") for k in range(p.num_gpu_batches)]
-            w_read0, _ = self.weights.disk_bytes()
+            files = cache.files + [h.file for h in hidden if h.file is not None]
+
+            def disk_read() -> int:
+                return self.weights.disk_bytes()[0] + sum(f.bytes_read for f in files)
+            read0 = disk_read()
+            self._disk_read, self._decode_read_from = disk_read, None
             self.scheduler.run(block, cache, hidden)
             self.stats.direct_io = _merge_direct(self.weights.direct_io, cache.direct_io)
-            files = cache.files + [h.file for h in hidden if h.file is not None]
-            self.stats.disk_read_bytes += self.weights.disk_bytes()[0] - w_read0 + sum(f.bytes_read for f in files)
+            read1 = disk_read()
+            self.stats.disk_read_bytes += read1 - read0
+            if self._decode_read_from is not None:
+                self.stats.decode_disk_read_bytes += read1 - self._decode_read_from
             self.stats.disk_write_bytes += sum(f.bytes_written for f in files)
         finally:
+            self._disk_read = None
             if hidden:
                 for h in hidden:
                     h.close()
@@ -314,6 +325,8 @@ class FlexGenModel:
 
     def _hook(self, name: str, seconds: float) -> None:
         self.stats.timings[name] += seconds
+        if name == "prefill" and self._disk_read is not None:
+            self._decode_read_from = self._disk_read()
         if name == "prefill":
             self.stats.prefill_time += seconds
         elif name == "decode":

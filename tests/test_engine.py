@@ -156,6 +156,19 @@ def test_weight_split_tracks_request(opt_dir, offload):
         assert abs(got[0] - wg) < 1.0 and abs(got[1] - wc) < 1.0, (wg, wc, got)
 
 
+def test_decode_disk_reads_are_the_decode_steps_share(opt_dir, prompts, offload):
+    """Weights on disk, nothing else, sequential: every token step reads them once, so
+    the decode's share of the bytes read is (steps - 1) / steps."""
+    path, _ = opt_dir
+    ids, mask = prompts
+    with flexgen.load_model(str(path), P(0, 0, 100, 0, 100, 0, overlap=False), device="cpu", dtype=torch.float32,
+                            offload_dir=offload) as m:
+        m.generate(ids, mask, max_new_tokens=GEN, eos_token_id=[])
+        s = m.stats
+    assert s.disk_read_bytes > 0
+    assert s.decode_disk_read_bytes == pytest.approx(s.disk_read_bytes * (GEN - 1) / GEN, rel=1e-6)
+
+
 def test_disk_tier_really_reads_and_writes(opt_dir, prompts, offload, monkeypatch):
     """Count bytes through DiskFile; corrupting the weights' disk part is then detected."""
     from flexgen import diskio
