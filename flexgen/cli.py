@@ -262,7 +262,7 @@ def _with_other(t: dict) -> dict:
     return t
 
 
-_WAITS = ("weights", "cache", "hidden")
+_WAITS = ("weights", "cache", "hidden", "stores")
 _IO = ("load_weights", "load_cache", "store_cache", "load_hidden", "store_hidden")
 
 

@@ -244,7 +244,7 @@ class StageScheduler(Scheduler):
             self._clocks.append((c0, self.device.clock()))
             if j == L - 1 and not self.last:
                 self._send(x, self.stage + 1)
-            stores = self._issue_stores(j, k, x, kv)
+            stores = self._issue_stores(i, j, k, x, kv)
             if not overlap:
                 for f in stores:
                     f.result()

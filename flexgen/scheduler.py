@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -32,6 +32,11 @@ from flexgen.sampling import LogprobRecorder, StopCriteria
 from flexgen.weights import PlacedWeights
 
 TimingHook = Callable[[str, float], None]
+
+# Stores waiting behind a slow disk keep their tensors alive (a prefill's K and V: tens of
+# MB per (layer, gpu batch)); a disk that stalls for a minute grew a 13B prefill by 2.6 GB
+# under a 4 GiB limit. Past this many stores in flight, compute waits for the oldest.
+MAX_PENDING_STORES = 4
 
 
 @dataclass
@@ -104,6 +109,7 @@ class Scheduler:
         # step ended (added from several threads: under a lock).
         self._io_busy: dict[str, float] = defaultdict(float)
         self._io_lock = threading.Lock()
+        self._stores_in_flight: deque = deque()   # futures of stores on the I/O pool, oldest first
 
     # -- public -----------------------------------------------------------------------
 
@@ -154,7 +160,7 @@ class Scheduler:
                     c0 = self.device.clock()
                     x = self._compute(i, j, k, layer_weights, inputs[k], x, kv)
                     clocks.append((c0, self.device.clock()))
-                    stores = self._issue_stores(j, k, x, kv)
+                    stores = self._issue_stores(i, j, k, x, kv)
                     if not overlap:
                         for f in stores:
                             f.result()
@@ -203,6 +209,7 @@ class Scheduler:
         for slot in [*hidden, *cache.slots.values()]:
             if slot.last_store is not None:
                 slot.last_store.result()
+        self._stores_in_flight.clear()
         self._flush_io("decode" if self._block.steps_done > 1 else "prefill")
 
     # -- inputs -----------------------------------------------------------------------
@@ -274,7 +281,7 @@ class Scheduler:
         if i + d2 < steps and self.specs[j2].kind == "attention":
             self._issue_loads(pending, i + d2, j2, k2, hidden=False)
 
-    def _issue_stores(self, j: int, k: int, x, kv) -> list:
+    def _issue_stores(self, i: int, j: int, k: int, x, kv) -> list:
         stores = []
         if kv is not None:
             slot = self._cache.slot(self.attn_index[j], k)
@@ -285,11 +292,18 @@ class Scheduler:
         after = None if all(s.resident for s, _, _, _ in stores) else self.device.mark()
         for slot, kind, fn, value in stores:
             slot.last_store = self._submit(slot.resident, kind, fn, value, after=after, store=True)
+            if not slot.resident:
+                self._stores_in_flight.append(slot.last_store)
+        pending = self._stores_in_flight
+        while pending and pending[0].done():
+            pending.popleft()
+        while len(pending) > MAX_PENDING_STORES:
+            self._wait(pending.popleft(), i, "stores")
         return [slot.last_store for slot, _, _, _ in stores]
 
     def _wait(self, fut, i: int, kind: str):
-        """The result of a load, counting the time compute waited for it (in total and
-        by `kind`: weights, cache or hidden)."""
+        """The result of a load (or a store), counting the time compute waited for it
+        (in total and by `kind`: weights, cache, hidden or stores)."""
         if fut is None:
             return None
         w0 = time.perf_counter()

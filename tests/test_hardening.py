@@ -467,6 +467,38 @@ def test_waits_by_kind_and_io_busy_time_name_the_slow_link(opt_dir, tmp_path, mo
     assert f"cache {t['decode.wait.cache']:.1f}" in text and f"load cache {t['decode.io.load_cache']:.1f} s" in text
 
 
+def test_stores_behind_a_slow_disk_do_not_pile_up(opt_dir, tmp_path, monkeypatch):
+    """Each queued store keeps its tensors: when writes fall behind compute, compute waits
+    for the oldest instead of letting them (and memory) grow without bound."""
+    from flexgen import Policy, iopool, load_model, scheduler
+    from flexgen.kvcache import KVSlot
+    path, _ = opt_dir
+    in_flight, most = [0], [0]
+    real_submit = iopool.IOPool.submit
+
+    def submit(self, fn, *args, store=False):
+        fut = real_submit(self, fn, *args, store=store)
+        if store:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+
+            def done(_):
+                in_flight[0] -= 1
+            fut.add_done_callback(done)
+        return fut
+    monkeypatch.setattr(iopool.IOPool, "submit", submit)
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=4, w_gpu_percent=100, w_cpu_percent=0,
+                    cache_gpu_percent=0, cache_cpu_percent=0, act_gpu_percent=100, act_cpu_percent=0)
+    with load_model(str(path), policy, device="cpu", dtype="float32", offload_dir=tmp_path) as m:
+        _slowed(monkeypatch, KVSlot, "end", 0.1)      # a disk much slower than compute
+        m.generate(torch.randint(4, 300, (8, 8)), max_new_tokens=4, eos_token_id=[])
+        t = dict(m.stats.timings)
+    # 4 steps x 2 layers x 4 batches = 32 stores of 0.1 s against milliseconds of compute.
+    # The newest store is queued before the oldest is waited for, and a done callback may lag.
+    assert most[0] <= scheduler.MAX_PENDING_STORES + 2
+    assert t["prefill.wait.stores"] + t["decode.wait.stores"] > 0.5 * 32 * 0.1
+
+
 # -- 10: compressed weights are dequantized off the compute thread -------------------------
 
 @pytest.mark.parametrize("percent", [(100, 0), (20, 30)], ids=["gpu", "mixed"])
