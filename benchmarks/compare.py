@@ -581,6 +581,14 @@ def main(argv=None) -> int:
                 systems=tuple(x for x in w.systems if x in (a.systems or w.systems)))
     from flexgen.autopolicy import available_memory
 
+    # SIGTERM / SIGHUP unwind like Ctrl-C: subprocess.run kills the running child and the
+    # scratch directory below (the peer's checkpoint, flexgen's weight store: tens of GB)
+    # is removed. Killed outright, the 13B runs left 27 GB behind and filled the disk.
+    import signal
+
+    from flexgen.cli import _raise_terminated
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_terminated)
     ckpt = write_checkpoint(w.model, Path(a.ckpt_dir) / w.model, a.dtype)
     scratch = Path(tempfile.mkdtemp(prefix="compare-", dir=a.ckpt_dir))
     dropped = drop_page_cache()

@@ -34,6 +34,31 @@ def test_compare_smoke(tmp_path):
     assert not list((tmp_path / "ckpt").glob("compare-*")), "scratch offload dirs left behind"
 
 
+def test_compare_terminated_removes_its_scratch_and_child(tmp_path):
+    """SIGTERM mid-run (a user's kill, a job scheduler's) removes the scratch directory,
+    which holds a weight store as large as the model, and ends the child it was running."""
+    import signal
+    import time
+    ckpt = tmp_path / "ckpt"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--workload", "smoke",
+                             "--hardware", "t4", "--ckpt-dir", str(ckpt)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(ckpt.glob("compare-*/*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None and list(ckpt.glob("compare-*/*")), "no child run started"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert not list(ckpt.glob("compare-*")), "scratch left behind"
+    children = subprocess.run(["pgrep", "-f", str(ckpt / "compare-")], capture_output=True, text=True).stdout
+    assert not children.strip(), children
+
+
 def test_compare_ablations_smoke(tmp_path):
     """--ablations: the optimizer's policy with one optimisation off (or 4-bit on) at a
     time, then flexgen with Accelerate's placement at Accelerate's best batch."""
