@@ -34,8 +34,8 @@ from flexgen.weights import PlacedWeights
 TimingHook = Callable[[str, float], None]
 
 # Stores waiting behind a slow disk keep their tensors alive (a prefill's K and V: tens of
-# MB per (layer, gpu batch)); a disk that stalls for a minute grew a 13B prefill by 2.6 GB
-# under a 4 GiB limit. Past this many stores in flight, compute waits for the oldest.
+# MB per (layer, gpu batch)): unbounded, memory grows for as long as the disk lags behind
+# compute. Past this many stores in flight, compute waits for the oldest.
 MAX_PENDING_STORES = 4
 
 
