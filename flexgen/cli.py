@@ -262,19 +262,16 @@ def _with_other(t: dict) -> dict:
     return t
 
 
-_WAITS = ("weights", "cache", "hidden", "stores")
-_IO = ("load_weights", "load_cache", "store_cache", "load_hidden", "store_hidden")
-
-
 def time_breakdown(t: dict, phase: str, disk_read: int = 0) -> str:
     """Where a phase's seconds went: compute, waits by kind, the rest; how long the I/O
     threads were busy with each kind of load and store (they run beside compute); and
     the rate of the phase's `disk_read` bytes over its wall time."""
+    from flexgen.scheduler import IO_KINDS, WAIT_KINDS
     comp, wait = t.get(f"{phase}.compute", 0.0), t.get(f"{phase}.wait", 0.0)
-    kinds = ", ".join(f"{k} {t[f'{phase}.wait.{k}']:.1f}" for k in _WAITS if t.get(f"{phase}.wait.{k}", 0.0) >= 0.05)
+    kinds = ", ".join(f"{k} {t[f'{phase}.wait.{k}']:.1f}" for k in WAIT_KINDS if t.get(f"{phase}.wait.{k}", 0.0) >= 0.05)
     text = (f"compute {comp:.1f} s + waiting for I/O {wait:.1f} s" + (f" ({kinds})" if kinds else "")
             + f" + other {max(0.0, t.get(phase, 0.0) - comp - wait):.1f} s")
-    busy = ", ".join(f"{k.replace('_', ' ')} {t[f'{phase}.io.{k}']:.1f} s" for k in _IO
+    busy = ", ".join(f"{k.replace('_', ' ')} {t[f'{phase}.io.{k}']:.1f} s" for k in IO_KINDS
                      if t.get(f"{phase}.io.{k}", 0.0) >= 0.05)
     text += f"; I/O threads busy: {busy}" if busy else ""
     if disk_read and t.get(phase):

@@ -191,21 +191,21 @@ class KVArray:
     def packed_view(self, t1: int):
         """Positions [0, t1) of a compressed array held in memory, still packed, as live
         views of its storage (no copy): for dequantizing on the device that holds it."""
-        from flexgen.quant import CACHE_QUANT, Packed
-        views = {name: p.view(t1) for name, p in self.parts.items()}
-        return Packed(data=views["data"], scale=views["scale"], mn=views["mn"],
-                      shape=(t1, *self.shape[1:]), cfg=CACHE_QUANT)
+        return self._packed(t1, {name: p.view(t1) for name, p in self.parts.items()})
 
     def read_packed(self, t1: int, host: bool = True, take=None):
         """Positions [0, t1) of a compressed array, still packed (a quant.Packed).
         `take(shape, capacity, dtype)`: where the buffers come from (default: fresh)."""
-        from flexgen.quant import CACHE_QUANT, Packed
         arrays = {}
         for name, p in self.parts.items():
             shape = (t1, *p.shape[1:])
             buf = take(shape, p.shape[0], p.dtype) if take else _buffer(shape, p.dtype, self.device, host)
             p.read(0, t1, buf, scratch_after=True, host=host)   # _buffer pads to a whole page
             arrays[name] = buf
+        return self._packed(t1, arrays)
+
+    def _packed(self, t1: int, arrays: dict):
+        from flexgen.quant import CACHE_QUANT, Packed
         return Packed(data=arrays["data"], scale=arrays["scale"], mn=arrays["mn"],
                       shape=(t1, *self.shape[1:]), cfg=CACHE_QUANT)
 

@@ -33,6 +33,11 @@ from flexgen.weights import PlacedWeights
 
 TimingHook = Callable[[str, float], None]
 
+# What the timings name: "{phase}.wait.{kind}" (compute waited for it) and "{phase}.io.{kind}"
+# (an I/O thread was busy with it).
+WAIT_KINDS = ("weights", "cache", "hidden", "stores")
+IO_KINDS = ("load_weights", "load_cache", "store_cache", "load_hidden", "store_hidden")
+
 # Stores waiting behind a slow disk keep their tensors alive (a prefill's K and V: tens of
 # MB per (layer, gpu batch)): unbounded, memory grows for as long as the disk lags behind
 # compute. Past this many stores in flight, compute waits for the oldest.
