@@ -7,7 +7,8 @@ Every number is timed directly with small, representative kernels, best of a few
 - matmul throughput on the compute device (a prefill-sized GEMM, and by row count with
   weights cycled through more than the last-level cache, as a model's layers stream),
   its memory bandwidth (a large copy), attention throughput for prefill and for decode (the engine's fused
-  `models.base.attend`, i.e. scaled_dot_product_attention), and 4-bit dequantization speed;
+  `models.base.attend`, i.e. scaled_dot_product_attention), 4-bit dequantization speed
+  and the KV cache's 4-bit quantization speed (as the engine stores it);
 - the same attention and dequantization on the host, in fp32 (for cpu_cache_compute);
 - cpu<->gpu bandwidth: pinned host<->device copies on CUDA, memory copies on a CPU;
 - disk write and read bandwidth in the offload directory, with O_DIRECT so that the page
@@ -225,6 +226,21 @@ def dequant_rate(device, dtype, numel: int, group: int = 64) -> float:
     return numel / _best_time(run, device)
 
 
+def quant_rate(device, dtype, numel: int, hidden: int = 1024, rows: int = 32) -> float:
+    """KV-cache values quantized per second, as the engine stores a prompt's K or V:
+    `flexgen.quant` on time-major (positions, rows, hidden) values, a few positions at a
+    time (kvcache.KVArray.write)."""
+    from flexgen.kvcache import QUANT_CHUNK_ELEMS
+    from flexgen.quant import CACHE_QUANT, quantize
+    x = torch.randn(max(1, numel // (rows * hidden)), rows, hidden, device=device, dtype=dtype)
+    step = max(1, QUANT_CHUNK_ELEMS // x[0].numel())
+
+    def run():
+        for t in range(0, x.shape[0], step):
+            quantize(x[t:t + step], CACHE_QUANT)
+    return x.numel() / _best_time(run, device)
+
+
 def layer_overhead(device, dtype) -> float:
     """Seconds of a tiny attention + MLP layer: the per-step cost of launches and Python."""
     h = 64
@@ -416,6 +432,8 @@ def measure_hardware(offload_dir: str | Path, quick: bool = False, device: str |
     attn_d = attention_flops(dev, dtype, rows_d, heads, hd, 1, t_d)
     log("dequantization")
     dq = dequant_rate(dev, dtype, k["dequant"])
+    log("quantization")
+    qr = quant_rate(dev, dtype, k["dequant"])
     log("host attention")
     if device == "cpu":
         cpu_mm, cpu_attn, cpu_dq = mm, attn_d, dq
@@ -454,7 +472,7 @@ def measure_hardware(offload_dir: str | Path, quick: bool = False, device: str |
         unified_memory=unified,
         cpu_to_gpu_bw=c2g, gpu_to_cpu_bw=g2c, disk_read_bw=d_read, disk_write_bw=d_write,
         gpu_matmul_flops=mm, gpu_mem_bw=mem_bw, gpu_attn_flops_prefill=attn_p, gpu_attn_flops_decode=attn_d,
-        gpu_dequant_rate=dq, cpu_matmul_flops=cpu_mm, cpu_attn_flops=cpu_attn, cpu_dequant_rate=cpu_dq,
+        gpu_dequant_rate=dq, gpu_quant_rate=qr, cpu_matmul_flops=cpu_mm, cpu_attn_flops=cpu_attn, cpu_dequant_rate=cpu_dq,
         layer_overhead=overhead, gpu_matmul_by_rows=by_rows, notes="; ".join(notes),
     )
     if engine and not quick:
@@ -507,7 +525,8 @@ def format_profile(hw: HardwareProfile) -> str:
         ("device matmul", f"{hw.gpu_matmul_flops / 1e12:.3f} TFLOP/s, memory {hw.gpu_mem_bw / 1e9:.1f} GB/s"),
         ("device attention", f"prefill {hw.gpu_attn_flops_prefill / 1e12:.3f}, decode "
                              f"{hw.gpu_attn_flops_decode / 1e12:.4f} TFLOP/s"),
-        ("device dequant", f"{hw.gpu_dequant_rate / 1e9:.2f} G values/s"),
+        ("device dequant", f"{hw.gpu_dequant_rate / 1e9:.2f} G values/s, cache quantize "
+                           + (f"{hw.gpu_quant_rate / 1e9:.2f} G values/s" if hw.gpu_quant_rate else "not measured")),
         ("host", f"matmul {hw.cpu_matmul_flops / 1e12:.3f}, attention {hw.cpu_attn_flops / 1e12:.4f} TFLOP/s, "
                  f"dequant {hw.cpu_dequant_rate / 1e9:.2f} G values/s"),
         ("per-layer overhead", f"{hw.layer_overhead * 1e6:.0f} us"),

@@ -69,6 +69,7 @@ def test_profile_json_round_trip(tmp_path):
     (dict(compute_dtype="float8"), "compute_dtype"),
     (dict(compute_device="tpu"), "compute_device"),
     (dict(gpu_reserved=-5), "gpu_reserved"),
+    (dict(gpu_quant_rate=-1.0), "gpu_quant_rate"),
     (dict(cpu_to_gpu_bw=float("nan")), "cpu_to_gpu_bw"),
 ])
 def test_profile_validation(change, match):
@@ -219,6 +220,31 @@ def test_unified_memory_reads_disk_straight_into_the_compute_buffers():
     cache_host = estimate(OPT_1_3B, policy((100, 0, 0, 100, 100, 0), gbs=8), s, n, hw)
     assert cache_disk.io_bytes["decode"]["disk->cpu"] > 0 and cache_disk.io_bytes["decode"]["cpu->gpu"] == 0
     assert cache_host.io_bytes["decode"]["cpu->gpu"] == pytest.approx(cache_disk.io_bytes["decode"]["disk->cpu"])
+
+
+def test_cache_stores_are_priced_at_the_quantize_rate():
+    """With a 4-bit cache the prompt's K/V (prefill) and each new position (decode) are
+    quantized at gpu_quant_rate, the history dequantized at gpu_dequant_rate; a profile
+    without a quantize rate prices both at the dequant rate."""
+    s, n, gbs, ngb = 64, 9, 8, 2
+    a = OPT_1_3B
+    p = policy((100, 0, 100, 0, 100, 0), gbs=gbs, ngb=ngb, compress_cache=True)
+    rate = 1e9
+    base = estimate(a, p, s, n, toy_hw(gpu_dequant_rate=rate))
+    assert toy_hw(gpu_dequant_rate=rate).cache_quant_rate == rate
+    slow = estimate(a, p, s, n, toy_hw(gpu_dequant_rate=rate, gpu_quant_rate=rate / 4))
+    values = 2 * a.hidden_size * a.num_hidden_layers * gbs * ngb   # K and V of one position, every row
+    extra = values * (1 / (rate / 4) - 1 / rate)
+    # Prefill is compute-bound here: all of the extra time shows; decode quantizes one
+    # position a step, n - 1 steps.
+    assert slow.busy_time["prefill"]["compute (gpu)"] - base.busy_time["prefill"]["compute (gpu)"] \
+        == pytest.approx(s * extra)
+    assert slow.busy_time["decode"]["compute (gpu)"] - base.busy_time["decode"]["compute (gpu)"] \
+        == pytest.approx((n - 1) * extra)
+    # Uncompressed cache: the quantize rate does not enter.
+    plain = policy((100, 0, 100, 0, 100, 0), gbs=gbs, ngb=ngb)
+    assert estimate(a, plain, s, n, toy_hw(gpu_quant_rate=rate / 4)).total_time == \
+        estimate(a, plain, s, n, toy_hw()).total_time
 
 
 def test_overlap_and_bottleneck():
@@ -465,6 +491,7 @@ def test_profile_quick(tmp_path, capsys):
     assert hw.name == "here" and hw.compute_device == "cpu" and hw.unified_memory
     assert hw.compute_dtype in ("bfloat16", "float32") and hw.date
     assert hw.disk_read_bw > 1e6 and hw.gpu_matmul_flops > 1e8
+    assert hw.gpu_quant_rate > 1e5 and hw.cache_quant_rate == hw.gpu_quant_rate
     assert not list((tmp_path / "off").iterdir())   # the probe file is gone
     assert "wrote" in capsys.readouterr().out
     # The measured profile drives a search.

@@ -366,8 +366,8 @@ class BlockModel:
                 io["gpu->cpu"] += nb * non_gpu * self.s * tok
                 io["cpu->disk"] += nb * disk_rows * self.s * tok
                 gpu += nb * 4 * b * self.s * self.s * qw / hw.gpu_attn_flops_prefill
-                if self.compress_cache:
-                    gpu += nb * 2 * b * self.s * kv / hw.gpu_dequant_rate
+                if self.compress_cache:   # the prompt's K, V quantized for their homes
+                    gpu += nb * 2 * b * self.s * kv / hw.cache_quant_rate
             else:
                 io["cpu->disk"] += nb * disk_rows * tok           # the new token's K, V
                 io["disk->cpu"] += nb * disk_rows * t_load * tok
@@ -387,8 +387,9 @@ class BlockModel:
                     io["gpu->cpu"] += nb * non_gpu * tok
                     dev_rows = Lin(b)
                 gpu += nb * 4 * dev_rows * t_att * qw / hw.gpu_attn_flops_decode
-                if self.compress_cache:
-                    gpu += nb * (2 * dev_rows * t_att * kv + 2 * b * kv) / hw.gpu_dequant_rate
+                if self.compress_cache:   # the cache dequantized, the new position quantized
+                    gpu += nb * 2 * dev_rows * t_att * kv / hw.gpu_dequant_rate
+                    gpu += nb * 2 * b * kv / hw.cache_quant_rate
 
         copy_in, copy_out = io["cpu->gpu"] / hw.cpu_to_gpu_bw, io["gpu->cpu"] / hw.gpu_to_cpu_bw
         if hw.unified_memory:

@@ -31,7 +31,7 @@ _POSITIVE = (
     "gpu_matmul_flops", "gpu_mem_bw", "gpu_attn_flops_prefill", "gpu_attn_flops_decode",
     "gpu_dequant_rate", "cpu_matmul_flops", "cpu_attn_flops", "cpu_dequant_rate", "link_bw",
 )
-_NON_NEGATIVE = ("gpu_reserved", "cpu_reserved", "layer_overhead", "link_latency")
+_NON_NEGATIVE = ("gpu_reserved", "cpu_reserved", "layer_overhead", "link_latency", "gpu_quant_rate")
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,11 @@ class HardwareProfile:
     gpu_mem_bw: float = 200e9             # device memory bandwidth: bounds small-batch matmuls
     gpu_attn_flops_prefill: float = 10e12  # batched matmul of attention, prefill
     gpu_attn_flops_decode: float = 0.1e12  # attention over the cache, one query per row
-    gpu_dequant_rate: float = 10e9         # 4-bit values dequantized (or quantized) per second
+    gpu_dequant_rate: float = 10e9         # 4-bit values dequantized per second
+    # KV-cache values quantized per second as the engine stores them (prompt K/V, then one
+    # position a step). 0: not measured (profiles from before it was): the dequant rate
+    # stands in, though on a 2-core CPU quantizing ran at 0.42 G values/s, dequantizing 0.7-1.2.
+    gpu_quant_rate: float = 0.0
 
     # Host.
     cpu_matmul_flops: float = 1e12
@@ -114,6 +118,10 @@ class HardwareProfile:
             raise FlexGenError(f"hardware profile {self.name!r}: gpu_matmul_by_rows must be [rows, flop/s] pairs "
                                f"with distinct rows >= 1 and positive rates, got {self.gpu_matmul_by_rows!r}")
         object.__setattr__(self, "gpu_matmul_by_rows", table)
+
+    @property
+    def cache_quant_rate(self) -> float:
+        return self.gpu_quant_rate or self.gpu_dequant_rate
 
     def matmul_time(self, rows: float, params: float) -> float:
         """Seconds to multiply `rows` rows by `params` weights read from device memory: at
