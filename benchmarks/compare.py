@@ -403,14 +403,21 @@ class MemoryCgroup:
         except (OSError, ValueError, TypeError):
             return None
 
-    def close(self):
+    def close(self, wait_s: float = 30.0):
+        # The kernel may hold a cgroup busy for a while after its last process exits (seen:
+        # two of three left behind after 5 s, removable later): retry, then say so.
         if self.path is not None:
-            for _ in range(50):
+            deadline = time.monotonic() + wait_s
+            while True:
                 try:
                     self.path.rmdir()
                     return
-                except OSError:
-                    time.sleep(0.1)
+                except OSError as e:
+                    if time.monotonic() >= deadline:
+                        print(f"compare: could not remove the memory cgroup {self.path} ({e.strerror}); "
+                              "remove it with rmdir once it is idle", file=sys.stderr)
+                        return
+                    time.sleep(0.2)
 
 
 def drop_page_cache() -> bool:

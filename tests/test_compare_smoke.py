@@ -89,7 +89,8 @@ def test_compare_ablations_smoke(tmp_path):
     assert abs(acc["w_gpu_percent"] - 100 * kept) < 0.1 and acc["cache_gpu_percent"] == 100
 
 
-def test_still_rising_flags_a_peer_whose_best_batch_is_the_largest_tried():
+def _load_compare():
+    """benchmarks/compare.py as a module (it is a script, not a package member)."""
     spec = importlib.util.spec_from_file_location("compare", ROOT / "benchmarks" / "compare.py")
     compare = importlib.util.module_from_spec(spec)
     sys.modules["compare"] = compare   # its dataclasses look their module up there
@@ -97,6 +98,11 @@ def test_still_rising_flags_a_peer_whose_best_batch_is_the_largest_tried():
         spec.loader.exec_module(compare)
     finally:
         del sys.modules["compare"]
+    return compare
+
+
+def test_still_rising_flags_a_peer_whose_best_batch_is_the_largest_tried():
+    compare = _load_compare()
     assert compare.still_rising({"16": 1.0, "32": 1.9})
     assert not compare.still_rising({"16": 1.0, "32": 1.9, "64": 1.5})
     # a larger batch the cgroup killed does not count as tried successfully, nor as the best
@@ -114,3 +120,18 @@ def test_bench_matmul_cache_smoke():
     rows = [line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| ") and "rows" not in line]
     assert [int(c[0]) for c in rows] == [1, 8]
     assert all(float(c[1]) > 0 and float(c[2]) > 0 for c in rows)
+
+
+def test_cgroup_close_retries_then_says_what_it_left(tmp_path, capsys):
+    """A cgroup directory the kernel still holds busy is retried, then named on stderr
+    (never an exception at the end of a long run); one that frees up is removed."""
+    compare = _load_compare()
+    cg = compare.MemoryCgroup.__new__(compare.MemoryCgroup)
+    cg.path = tmp_path / "busy"
+    cg.path.mkdir()
+    (cg.path / "held").write_text("x")        # rmdir fails: not empty, as a busy cgroup
+    cg.close(wait_s=0.3)
+    assert cg.path.is_dir() and str(cg.path) in capsys.readouterr().err
+    (cg.path / "held").unlink()
+    cg.close(wait_s=0.3)
+    assert not cg.path.exists() and capsys.readouterr().err == ""
