@@ -443,6 +443,12 @@ def run_child(args: list, limit_gib: Optional[float], timeout: float) -> dict:
         rc, err = proc.returncode, proc.stderr
     except subprocess.TimeoutExpired:
         rc, err = "timeout", ""
+    except BaseException:
+        # Ctrl-C or SIGTERM: subprocess.run has killed and reaped the child; leave nothing.
+        Path(out_json).unlink(missing_ok=True)
+        if cg:
+            cg.close(wait_s=5)
+        raise
     wall = time.perf_counter() - t0
     peak = cg.peak() if cg else None
     if cg:

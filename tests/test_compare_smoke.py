@@ -57,6 +57,9 @@ def test_compare_terminated_removes_its_scratch_and_child(tmp_path):
     assert not list(ckpt.glob("compare-*")), "scratch left behind"
     children = subprocess.run(["pgrep", "-f", str(ckpt / "compare-")], capture_output=True, text=True).stdout
     assert not children.strip(), children
+    # Nor its memory cgroup, where it could make one (root, cgroup v1 or v2).
+    for root in ("/sys/fs/cgroup/memory", "/sys/fs/cgroup"):
+        assert not Path(root, f"flexgen-compare-{proc.pid}").exists(), "memory cgroup left behind"
 
 
 def test_compare_ablations_smoke(tmp_path):
