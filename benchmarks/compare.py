@@ -403,9 +403,9 @@ class MemoryCgroup:
         except (OSError, ValueError, TypeError):
             return None
 
-    def close(self, wait_s: float = 30.0):
-        # The kernel may hold a cgroup busy for a while after its last process exits (seen:
-        # two of three left behind after 5 s, removable later): retry, then say so.
+    def close(self, wait_s: float = 5.0):
+        """Remove the cgroup, retrying briefly; if it stays busy, name it on stderr rather
+        than fail a long run at its end."""
         if self.path is not None:
             deadline = time.monotonic() + wait_s
             while True:
@@ -447,7 +447,7 @@ def run_child(args: list, limit_gib: Optional[float], timeout: float) -> dict:
         # Ctrl-C or SIGTERM: subprocess.run has killed and reaped the child; leave nothing.
         Path(out_json).unlink(missing_ok=True)
         if cg:
-            cg.close(wait_s=5)
+            cg.close()
         raise
     wall = time.perf_counter() - t0
     peak = cg.peak() if cg else None
