@@ -10,6 +10,7 @@ of the resident bytes and are never copied.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -78,6 +79,13 @@ class PlacedWeights:
         kinds = [lay.spec.kind for lay in layouts]
         self._repeats = {kinds[i] for i in range(len(kinds)) if kinds[i] == kinds[i - 1]}
         self._dequant_out: dict[tuple, torch.Tensor] = {}
+        # One layer's disk read at a time, in the order issued. The next layer's load is
+        # issued while this one's may still be reading; sharing the disk between them
+        # delays the layer compute needs first and, on a 2-core host with a virtual disk,
+        # left the disk idle while compute ran (OPT-1.3B, 80 % of weights on disk, 9
+        # alternating pairs: decode median 11.7 s with one read at a time, 13.9 s with
+        # two; one at a time faster in 7 pairs).
+        self._read_lock = threading.Lock()
 
     def resident(self, idx: int) -> bool:
         """Wholly on the gpu tier and stored uncompressed: loading it costs nothing."""
@@ -169,14 +177,16 @@ class PlacedWeights:
                 if self._staging_done[slot] is not None:
                     self._staging_done[slot].synchronize()   # the copy two layers ago, long done
                 staging = self._staging[slot][: lay.file_bytes - start]
-                self.disk_files[idx].read(start, staging)
+                with self._read_lock:
+                    self.disk_files[idx].read(start, staging)
                 self._check_once(idx, staging, start)
                 flat[seg.cpu_end:seg.total].copy_(staging[seg.cpu_end - start: seg.total - start],
                                                   non_blocking=True)
                 self._staging_done[slot] = torch.cuda.Event()
                 self._staging_done[slot].record(torch.cuda.current_stream(self.device.device))
             else:
-                self.disk_files[idx].read(start, flat[start:lay.file_bytes])
+                with self._read_lock:
+                    self.disk_files[idx].read(start, flat[start:lay.file_bytes])
                 self._check_once(idx, flat[start:lay.file_bytes], start)
         # After the disk read: its aligned start may have covered the cpu part's tail.
         if seg.cpu_end > seg.gpu_end:

@@ -198,6 +198,49 @@ def test_disk_tier_really_reads_and_writes(opt_dir, prompts, offload, monkeypatc
         run(path, P(0, 0, 0, 0, 0, 0), ids, mask, offload)
 
 
+def test_weight_disk_reads_one_at_a_time_in_layer_order(opt_dir, prompts, offload, monkeypatch):
+    """The next layer's load is issued while this one's may still be reading; its disk
+    read waits, so weight reads never share the disk and start in layer order. Each read
+    is slowed so that, without the wait, two would be in flight."""
+    import threading
+    import time
+
+    from flexgen import diskio
+    path, _ = opt_dir
+    ids, mask = prompts
+    state = {"in": 0, "most": 0, "order": []}
+    lock = threading.Lock()
+    orig_read = diskio.DiskFile.read
+
+    def read(self, offset, dst, *args, **kwargs):
+        weight = self.path.name.startswith("layer_") and dst.numel() > 0   # placement reads 0 bytes here
+        if weight:
+            with lock:
+                state["in"] += 1
+                state["most"] = max(state["most"], state["in"])
+                state["order"].append(int(self.path.stem.split("_")[1]))
+            time.sleep(0.02)
+        try:
+            return orig_read(self, offset, dst, *args, **kwargs)
+        finally:
+            if weight:
+                with lock:
+                    state["in"] -= 1
+
+    monkeypatch.setattr(diskio.DiskFile, "read", read)
+    policy = P(0, 0, 100, 0, 100, 0, num_gpu_batches=2)
+    seq, logits = run(path, policy, ids, mask, offload)
+    order, layers = state["order"], len(set(state["order"]))
+    assert state["most"] == 1
+    # Layer after layer; a block's last step also prefetches the next step's layer 0.
+    assert all(b in ((a + 1) % layers, 0) for a, b in zip(order, order[1:])), order
+    assert order.count(layers - 1) == GEN * -(-ids.shape[0] // 4)
+    monkeypatch.setattr(diskio.DiskFile, "read", orig_read)
+    ref, ref_logits = run(path, P(), ids, mask, offload)
+    assert torch.equal(seq, ref)
+    torch.testing.assert_close(logits, ref_logits)
+
+
 def test_run_files_removed_store_kept(opt_dir, prompts, offload):
     path, _ = opt_dir
     ids, mask = prompts
