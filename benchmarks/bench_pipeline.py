@@ -74,19 +74,22 @@ def main() -> int:
         print(f"profile: matmul {hw.gpu_matmul_flops / 1e9:.0f} GFLOP/s, memory {hw.gpu_mem_bw / 1e9:.1f} GB/s, "
               f"disk read {hw.disk_read_bw / 1e9:.2f} GB/s, write {hw.disk_write_bw / 1e9:.2f} GB/s, "
               f"per-layer overhead {hw.layer_overhead * 1e6:.0f} us\n")
-        print("| stages | disk read GB/s | measured token/s | predicted token/s | measured / predicted | "
+        print("| stages | disk read GB/s (before / after) | measured token/s | predicted token/s | measured / predicted | "
               "per stage: layers, compute / I/O wait / recv wait / send (s) |")
         print("|---|---|---|---|---|---|")
         for n in a.stages:
             run_hw = hw
-            if not a.profile_disk and a.percent[0] + a.percent[1] < 100:
-                # This virtual disk's read rate moves by more than 25 % between runs minutes
-                # apart, so measure it just before the run, with as many readers as the run
-                # keeps in flight: with only weights on disk, one per rank (a rank reads its
-                # layers one at a time, each in sequential pieces).
-                read, _, _ = disk_bandwidth(tmp / "probe", 512 << 20, readers=n)
-                run_hw = dataclasses.replace(hw, disk_read_bw=read)
+            probe = not a.profile_disk and a.percent[0] + a.percent[1] < 100
+            # This virtual disk's read rate moves by more than 25 % between runs minutes
+            # apart (two probes a minute apart read 1.69 and 1.29 GB/s), so measure it
+            # just before and just after the run and predict
+            # with the mean, with as many readers as the run keeps in flight: with only
+            # weights on disk, one per rank (a rank reads its layers one at a time).
+            reads = [disk_bandwidth(tmp / "probe", 512 << 20, readers=n)[0]] if probe else []
             r = run(n, a, tmp / "offload", tmp / f"r{n}.json")
+            if probe:
+                reads.append(disk_bandwidth(tmp / "probe", 512 << 20, readers=n)[0])
+                run_hw = dataclasses.replace(hw, disk_read_bw=sum(reads) / len(reads))
             # Every rank runs on this machine: they share its disk.
             pe = estimate_pipeline(args, [policy], a.prompt_len, a.gen_len, run_hw, n, link_bw=a.link_bw * 1e9,
                                    link_latency=a.link_latency * 1e-6, hosts=[0] * n)
@@ -99,7 +102,8 @@ def main() -> int:
                 stages = "; ".join(f"{s['layers'][0]}-{s['layers'][1] - 1}: {s['compute_s']:.2f} / "
                                    f"{s['io_wait_s']:.2f} / {s['recv_wait_s']:.2f} / {s['send_s']:.2f}"
                                    for s in r["stages"])
-            print(f"| {n} | {run_hw.disk_read_bw / 1e9:.2f} | {meas:.2f} | {pe.throughput:.2f} | "
+            disk = " / ".join(f"{x / 1e9:.2f}" for x in reads) if reads else f"{hw.disk_read_bw / 1e9:.2f}"
+            print(f"| {n} | {disk} | {meas:.2f} | {pe.throughput:.2f} | "
                   f"{meas / pe.throughput:.2f} | {stages} |", flush=True)
     return 0
 
