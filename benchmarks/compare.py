@@ -320,7 +320,9 @@ def child(a) -> dict:
                        timings=dict(s.timings), peak_memory=dict(s.peak_memory), direct_io=s.direct_io,
                        disk_read={"prefill": s.disk_read_bytes - s.decode_disk_read_bytes,
                                   "decode": s.decode_disk_read_bytes})
-        out["bound"] = phase_bounds(a, policy)
+        from flexgen.autopolicy import hardware_profile
+        hw = hardware_profile(a.hardware, Path(a.offload_dir), log=lambda m: None)
+        out["bound"] = phase_bounds(a.ckpt, policy, a.prompt_len, a.gen_len, hw)
     out["total_s"] = out["prefill_s"] + out["decode_s"]
     out["throughput"] = out["generated_tokens"] / out["total_s"] if out["total_s"] else 0.0
     out["peak_rss"] = peak_rss()
@@ -349,16 +351,14 @@ def teacher_forced_check(a, ids, dtype) -> dict:
             "max_shortfall": short.max().item(), "positions": short.numel()}
 
 
-def phase_bounds(a, policy) -> dict:
-    """Per phase, the time no schedule can beat on this hardware profile: the busiest
+def phase_bounds(ckpt, policy, prompt_len: int, gen_len: int, hw) -> dict:
+    """Per phase, the time no schedule can beat on hardware profile `hw`: the busiest
     resource (each link's bytes / its measured bandwidth, matmul FLOPs / the measured
     rate, host attention), from the cost model's accounting of this policy."""
-    from flexgen.autopolicy import hardware_profile
     from flexgen.optimizer.cost_model import estimate
     from flexgen.optimizer.cli import model_args_for
 
-    hw = hardware_profile(a.hardware, Path(a.offload_dir), log=lambda m: None)
-    est = estimate(model_args_for(a.ckpt), policy, a.prompt_len, a.gen_len, hw)
+    est = estimate(model_args_for(ckpt), policy, prompt_len, gen_len, hw)
     out = {}
     for phase, busy in est.busy_time.items():
         resource = max(busy, key=busy.get)
@@ -465,6 +465,50 @@ def run_child(args: list, limit_gib: Optional[float], timeout: float) -> dict:
         Path(out_json).unlink(missing_ok=True)
     res.update(wall_s=wall, cgroup_peak=peak)
     return res
+
+
+def mean_profile(profiles: list):
+    """The field-wise mean of hardware profiles of one machine: every rate (and the matmul
+    rate of each row count all of them measured); names and capacities from the first."""
+    import dataclasses
+
+    first = profiles[0]
+    mean = {}
+    for f in dataclasses.fields(first):
+        values = [getattr(p, f.name) for p in profiles]
+        if isinstance(values[0], float):
+            mean[f.name] = sum(values) / len(values)
+    tables = [dict(p.gpu_matmul_by_rows) for p in profiles]
+    rows = sorted(set.intersection(*(set(t) for t in tables)))
+    mean["gpu_matmul_by_rows"] = tuple((r, sum(t[r] for t in tables) / len(tables)) for r in rows)
+    return dataclasses.replace(first, **mean)
+
+
+def rates_now(scratch: Path):
+    """This machine's profile measured now (about 20 s on two cores), in the parent: the
+    child's cgroup does not hold it, and no run is going on beside it."""
+    from flexgen.calibrate import measure_hardware
+    return measure_hardware(scratch / "rates-probe", device="cpu")
+
+
+def run_flexgen(args: list, a, w, ckpt: Path, scratch: Path) -> dict:
+    """A flexgen row; with --measure-rates, the machine's rates are measured just before and
+    just after it, and its bound is also given with their mean ("bound_now"). This host's
+    matmul rate at 128 rows read 1.04, 0.89 and 1.13 TFLOP/s in profiles hours apart, so a
+    bound from a profile measured earlier can be off by more than the gap it judges."""
+    if not a.measure_rates:
+        return run_child(args, w.limit_gib, a.timeout)
+    from flexgen import Policy
+    before = rates_now(scratch)
+    drop_page_cache()
+    r = run_child(args, w.limit_gib, a.timeout)
+    if "policy" in r:
+        hw = mean_profile([before, rates_now(scratch)])
+        r["bound_now"] = phase_bounds(str(ckpt), Policy.from_dict(r["policy"]), w.prompt_len, w.gen_len, hw)
+        r["rates_now"] = {"matmul_by_rows": [list(x) for x in hw.gpu_matmul_by_rows],
+                          "disk_read_bw": hw.disk_read_bw, "dequant_rate": hw.gpu_dequant_rate,
+                          "quant_rate": hw.gpu_quant_rate}
+    return r
 
 
 def still_rising(tried: dict) -> bool:
@@ -575,6 +619,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ablations", action="store_true",
                     help="also run the optimizer's policy with one optimisation off (or 4-bit on) at a time")
     ap.add_argument("--json-out", help="write all figures as JSON")
+    ap.add_argument("--measure-rates", action="store_true",
+                    help="measure this machine's rates just before and after each flexgen run (about 20 s "
+                         "each) and also give its bound with their mean")
     ap.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     a = ap.parse_args(argv)
     if a.list:
@@ -649,7 +696,7 @@ def main(argv=None) -> int:
                     gbs = a.policy_gbs or w.peer_batches[-1]
                     extra += ["--policy-percent", *map(str, a.policy_percent), "--policy-gbs", str(gbs),
                               "--policy-ngb", str(a.policy_ngb)]
-                rows.append(run_child(base + extra, w.limit_gib, a.timeout))
+                rows.append(run_flexgen(base + extra, a, w, ckpt, scratch))
         if a.ablations:
             for change in ABLATIONS:
                 drop_page_cache()
@@ -658,7 +705,7 @@ def main(argv=None) -> int:
                     extra += ["--block", *map(str, w.flexgen_block)]
                 if a.hardware:
                     extra += ["--hardware", a.hardware]
-                rows.append(run_child(base + extra, w.limit_gib, a.timeout))
+                rows.append(run_flexgen(base + extra, a, w, ckpt, scratch))
             peer = next((r for r in rows if r.get("system") == "accelerate" and "failed" not in r), None)
             if peer is not None:
                 drop_page_cache()
@@ -681,11 +728,13 @@ def main(argv=None) -> int:
             f"{'yes' if dropped else 'no (not root)'}")
     lines = [head, "",
              "| system | batch (block) | placement | prefill s | decode s | token/s | of bound (prefill / decode) | "
-             "peak RSS GiB | peak RSS+cache GiB | vs flexgen |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             + ("of bound, rates measured around the run | " if a.measure_rates else "")
+             + "peak RSS GiB | peak RSS+cache GiB | vs flexgen |",
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if a.measure_rates else "")]
     for r in rows:
         if "failed" in r:
-            lines.append(f"| {r.get('system', '?')} | - | - | - | - | failed: {r['failed']} | - | - | - | - |")
+            lines.append(f"| {r.get('system', '?')} | - | - | - | - | failed: {r['failed']} | - | - | - | - |"
+                         + (" - |" if a.measure_rates else ""))
             continue
         if "policy" in r:
             p = r["policy"]
@@ -696,11 +745,10 @@ def main(argv=None) -> int:
         else:
             place = ", ".join(f"{k}: {v}" for k, v in sorted(r.get("device_map", {}).items())) or "in memory"
         ratio = f"{r['throughput'] / ref:.2f}" if ref else "-"
-        bound = "-"
-        if "bound" in r:
-            b = r["bound"]
-            bound = " / ".join(f"{b[ph]['seconds'] / max(r[ph + '_s'], 1e-9):.0%} ({b[ph]['resource']})"
-                               for ph in ("prefill", "decode") if ph in b)
+        def of_bound(b) -> str:
+            return " / ".join(f"{b[ph]['seconds'] / max(r[ph + '_s'], 1e-9):.0%} ({b[ph]['resource']})"
+                              for ph in ("prefill", "decode") if ph in b) if b else "-"
+        bound = of_bound(r.get("bound")) + (f" | {of_bound(r.get('bound_now'))}" if a.measure_rates else "")
         lines.append(f"| {r['system']} | {r['batch']} | {place} | {r['prefill_s']:.2f} | {r['decode_s']:.2f} | "
                      f"{r['throughput']:.3f} | {bound} | {_fmt_gib(r['peak_rss'])} | {_fmt_gib(r['cgroup_peak'])} | "
                      f"{ratio} |")

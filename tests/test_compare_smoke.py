@@ -138,3 +138,51 @@ def test_cgroup_close_retries_then_says_what_it_left(tmp_path, capsys):
     (cg.path / "held").unlink()
     cg.close(wait_s=0.3)
     assert not cg.path.exists() and capsys.readouterr().err == ""
+
+
+def test_mean_profile_averages_the_rates_of_two_measurements():
+    from flexgen.optimizer.hardware import load_hardware
+    compare = _load_compare()
+    a = load_hardware("t4").replace(disk_read_bw=1e9, gpu_matmul_by_rows=((64, 1e12), (128, 2e12)))
+    b = a.replace(disk_read_bw=3e9, gpu_mem=a.gpu_mem * 2, gpu_matmul_by_rows=((128, 4e12), (256, 5e12)))
+    m = compare.mean_profile([a, b])
+    assert m.disk_read_bw == 2e9 and m.gpu_matmul_flops == a.gpu_matmul_flops
+    assert m.gpu_matmul_by_rows == ((128, 3e12),)          # only the row counts both measured
+    assert m.gpu_mem == a.gpu_mem and m.name == a.name       # capacities and names: the first's
+
+
+def test_measure_rates_bounds_a_run_with_rates_measured_just_before_and_after(monkeypatch, tmp_path):
+    """--measure-rates: the machine is measured before and after a flexgen run, and the
+    run's bound is also computed with the mean of the two; a slower machine, a longer bound."""
+    from types import SimpleNamespace
+
+    from flexgen import Policy
+    from flexgen.optimizer.hardware import load_hardware
+    compare = _load_compare()
+    fast = load_hardware("t4")
+    slow = fast.replace(gpu_matmul_flops=fast.gpu_matmul_flops / 3, gpu_mem_bw=fast.gpu_mem_bw / 3,
+                        disk_read_bw=fast.disk_read_bw / 3, cpu_to_gpu_bw=fast.cpu_to_gpu_bw / 3)
+    calls = []
+    profiles = iter([fast, slow])
+    monkeypatch.setattr(compare, "rates_now", lambda scratch: calls.append("measure") or next(profiles))
+    policy = Policy(w_gpu_percent=50, w_cpu_percent=50, gpu_batch_size=8)
+
+    def child(args, limit, timeout):
+        calls.append("run")
+        return {"policy": policy.to_dict(), "prefill_s": 1.0, "decode_s": 1.0}
+    monkeypatch.setattr(compare, "run_child", child)
+    monkeypatch.setattr(compare, "drop_page_cache", lambda: True)
+    a = SimpleNamespace(measure_rates=True, timeout=10)
+    w = SimpleNamespace(limit_gib=None, prompt_len=64, gen_len=8)
+    r = compare.run_flexgen([], a, w, "opt-1.3b", tmp_path)
+    assert calls == ["measure", "run", "measure"]
+    mean = compare.mean_profile([fast, slow])
+    assert r["bound_now"] == compare.phase_bounds("opt-1.3b", policy, 64, 8, mean)
+    fast_bound = compare.phase_bounds("opt-1.3b", policy, 64, 8, fast)
+    assert r["bound_now"]["decode"]["seconds"] > fast_bound["decode"]["seconds"]
+    assert r["rates_now"]["disk_read_bw"] == mean.disk_read_bw
+    # Without the flag: just the run.
+    calls.clear()
+    assert compare.run_flexgen([], SimpleNamespace(measure_rates=False, timeout=10), w, "opt-1.3b", tmp_path) \
+        == {"policy": policy.to_dict(), "prefill_s": 1.0, "decode_s": 1.0}
+    assert calls == ["run"]
