@@ -20,6 +20,7 @@ under a cgroup, its peak RSS + page cache.
 
     python benchmarks/compare.py --workload smoke              # tiny models, seconds (run by the tests)
     python benchmarks/compare.py --workload offload-6.7b --record
+    python benchmarks/compare.py --workload decode-13b-4g --compress --measure-rates   # bound with rates of now
     python benchmarks/compare.py --list
 
 The random checkpoints are written once under --ckpt-dir, one shard at a time (never the
