@@ -10,6 +10,7 @@ no profile is cached, and plans in the dtype the engine will compute in.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import shutil
 import sys
@@ -19,7 +20,7 @@ from typing import Callable, NamedTuple, Optional
 from flexgen.errors import FlexGenError
 from flexgen.models.base import ModelArgs
 from flexgen.optimizer.cost_model import Estimate
-from flexgen.optimizer.hardware import GIB, HardwareProfile, default_profile_path, load_hardware
+from flexgen.optimizer.hardware import DISK_PROBE, GIB, HardwareProfile, default_profile_path, load_hardware
 from flexgen.policy import Policy
 
 
@@ -45,7 +46,19 @@ def hardware_profile(hardware, offload_dir: Path, log: Callable[[str], None]) ->
     if hardware is not None:
         return load_hardware(hardware)
     if default_profile_path().is_file():
-        return load_hardware(None)
+        hw = load_hardware(None)
+        if hw.disk_probe >= DISK_PROBE:
+            return hw
+        # An older probe's disk figures read too fast: measure the disk again (seconds),
+        # keeping the rest of the profile (it may hold an engine calibration).
+        from flexgen.calibrate import disk_bandwidth
+        log(f"re-measuring the disk for {default_profile_path()}: its figures came from an older probe ...")
+        read, write, _ = disk_bandwidth(offload_dir, 512 << 20)
+        when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        hw = hw.replace(disk_read_bw=read, disk_write_bw=write, disk_probe=DISK_PROBE,
+                        notes=f"{hw.notes}; disk re-measured {when} (newer probe)".lstrip("; "))
+        hw.save(default_profile_path())
+        return hw
     from flexgen.calibrate import measure_hardware
     log(f"measuring this machine once (saved to {default_profile_path()}; "
         "`python -m flexgen profile` re-measures) ...")

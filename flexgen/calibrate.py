@@ -41,7 +41,7 @@ from flexgen.device import DTYPES
 from flexgen.diskio import READ_PIECE, drop_cached
 from flexgen.errors import ArgumentParser, FlexGenError
 from flexgen.iopool import LOAD_THREADS
-from flexgen.optimizer.hardware import GIB, HardwareProfile, default_profile_path
+from flexgen.optimizer.hardware import DISK_PROBE, GIB, HardwareProfile, default_profile_path
 
 
 
@@ -479,7 +479,7 @@ def measure_hardware(offload_dir: str | Path, quick: bool = False, device: str |
         gpu_mem=int(gpu_mem), cpu_mem=int(cpu_mem), disk_mem=int(max(disk_free, 1)),
         gpu_reserved=int(gpu_reserved), cpu_reserved=int(min(_process_reserve(), cpu_mem // 4)),
         unified_memory=unified,
-        cpu_to_gpu_bw=c2g, gpu_to_cpu_bw=g2c, disk_read_bw=d_read, disk_write_bw=d_write,
+        cpu_to_gpu_bw=c2g, gpu_to_cpu_bw=g2c, disk_read_bw=d_read, disk_write_bw=d_write, disk_probe=DISK_PROBE,
         gpu_matmul_flops=mm, gpu_mem_bw=mem_bw, gpu_attn_flops_prefill=attn_p, gpu_attn_flops_decode=attn_d,
         gpu_dequant_rate=dq, gpu_quant_rate=qr, cpu_matmul_flops=cpu_mm, cpu_attn_flops=cpu_attn, cpu_dequant_rate=cpu_dq,
         layer_overhead=overhead, gpu_matmul_by_rows=by_rows, notes="; ".join(notes),

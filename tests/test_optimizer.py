@@ -21,6 +21,7 @@ from flexgen.optimizer import (DEFAULT_ENGINE, GIB, Budgets, HardwareProfile, de
                                fractions_of, load_hardware, original_weight_split, search)
 from flexgen.optimizer.cli import policy_main
 from flexgen.optimizer.cost_model import BlockModel, evaluate, layer_costs
+from flexgen.optimizer.hardware import DISK_PROBE
 from flexgen.optimizer.report import format_estimate
 from flexgen.optimizer.solver import _solve, build_lp, check_budgets, solve_block
 from flexgen.policy import Policy
@@ -70,6 +71,7 @@ def test_profile_json_round_trip(tmp_path):
     (dict(compute_device="tpu"), "compute_device"),
     (dict(gpu_reserved=-5), "gpu_reserved"),
     (dict(gpu_quant_rate=-1.0), "gpu_quant_rate"),
+    (dict(disk_probe=-1), "disk_probe"),
     (dict(cpu_to_gpu_bw=float("nan")), "cpu_to_gpu_bw"),
 ])
 def test_profile_validation(change, match):
@@ -99,6 +101,28 @@ def test_default_profile_path_and_missing_default(tmp_path, monkeypatch):
         load_hardware(None)
     toy_hw().save(default_profile_path())
     assert load_hardware(None) == toy_hw()
+
+
+def test_cached_profile_from_an_older_disk_probe_gets_its_disk_remeasured(tmp_path, monkeypatch):
+    """The automatic policy's cached profile: disk figures from the older probe (which
+    read too fast) are measured again and saved, the rest of the profile kept; a profile
+    from the current probe is used as it is."""
+    from flexgen import autopolicy, calibrate
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(calibrate, "disk_bandwidth",
+                        lambda d, n, **kw: calls.append(d) or (0.7e9, 0.6e9, "disk: O_DIRECT"))
+    old = toy_hw(layer_overhead=3e-5)          # disk_probe 0: a file from before the field
+    old.save(default_profile_path())
+    logged = []
+    hw = autopolicy.hardware_profile(None, tmp_path / "off", logged.append)
+    assert (hw.disk_read_bw, hw.disk_write_bw, hw.disk_probe) == (0.7e9, 0.6e9, DISK_PROBE)
+    assert "disk re-measured" in hw.notes
+    assert hw.replace(disk_read_bw=old.disk_read_bw, disk_write_bw=old.disk_write_bw, disk_probe=0,
+                      notes=old.notes) == old
+    assert load_hardware(None) == hw and calls == [tmp_path / "off"] and "re-measuring the disk" in logged[0]
+    assert autopolicy.hardware_profile(None, tmp_path / "off", logged.append) == hw
+    assert len(calls) == 1 and len(logged) == 1
 
 
 def test_bundled_t4_profile():
@@ -492,6 +516,7 @@ def test_profile_quick(tmp_path, capsys):
     assert hw.compute_dtype in ("bfloat16", "float32") and hw.date
     assert hw.disk_read_bw > 1e6 and hw.gpu_matmul_flops > 1e8
     assert hw.gpu_quant_rate > 1e5 and hw.cache_quant_rate == hw.gpu_quant_rate
+    assert hw.disk_probe == DISK_PROBE
     assert not list((tmp_path / "off").iterdir())   # the probe file is gone
     assert "wrote" in capsys.readouterr().out
     # The measured profile drives a search.
