@@ -85,10 +85,10 @@ def main() -> int:
             # just before and just after the run and predict
             # with the mean, with as many readers as the run keeps in flight: with only
             # weights on disk, one per rank (a rank reads its layers one at a time).
-            reads = [disk_bandwidth(tmp / "probe", 512 << 20, readers=n)[0]] if probe else []
+            reads = [disk_bandwidth(tmp / "probe", readers=n)[0]] if probe else []
             r = run(n, a, tmp / "offload", tmp / f"r{n}.json")
             if probe:
-                reads.append(disk_bandwidth(tmp / "probe", 512 << 20, readers=n)[0])
+                reads.append(disk_bandwidth(tmp / "probe", readers=n)[0])
                 run_hw = dataclasses.replace(hw, disk_read_bw=sum(reads) / len(reads))
             # Every rank runs on this machine: they share its disk.
             pe = estimate_pipeline(args, [policy], a.prompt_len, a.gen_len, run_hw, n, link_bw=a.link_bw * 1e9,

@@ -53,7 +53,7 @@ def hardware_profile(hardware, offload_dir: Path, log: Callable[[str], None]) ->
         # keeping the rest of the profile (it may hold an engine calibration).
         from flexgen.calibrate import disk_bandwidth
         log(f"re-measuring the disk for {default_profile_path()}: its figures came from an older probe ...")
-        read, write, _ = disk_bandwidth(offload_dir, 512 << 20)
+        read, write, _ = disk_bandwidth(offload_dir)
         when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         hw = hw.replace(disk_read_bw=read, disk_write_bw=write, disk_probe=DISK_PROBE,
                         notes=f"{hw.notes}; disk re-measured {when} (newer probe)".lstrip("; "))

@@ -286,7 +286,10 @@ def engine_layer_overhead(hw: HardwareProfile, offload_dir: Path) -> float:
     return max(0.0, (measured - bare) / layers)
 
 
-def disk_bandwidth(offload_dir: Path, nbytes: int, readers: int = LOAD_THREADS,
+DISK_PROBE_BYTES = 512 << 20   # the probe file of a full profile
+
+
+def disk_bandwidth(offload_dir: Path, nbytes: int = DISK_PROBE_BYTES, readers: int = LOAD_THREADS,
                    repeats: int = 3) -> tuple[float, float, str]:
     """(read, write) bytes/s in `offload_dir`, O_DIRECT when the file system allows it: the
     median of `repeats` measurements, each on a fresh file. One alone is not steady on a
@@ -456,7 +459,7 @@ def measure_hardware(offload_dir: str | Path, quick: bool = False, device: str |
     log("host <-> device transfers")
     c2g, g2c = transfer_bandwidth(dev, big)
     log("disk")
-    d_read, d_write, note = disk_bandwidth(Path(offload_dir), (32 << 20) if quick else (512 << 20),
+    d_read, d_write, note = disk_bandwidth(Path(offload_dir), (32 << 20) if quick else DISK_PROBE_BYTES,
                                            repeats=1 if quick else 3)
     notes.append(note + f" in {offload_dir}")
     log("per-layer overhead")

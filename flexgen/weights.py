@@ -177,17 +177,13 @@ class PlacedWeights:
                 if self._staging_done[slot] is not None:
                     self._staging_done[slot].synchronize()   # the copy two layers ago, long done
                 staging = self._staging[slot][: lay.file_bytes - start]
-                with self._read_lock:
-                    self.disk_files[idx].read(start, staging)
-                self._check_once(idx, staging, start)
+                self._read_disk_part(idx, start, staging)
                 flat[seg.cpu_end:seg.total].copy_(staging[seg.cpu_end - start: seg.total - start],
                                                   non_blocking=True)
                 self._staging_done[slot] = torch.cuda.Event()
                 self._staging_done[slot].record(torch.cuda.current_stream(self.device.device))
             else:
-                with self._read_lock:
-                    self.disk_files[idx].read(start, flat[start:lay.file_bytes])
-                self._check_once(idx, flat[start:lay.file_bytes], start)
+                self._read_disk_part(idx, start, flat[start:lay.file_bytes])
         # After the disk read: its aligned start may have covered the cpu part's tail.
         if seg.cpu_end > seg.gpu_end:
             flat[seg.gpu_end:seg.cpu_end].copy_(self.cpu_parts[idx], non_blocking=True)
@@ -196,6 +192,12 @@ class PlacedWeights:
             flat[straddle:seg.gpu_end].copy_(gpu[straddle:seg.gpu_end], non_blocking=True)
         arrays = {(a.field, a.part): _view(gpu if a.end <= seg.gpu_end else flat, a) for a in lay.arrays}
         return LoadedLayer(idx, arrays)
+
+    def _read_disk_part(self, idx: int, start: int, host: torch.Tensor) -> None:
+        """Read layer `idx`'s bytes from `start` into `host`, one layer's read at a time."""
+        with self._read_lock:
+            self.disk_files[idx].read(start, host)
+        self._check_once(idx, host, start)
 
     def _check_once(self, idx: int, host: torch.Tensor, start: int) -> None:
         """Checksums of the arrays in a layer's disk part, the first time they are read."""

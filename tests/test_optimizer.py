@@ -111,7 +111,7 @@ def test_cached_profile_from_an_older_disk_probe_gets_its_disk_remeasured(tmp_pa
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     calls = []
     monkeypatch.setattr(calibrate, "disk_bandwidth",
-                        lambda d, n, **kw: calls.append(d) or (0.7e9, 0.6e9, "disk: O_DIRECT"))
+                        lambda d, *a, **kw: calls.append(d) or (0.7e9, 0.6e9, "disk: O_DIRECT"))
     old = toy_hw(layer_overhead=3e-5)          # disk_probe 0: a file from before the field
     old.save(default_profile_path())
     logged = []
