@@ -7,20 +7,23 @@ activations wholly on the gpu tier both are free.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from flexgen.device import ComputeDevice
-from flexgen.diskio import DiskFile
+from flexgen.diskio import DiskFile, ReadPriority
 from flexgen.memory import MemoryTracker, Tier
 from flexgen.placement import RowSplit
 
 
 class HiddenSlot:
     def __init__(self, rows: RowSplit, max_bytes_per_row: int, device: ComputeDevice, tracker: MemoryTracker,
-                 path: Path):
+                 path: Path, read_priority: Optional[ReadPriority] = None):
         self.ranges = rows.ranges()
+        self.read_priority = read_priority   # compute needs a load next: it goes ahead of weight reads
         self.device, self.tracker = device, tracker
         self.file = DiskFile(path, rows.disk * max_bytes_per_row) if rows.disk else None
         self.parts: list = []
@@ -75,7 +78,8 @@ class HiddenSlot:
             if tier is Tier.DISK:
                 shape, dtype = part
                 part = self._host_view(a, shape, dtype)
-                self.file.read(0, part)
+                with self.read_priority.urgent() if self.read_priority else nullcontext():
+                    self.file.read(0, part)
             pieces.append(part.to(self.device.device, non_blocking=True))
         return self.device.hand_off(torch.cat(pieces))
 

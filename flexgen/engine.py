@@ -16,6 +16,7 @@ from flexgen import offload, preflight
 from flexgen.activations import HiddenSlot
 from flexgen.checkpoint import CheckpointSource, DummySource, resolve_source
 from flexgen.device import DTYPES, ComputeDevice, default_dtype
+from flexgen.diskio import ReadPriority
 from flexgen.errors import FlexGenError
 from flexgen.iopool import IOPool
 from flexgen.kvcache import KVCache
@@ -85,6 +86,7 @@ class FlexGenModel:
         self.tracker = MemoryTracker()
         self.stats = GenerationStats()
         self.io = IOPool()
+        self.read_priority = ReadPriority()   # cache and hidden reads go ahead of weight reads
         self.store = None
         try:
             offload_dir.mkdir(parents=True, exist_ok=True)
@@ -113,7 +115,7 @@ class FlexGenModel:
                     layouts, self.placement.weights, device, dtype, self.tracker,
                     store=_StoreSlice(store, self.layers.start) if store is not None and self.layers.start else store,
                     dummy=source if isinstance(source, DummySource) else None, run_dir=self.run_dir,
-                    pin=policy.pin_weight, progress=bar)
+                    pin=policy.pin_weight, progress=bar, read_priority=self.read_priority)
             self.store_dir = store.dir if store is not None else None
         except BaseException:
             self.close()
@@ -297,11 +299,13 @@ class FlexGenModel:
         try:
             cache = KVCache(self.num_attention, p.num_gpu_batches, self.placement.cache, max_len,
                             self.args.kv_width, self.dtype, self.device, self.tracker, self.run_dir,
-                            compress=p.compress_cache, cpu_cache_compute=p.cpu_cache_compute)
+                            compress=p.compress_cache, cpu_cache_compute=p.cpu_cache_compute,
+                            read_priority=self.read_priority)
             self.stats.cache_bytes = {t.value: n for t, n in cache.held.items()}
             row_bytes = block.prompt_len * self.args.hidden_size * torch.empty((), dtype=self.dtype).element_size()
             hidden = [HiddenSlot(self.placement.act, row_bytes, self.device, self.tracker,
-                                 self.run_dir / f"hidden_{k}.bin") for k in range(p.num_gpu_batches)]
+                                 self.run_dir / f"hidden_{k}.bin", self.read_priority)
+                      for k in range(p.num_gpu_batches)]
             files = cache.files + [h.file for h in hidden if h.file is not None]
 
             def disk_read() -> int:

@@ -18,6 +18,7 @@ so any number of gpu batches can be in flight.
 from __future__ import annotations
 
 import threading
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -25,7 +26,7 @@ from typing import Optional
 import torch
 
 from flexgen.device import ComputeDevice, PinnedStaging
-from flexgen.diskio import DiskFile, align_up, aligned_empty, aligned_host_empty
+from flexgen.diskio import DiskFile, ReadPriority, align_up, aligned_empty, aligned_host_empty
 from flexgen.memory import MemoryTracker, Tier
 from flexgen.models.base import AttendGroup
 from flexgen.placement import RowSplit
@@ -363,6 +364,7 @@ class KVSlot:
         self.cpu_cache_compute, self.tracker = cpu_cache_compute, tracker
         self.host_attention: Optional[HostAttention] = None   # set by KVCache on CUDA
         self.buffers: Optional[HostBuffers] = None            # set by KVCache
+        self.read_priority: Optional[ReadPriority] = None    # set by KVCache: disk reads go first
         self.last_store = None   # future of the last `end`; the next `begin` waits for it
         # Wholly on the gpu tier and uncompressed: begin/end only take views, no I/O.
         self.resident = len(parts) == 1 and parts[0].tier is Tier.GPU and parts[0].k.view(1) is not None
@@ -409,23 +411,31 @@ class KVSlot:
                     self.tracker.add(home, nbytes)
                     work.tracked.append((home, nbytes))
                 # Positions t.. of the buffer are filled by KVWork.update afterwards.
-                if p.k.compress and device.type == "cpu":
-                    # Dequantized on the compute thread (KVWork.update): here it would hold
-                    # this I/O thread off the disk while it runs, and on a CPU it takes the
-                    # same cores either way. Packed rows already in host memory are
-                    # dequantized where they are: a copy would move the same bytes once
-                    # more, on the I/O thread, through the same memory and cores.
-                    if p.tier is Tier.DISK:
-                        g.packed = (p.k.read_packed(t, on_host, take), p.v.read_packed(t, on_host, take))
-                    else:
-                        g.packed = (p.k.packed_view(t), p.v.packed_view(t))
-                else:
-                    p.k.read(t, g.k[:t], scratch_after=True, host=on_host, take=take)
-                    p.v.read(t, g.v[:t], scratch_after=True, host=on_host, take=take)
+                # Compute needs these rows next: their disk reads go ahead of the weights'.
+                urgent = self.read_priority.urgent() if self.read_priority and p.tier is Tier.DISK else nullcontext()
+                with urgent:
+                    self._read_part(p, g, t, on_host, device, take)
                 if not on_host:   # compute writes, reads and frees them
                     self.device.hand_off(g.k)
                     self.device.hand_off(g.v)
             work.groups.append(g)
+
+    @staticmethod
+    def _read_part(p: _Part, g: _Group, t: int, on_host: bool, device: torch.device, take) -> None:
+        """Fill a group's working buffers (or packed arrays) from its part."""
+        if p.k.compress and device.type == "cpu":
+            # Dequantized on the compute thread (KVWork.update): here it would hold
+            # this I/O thread off the disk while it runs, and on a CPU it takes the
+            # same cores either way. Packed rows already in host memory are
+            # dequantized where they are: a copy would move the same bytes once
+            # more, on the I/O thread, through the same memory and cores.
+            if p.tier is Tier.DISK:
+                g.packed = (p.k.read_packed(t, on_host, take), p.v.read_packed(t, on_host, take))
+            else:
+                g.packed = (p.k.packed_view(t), p.v.packed_view(t))
+        else:
+            p.k.read(t, g.k[:t], scratch_after=True, host=on_host, take=take)
+            p.v.read(t, g.v[:t], scratch_after=True, host=on_host, take=take)
 
     def end(self, work: KVWork) -> None:
         """Write this step's new positions to every part not updated in place (I/O thread,
@@ -454,7 +464,8 @@ class KVCache:
 
     def __init__(self, num_layers: int, num_batches: int, rows: RowSplit, max_len: int, hidden: int,
                  dtype: torch.dtype, device: ComputeDevice, tracker: MemoryTracker, run_dir: Path,
-                 compress: bool = False, cpu_cache_compute: bool = False):
+                 compress: bool = False, cpu_cache_compute: bool = False,
+                 read_priority: Optional[ReadPriority] = None):
         self.tracker = tracker
         self.files: list[DiskFile] = []
         self.slots: dict[tuple[int, int], KVSlot] = {}
@@ -492,6 +503,7 @@ class KVCache:
                 self.slots[(layer, b)] = KVSlot(parts, device, dtype, hidden, cpu_cache_compute, tracker)
                 self.slots[(layer, b)].host_attention = self.host_attention
                 self.slots[(layer, b)].buffers = self.buffers
+                self.slots[(layer, b)].read_priority = read_priority
         for tier, n in self.held.items():
             tracker.add(tier, n)
 

@@ -254,7 +254,7 @@ class Scheduler:
         if inline:
             return done_future((_after(prev, fn)(*args), None))
         return self.io.submit(self.device.io_task(_after(prev, self._timed(kind, fn)), after, sync=store),
-                              *args, store=store)
+                              *args, store=store, weights=kind == "load_weights")
 
     def _issue_weight(self, pending: _Pending, j: int) -> None:
         if j not in pending.weights:

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from flexgen.device import ComputeDevice
-from flexgen.diskio import ALIGN, DiskFile, aligned_empty
+from flexgen.diskio import ALIGN, DiskFile, ReadPriority, aligned_empty
 from flexgen.layout import LayerLayout
 from flexgen.memory import MemoryTracker, Tier
 from flexgen.models.base import build_weights
@@ -37,9 +37,11 @@ class LoadedLayer:
 class PlacedWeights:
     def __init__(self, layouts: list[LayerLayout], segments: tuple[Segments, ...], device: ComputeDevice,
                  dtype: torch.dtype, tracker: MemoryTracker, *, store: Optional[WeightStore] = None,
-                 dummy=None, run_dir: Optional[Path] = None, pin: bool = True, progress=None):
+                 dummy=None, run_dir: Optional[Path] = None, pin: bool = True, progress=None,
+                 read_priority: Optional[ReadPriority] = None):
         self.layouts, self.segments, self.device, self.dtype = layouts, segments, device, dtype
         self.tracker = tracker
+        self.read_priority = read_priority   # weight reads yield to urgent ones between pieces
         self.gpu_parts: list[Optional[torch.Tensor]] = []
         self.cpu_parts: list[Optional[torch.Tensor]] = []
         self.disk_files: list[Optional[DiskFile]] = []
@@ -196,7 +198,7 @@ class PlacedWeights:
     def _read_disk_part(self, idx: int, start: int, host: torch.Tensor) -> None:
         """Read layer `idx`'s bytes from `start` into `host`, one layer's read at a time."""
         with self._read_lock:
-            self.disk_files[idx].read(start, host)
+            self.disk_files[idx].read(start, host, yield_to=self.read_priority)
         self._check_once(idx, host, start)
 
     def _check_once(self, idx: int, host: torch.Tensor, start: int) -> None:

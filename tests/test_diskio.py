@@ -187,3 +187,53 @@ def test_large_reads_are_issued_in_pieces_and_match(tmp_path, monkeypatch, direc
             assert max(lengths) <= 3 * ALIGN and sum(lengths) >= n, lengths
     finally:
         f.unlink()
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_background_read_waits_between_pieces_while_an_urgent_read_runs(tmp_path, monkeypatch, direct):
+    """A read given `yield_to` (the next layer's weights) issues no further piece while an
+    urgent read (the next gpu batch's KV cache) is under way, and resumes after it with
+    the right bytes. Without `yield_to` its third piece would go to the disk at once."""
+    import os
+    import threading
+
+    from flexgen import diskio
+
+    size = 12 * ALIGN
+    data = torch.randint(0, 256, (size,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    f = DiskFile(tmp_path / "f.bin", size, direct=direct)
+    f.write(0, data)
+    monkeypatch.setattr(diskio, "READ_PIECE", 2 * ALIGN)
+    prio = diskio.ReadPriority()
+    entered, release = threading.Event(), threading.Event()
+    events = []
+
+    def urgent_read():
+        with prio.urgent():
+            entered.set()
+            release.wait(5)
+            events.append("urgent done")
+
+    real = os.preadv
+
+    def preadv(fd, bufs, offset):
+        if threading.current_thread() is background:
+            events.append("piece")
+            if events.count("piece") == 2:   # an urgent read starts after the second piece
+                threading.Thread(target=urgent_read).start()
+                entered.wait(5)
+                threading.Timer(0.1, release.set).start()
+        return real(fd, bufs, offset)
+
+    monkeypatch.setattr(diskio.os, "preadv", preadv)
+    out = diskio.aligned_empty(size)
+    background = threading.Thread(target=f.read, args=(0, out), kwargs={"yield_to": prio})
+    try:
+        background.start()
+        background.join(10)
+        assert not background.is_alive()
+        assert torch.equal(out, data)
+        assert events == ["piece", "piece", "urgent done"] + ["piece"] * 4, events
+    finally:
+        release.set()
+        f.unlink()

@@ -241,6 +241,52 @@ def test_weight_disk_reads_one_at_a_time_in_layer_order(opt_dir, prompts, offloa
     torch.testing.assert_close(logits, ref_logits)
 
 
+@pytest.mark.parametrize("compress", [False, True])
+def test_cache_and_hidden_reads_go_ahead_of_weight_reads(opt_dir, prompts, offload, monkeypatch, compress):
+    """Weights, KV cache and hidden states all on disk: every weight read yields to urgent
+    reads and runs on the weight loaders; every cache and hidden read is urgent and runs
+    on the other loaders, so it never queues behind a weight load waiting for the disk.
+    Tokens and logits are those of the all-in-memory run."""
+    import threading
+    from contextlib import contextmanager
+
+    from flexgen import diskio
+    path, _ = opt_dir
+    ids, mask = prompts
+    seen = {"weights": [], "other": []}
+    lock, local = threading.Lock(), threading.local()
+    orig_read, orig_urgent = diskio.DiskFile.read, diskio.ReadPriority.urgent
+
+    @contextmanager
+    def urgent(self):
+        with orig_urgent(self):
+            local.urgent = getattr(local, "urgent", 0) + 1
+            try:
+                yield
+            finally:
+                local.urgent -= 1
+
+    def read(self, offset, dst, *args, yield_to=None, **kwargs):
+        if dst.numel():
+            name, thread = self.path.name, threading.current_thread().name
+            with lock:
+                if name.startswith("layer_"):
+                    seen["weights"].append((yield_to is not None, thread.startswith("flexgen-weights")))
+                elif name.startswith(("kv_layer_", "hidden_")):
+                    seen["other"].append((getattr(local, "urgent", 0) > 0, thread.startswith("flexgen-load")))
+        return orig_read(self, offset, dst, *args, yield_to=yield_to, **kwargs)
+
+    monkeypatch.setattr(diskio.DiskFile, "read", read)
+    monkeypatch.setattr(diskio.ReadPriority, "urgent", urgent)
+    seq, logits = run(path, P(0, 0, 0, 0, 0, 0, num_gpu_batches=2, compress_cache=compress), ids, mask, offload)
+    assert seen["weights"] and all(a and b for a, b in seen["weights"]), seen["weights"]
+    assert seen["other"] and all(a and b for a, b in seen["other"]), seen["other"]
+    monkeypatch.undo()
+    ref, ref_logits = run(path, P(compress_cache=compress), ids, mask, offload)
+    assert torch.equal(seq, ref)
+    torch.testing.assert_close(logits, ref_logits)
+
+
 def test_run_files_removed_store_kept(opt_dir, prompts, offload):
     path, _ = opt_dir
     ids, mask = prompts

@@ -476,8 +476,8 @@ def test_stores_behind_a_slow_disk_do_not_pile_up(opt_dir, tmp_path, monkeypatch
     in_flight, most = [0], [0]
     real_submit = iopool.IOPool.submit
 
-    def submit(self, fn, *args, store=False):
-        fut = real_submit(self, fn, *args, store=store)
+    def submit(self, fn, *args, store=False, **kw):
+        fut = real_submit(self, fn, *args, store=store, **kw)
         if store:
             in_flight[0] += 1
             most[0] = max(most[0], in_flight[0])
