@@ -82,9 +82,9 @@ def main() -> int:
             probe = not a.profile_disk and a.percent[0] + a.percent[1] < 100
             # This virtual disk's read rate moves by more than 25 % between runs minutes
             # apart (two probes a minute apart read 1.69 and 1.29 GB/s), so measure it
-            # just before and just after the run and predict
-            # with the mean, with as many readers as the run keeps in flight: with only
-            # weights on disk, one per rank (a rank reads its layers one at a time).
+            # just before and just after the run and predict with the mean, with as many
+            # readers as the run keeps in flight: with only weights on disk, one per rank
+            # (a rank reads its layers one at a time).
             reads = [disk_bandwidth(tmp / "probe", readers=n)[0]] if probe else []
             r = run(n, a, tmp / "offload", tmp / f"r{n}.json")
             if probe:

@@ -7,14 +7,13 @@ activations wholly on the gpu tier both are free.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from flexgen.device import ComputeDevice
-from flexgen.diskio import DiskFile, ReadPriority
+from flexgen.diskio import DiskFile, ReadPriority, urgent
 from flexgen.memory import MemoryTracker, Tier
 from flexgen.placement import RowSplit
 
@@ -78,7 +77,7 @@ class HiddenSlot:
             if tier is Tier.DISK:
                 shape, dtype = part
                 part = self._host_view(a, shape, dtype)
-                with self.read_priority.urgent() if self.read_priority else nullcontext():
+                with urgent(self.read_priority):
                     self.file.read(0, part)
             pieces.append(part.to(self.device.device, non_blocking=True))
         return self.device.hand_off(torch.cat(pieces))

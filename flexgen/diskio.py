@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -264,4 +264,9 @@ class ReadPriority:
                 self._cond.wait()
 
 
-__all__ = ["ALIGN", "DiskFile", "ReadPriority", "align_up", "aligned_empty", "aligned_host_empty", "aligned_view", "as_bytes", "drop_cached"]
+def urgent(priority: Optional[ReadPriority]):
+    """`priority.urgent()`, or nothing when there is no priority to give way to."""
+    return priority.urgent() if priority is not None else nullcontext()
+
+
+__all__ = ["ALIGN", "DiskFile", "ReadPriority", "urgent", "align_up", "aligned_empty", "aligned_host_empty", "aligned_view", "as_bytes", "drop_cached"]

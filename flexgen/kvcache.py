@@ -18,7 +18,6 @@ so any number of gpu batches can be in flight.
 from __future__ import annotations
 
 import threading
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -26,7 +25,7 @@ from typing import Optional
 import torch
 
 from flexgen.device import ComputeDevice, PinnedStaging
-from flexgen.diskio import DiskFile, ReadPriority, align_up, aligned_empty, aligned_host_empty
+from flexgen.diskio import DiskFile, ReadPriority, align_up, aligned_empty, aligned_host_empty, urgent
 from flexgen.memory import MemoryTracker, Tier
 from flexgen.models.base import AttendGroup
 from flexgen.placement import RowSplit
@@ -412,8 +411,7 @@ class KVSlot:
                     work.tracked.append((home, nbytes))
                 # Positions t.. of the buffer are filled by KVWork.update afterwards.
                 # Compute needs these rows next: their disk reads go ahead of the weights'.
-                urgent = self.read_priority.urgent() if self.read_priority and p.tier is Tier.DISK else nullcontext()
-                with urgent:
+                with urgent(self.read_priority if p.tier is Tier.DISK else None):
                     self._read_part(p, g, t, on_host, device, take)
                 if not on_host:   # compute writes, reads and frees them
                     self.device.hand_off(g.k)
