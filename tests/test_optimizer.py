@@ -385,7 +385,7 @@ def test_search_infeasible_names_the_binding_budget(budgets, tier):
 def test_slack_program_finds_the_shortfall():
     model = BlockModel(ModelArgs.from_name("opt-30b"), 512, 32, 1, 1, toy_hw())
     budgets = Budgets.from_request(toy_hw(), 16 * GIB, 8 * GIB, 20 * GIB)
-    prob, x, slacks = build_lp(model, budgets, slack=True)
+    prob, x, slacks, _ = build_lp(model, budgets, slack=True)
     assert _solve(prob)
     short = {t: s.value() for t, s in slacks.items()}
     # Weights need ~56 GiB; 16 + 8 + 20 = 44 are offered: the rest is asked of the disk.

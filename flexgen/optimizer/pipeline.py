@@ -199,7 +199,7 @@ def _solve_stage(args, prompt_len, gen_len, hw, budgets, gbs, ngb, nb_g, flags, 
     from flexgen.optimizer.solver import _percent_candidates, _row_pairs, _solve, build_lp, canonical_percents
 
     group, full = _stage_models(args, prompt_len, gen_len, hw, gbs, ngb, nb_g, flags, span, engine)
-    prob, x, _ = build_lp(_StageLP(group, full), budgets)
+    prob, x, _, _ = build_lp(_StageLP(group, full), budgets)
     counter[0] += 1
     if not _solve(prob):
         return None
@@ -233,7 +233,7 @@ def _stage_shortfall(args, prompt_len, gen_len, hw, budgets, gbs, ngb, nb_g, fla
     from flexgen.optimizer.solver import _solve, build_lp
 
     group, full = _stage_models(args, prompt_len, gen_len, hw, gbs, ngb, nb_g, flags, span, engine)
-    prob, _, slacks = build_lp(_StageLP(group, full), budgets, slack=True)
+    prob, _, slacks, _ = build_lp(_StageLP(group, full), budgets, slack=True)
     if not _solve(prob):
         return "no placement fits"
     short = [f"{_gib(v) if v >= 0.1 * GIB else f'{v / 2**20:.1f} MiB'} more {t} memory"

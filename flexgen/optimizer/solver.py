@@ -74,6 +74,7 @@ def _upper_bound(e: Lin) -> float:
 def build_lp(model: BlockModel, budgets: Budgets, fixed: dict[str, float] | None = None,
              slack: bool = False):
     """The program for one BlockModel: minimise the block's time subject to the budgets.
+    Returns the problem, the fractions, the slacks and the block's time (an expression).
 
     Variables: the nine fractions, one time per distinct layer step and phase (bounded
     below by its load, store and compute streams), and one binary per all-or-nothing
@@ -88,7 +89,7 @@ def build_lp(model: BlockModel, budgets: Budgets, fixed: dict[str, float] | None
     for k, v in (fixed or {}).items():
         prob += x[k] == v, f"fixed_{k}"
 
-    objective = []
+    objective, traffic = [], []
     for phase in PHASES:
         reps = 1 if phase == "prefill" else model.decode_steps
         if reps == 0:
@@ -102,6 +103,7 @@ def build_lp(model: BlockModel, budgets: Budgets, fixed: dict[str, float] | None
             else:
                 prob += t >= (streams[0] + streams[1] + streams[2]).to_pulp(x), f"T_{phase}_{i}"
             objective.append(iv.count * reps * t)
+            traffic.append((iv.load + iv.store).to_pulp(x) * (iv.count * reps))
 
     binaries: dict[str, pulp.LpVariable] = {}
     n_aux = [0]
@@ -127,7 +129,10 @@ def build_lp(model: BlockModel, budgets: Budgets, fixed: dict[str, float] | None
         # Missing memory is asked of the cheapest tier that can take it: disk, then cpu, then gpu.
         prob += (pulp.lpSum(SLACK_WEIGHT[t] * v for t, v in slacks.items()) + 1e-9 * pulp.lpSum(objective))
     else:
-        prob += pulp.lpSum(objective)
+        # Among placements of the same time, the one that moves the fewest bytes: where
+        # compute bounds every step, the time alone leaves the LP free to put cache rows
+        # off the gpu tier for nothing.
+        prob += pulp.lpSum(objective) + TIE_BREAK * pulp.lpSum(traffic)
     for phase in PHASES:
         if phase == "decode" and model.decode_steps == 0:
             continue
@@ -139,10 +144,11 @@ def build_lp(model: BlockModel, budgets: Budgets, fixed: dict[str, float] | None
         if budgets.combined is not None:
             prob += (totals["gpu"] + totals["cpu"] <= budgets.combined / GIB + (slacks["cpu"] if slack else 0),
                      f"mem_{phase}_combined")
-    return prob, x, slacks
+    return prob, x, slacks, pulp.lpSum(objective)
 
 
 SLACK_WEIGHT = {"disk": 1.0, "cpu": 10.0, "gpu": 100.0}
+TIE_BREAK = 1e-6   # weight of the I/O streams' seconds against the block's
 
 
 def _variable(prob, name, **kw):
@@ -177,11 +183,11 @@ def solve_block(args: ModelArgs, prompt_len: int, gen_len: int, gpu_batch_size: 
                 fixed: dict[str, float] | None = None) -> LPSolution | None:
     """Best placement for one block and flag set, or None when no placement fits."""
     model = block_model(args, prompt_len, gen_len, gpu_batch_size, num_gpu_batches, hw, flags, engine)
-    prob, x, _ = build_lp(model, budgets, fixed)
+    prob, x, _, block_time = build_lp(model, budgets, fixed)
     if not _solve(prob):
         return None
     fr = {v: min(1.0, max(0.0, x[v].value() or 0.0)) for v in VARS}
-    return LPSolution(gpu_batch_size, num_gpu_batches, flags, fr, pulp.value(prob.objective), model)
+    return LPSolution(gpu_batch_size, num_gpu_batches, flags, fr, pulp.value(block_time), model)
 
 
 # ---------------------------------------------------------------------------------------
@@ -455,10 +461,22 @@ def search_detailed(model_args: ModelArgs, prompt_len: int, gen_len: int, hw: Ha
     if not rounded:
         raise FlexGenError("the linear program found placements, but none survives rounding to whole "
                            "percents within the budgets; give a little more memory")
-    # Best first; on (near) ties prefer fewer flags: simpler to run, nothing to gain.
-    rounded.sort(key=lambda r: (-float(f"{r[1].throughput:.6g}"), _n_flags(r[0])))
-    policy, est = rounded[0]
+    # Best first; within NEAR_TIE of the best prefer fewer flags, then fewer bytes moved
+    # between tiers: simpler to run, nothing measurable to gain.
+    rounded.sort(key=lambda r: -r[1].throughput)
+    top = rounded[0][1].throughput * (1 - NEAR_TIE)
+    pick = min((r for r in rounded if r[1].throughput >= top), key=lambda r: (_n_flags(r[0]), _bytes_moved(r[1])))
+    rounded.remove(pick)
+    rounded.insert(0, pick)
+    policy, est = pick
     return SearchResult(policy, est, sum(bs.solves for bs in searches.values()), rounded)
+
+
+NEAR_TIE = 1e-3   # predicted throughputs this close are the same for the choice
+
+
+def _bytes_moved(est: Estimate) -> float:
+    return sum(sum(links.values()) for links in est.io_bytes.values())
 
 
 def _n_flags(p: Policy) -> int:
@@ -492,7 +510,7 @@ def infeasible_message(args: ModelArgs, prompt_len: int, gen_len: int, hw: Hardw
     best = None
     for flags in flag_sets:
         model = block_model(args, prompt_len, gen_len, gbs, ngb, hw, flags, engine)
-        prob, x, slacks = build_lp(model, budgets, slack=True)
+        prob, x, slacks, _ = build_lp(model, budgets, slack=True)
         if not _solve(prob):
             continue
         total = sum(s.value() or 0.0 for s in slacks.values())
