@@ -220,7 +220,8 @@ class StageScheduler(Scheduler):
             self._issue_loads(pending, i, 0, first_k)
         layer_weights = None
         for step in zigzag_order(L, batches):
-            j, k, nxt = step.layer, step.batch, step.next
+            j, k = step.layer, step.batch
+            nxt = None if step.next is None else (step.next[0], *step.next[1])   # (layer, batch): no merged layers here
             if overlap:
                 if step.first:
                     self._issue_weight(pending, step.next_weight)

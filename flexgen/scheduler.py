@@ -77,28 +77,43 @@ class _Pending:
 
 @dataclass(frozen=True)
 class ZigzagStep:
-    """One (layer, gpu batch) computation of a token step, and what to fetch around it."""
+    """One (layer, gpu batches) computation of a token step, and what to fetch around it."""
     layer: int
-    batch: int
-    first: bool            # first gpu batch of the layer: its weights are taken here, once for all batches
+    batches: tuple[int, ...]   # one gpu batch, or every batch of the block at once (a merged layer)
+    first: bool            # first step of the layer: its weights are taken here, once for all batches
     next_weight: int       # the layer whose weights to request here when overlapping (0 after the last)
-    ahead: tuple[tuple[int, int, int], ...]   # the next two (token steps on, layer, batch) in compute order
+    ahead: tuple[tuple[int, int, tuple[int, ...]], ...]   # the next two (token steps on, layer, batches)
 
     @property
-    def next(self) -> Optional[tuple[int, int]]:
-        """The (layer, batch) computed after this one in the same token step, if any."""
-        steps, j, k = self.ahead[0]
-        return (j, k) if steps == 0 else None
+    def batch(self) -> int:
+        """The gpu batch of a step that computes one."""
+        (k,) = self.batches
+        return k
+
+    @property
+    def next(self) -> Optional[tuple[int, tuple[int, ...]]]:
+        """The (layer, batches) computed after this one in the same token step, if any."""
+        steps, j, ks = self.ahead[0]
+        return (j, ks) if steps == 0 else None
 
 
-def zigzag_order(num_layers: int, batches: range) -> list[ZigzagStep]:
+def zigzag_order(num_layers: int, batches: range, merged: frozenset = frozenset()) -> list[ZigzagStep]:
     """The order of one token step: layer by layer, and within a layer every gpu batch,
-    so a layer's weights are loaded once for the whole block rather than once per batch."""
-    positions = [(j, k) for j in range(num_layers) for k in batches]
+    so a layer's weights are loaded once for the whole block rather than once per batch.
+    A layer in `merged` computes every batch in one step. The positions ahead of the last
+    steps run on into the next token step, which must start the same way (layer 0 is
+    never merged)."""
+    assert 0 not in merged
+    positions = []
+    for j in range(num_layers):
+        if j in merged and len(batches) > 1:
+            positions.append((j, tuple(batches)))
+        else:
+            positions.extend((j, (k,)) for k in batches)
     n_pos = len(positions)
-    return [ZigzagStep(j, k, k == batches[0], (j + 1) % num_layers,
+    return [ZigzagStep(j, ks, ks[0] == batches[0], (j + 1) % num_layers,
                        tuple(((n + d) // n_pos, *positions[(n + d) % n_pos]) for d in (1, 2)))
-            for n, (j, k) in enumerate(positions)]
+            for n, (j, ks) in enumerate(positions)]
 
 
 class Scheduler:
@@ -110,6 +125,7 @@ class Scheduler:
         self.specs = [lay.spec for lay in weights.layouts]
         self.num_layers = len(self.specs)
         self.attn_index = {j: s.block for j, s in enumerate(self.specs) if s.kind == "attention"}
+        self.merged_in_decode = frozenset(j for j, s in enumerate(self.specs) if s.kind == "mlp")
         # Host seconds the I/O threads spent in each kind of load / store since the last
         # step ended (added from several threads: under a lock).
         self._io_busy: dict[str, float] = defaultdict(float)
@@ -134,7 +150,11 @@ class Scheduler:
         self._unpadded = [not windowed and bool(prompt[k * gbs:(k + 1) * gbs].all()) for k in range(ngb)]
         pending = _Pending()
         overlap = self.policy.overlap
-        order = zigzag_order(self.num_layers, range(ngb))
+        # Decode computes each MLP layer once for the whole block: its input is one token
+        # per row (gbs x ngb rows are a few MB) and it has no cache, while a matmul of
+        # 4 x 128 rows took 1.5x the time of one of 512 here (benchmarks/RESULTS.md).
+        orders = (zigzag_order(self.num_layers, range(ngb)),
+                  zigzag_order(self.num_layers, range(ngb), merged=self.merged_in_decode))
         try:
             for i in range(block.max_new_tokens):
                 t0 = time.perf_counter()
@@ -144,33 +164,40 @@ class Scheduler:
                 if overlap and i == 0:
                     self._issue_weight(pending, 0)
                     self._issue_loads(pending, i, 0, 0)
-                for step in order:
-                    j, k, nxt = step.layer, step.batch, step.next
+                for step in orders[i > 0]:
+                    j, ks, nxt = step.layer, step.batches, step.next
                     if overlap:
                         if step.first:
                             self._issue_weight(pending, step.next_weight)
-                        # With ngb == 1 the next step's hidden input is this step's output,
-                        # so only its cache load may start now; its hidden load follows the store.
+                        # A hidden input this step writes (with ngb == 1, or around a merged
+                        # layer) is loaded after its store; the rest, and the cache, now.
                         if nxt is not None:
-                            self._issue_loads(pending, i, *nxt, hidden=nxt[1] != k)
+                            for k in nxt[1]:
+                                self._issue_loads(pending, i, nxt[0], k, hidden=k not in ks)
                         self._prefetch_cache(pending, i, step, block.max_new_tokens)
                     else:
                         if step.first:
                             self._issue_weight(pending, j)
-                        self._issue_loads(pending, i, j, k)
+                        for k in ks:
+                            self._issue_loads(pending, i, j, k)
                     if step.first:
                         layer_weights = self._wait_weights(pending, j, i)
-                    kv = self._wait(pending.cache.pop((j, k), None), i, "cache")
-                    x = self._wait(pending.hidden.pop((j, k), None), i, "hidden")
+                    kv = self._wait(pending.cache.pop((j, ks[0]), None), i, "cache") if len(ks) == 1 else None
+                    xs = [self._wait(pending.hidden.pop((j, k), None), i, "hidden") for k in ks]
                     c0 = self.device.clock()
-                    x = self._compute(i, j, k, layer_weights, inputs[k], x, kv)
+                    if len(ks) == 1:
+                        xs = [self._compute(i, j, ks[0], layer_weights, inputs[ks[0]], xs[0], kv)]
+                    else:
+                        xs = self.family.mlp(layer_weights, torch.cat(xs), self.args).split(self.policy.gpu_batch_size)
                     clocks.append((c0, self.device.clock()))
-                    stores = self._issue_stores(i, j, k, x, kv)
+                    stores = [f for k, x in zip(ks, xs) for f in self._issue_stores(i, j, k, x, kv)]
                     if not overlap:
                         for f in stores:
                             f.result()
-                    elif nxt is not None and nxt[1] == k:
-                        self._issue_loads(pending, i, *nxt, cache=False)
+                    elif nxt is not None:
+                        for k in nxt[1]:
+                            if k in ks:
+                                self._issue_loads(pending, i, nxt[0], k, cache=False)
                 block.steps_done = i + 1
                 if i + 1 < block.max_new_tokens and not stopper.all_done and overlap:
                     self._issue_loads(pending, i + 1, 0, 0)
@@ -280,11 +307,12 @@ class Scheduler:
         input embedding), start the cache load of the position after it now, so that a
         read from disk overlaps two compute steps instead of one short MLP step (the
         cache load was the longest wait with one gpu batch)."""
-        (d1, j1, _), (d2, j2, k2) = step.ahead
+        (d1, j1, _), (d2, j2, ks2) = step.ahead
         if i + d1 >= steps or self.specs[j1].kind == "attention":
             return
         if i + d2 < steps and self.specs[j2].kind == "attention":
-            self._issue_loads(pending, i + d2, j2, k2, hidden=False)
+            for k in ks2:
+                self._issue_loads(pending, i + d2, j2, k, hidden=False)
 
     def _issue_stores(self, i: int, j: int, k: int, x, kv) -> list:
         stores = []

@@ -287,6 +287,33 @@ def test_cache_and_hidden_reads_go_ahead_of_weight_reads(opt_dir, prompts, offlo
     torch.testing.assert_close(logits, ref_logits)
 
 
+@pytest.mark.parametrize("policy", [P(num_gpu_batches=3), P(0, 50, 0, 50, 50, 25, num_gpu_batches=3),
+                                    P(0, 0, 0, 0, 0, 0, num_gpu_batches=3, overlap=False)],
+                         ids=["in-memory", "hidden-on-three-tiers", "disk-sequential"])
+def test_decode_computes_an_mlp_layer_once_for_the_block(opt_dir, prompts, offload, monkeypatch, policy):
+    """Prefill computes an MLP layer per gpu batch; decode once over every row of the block
+    (scheduler.Scheduler.run), with hidden states resident, split across tiers or read back
+    from disk after their store, and the tokens and logits of transformers."""
+    from flexgen.models import opt
+
+    path, model = opt_dir
+    ids, mask = prompts
+    rows, orig = [], opt.mlp
+
+    def mlp(w, x, args):
+        rows.append(tuple(x.shape[:2]))
+        return orig(w, x, args)
+
+    monkeypatch.setattr(opt, "mlp", mlp)
+    seq, logits = run(path, policy, ids, mask, offload)
+    layers = model.config.num_hidden_layers
+    gbs, ngb = policy.gpu_batch_size, policy.num_gpu_batches
+    assert rows == [(gbs, ids.shape[1])] * (ngb * layers) + [(gbs * ngb, 1)] * (layers * (GEN - 1))
+    ref_seq, ref_logits = hf_reference(model, ids, mask)
+    assert torch.equal(seq, ref_seq)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+
+
 def test_run_files_removed_store_kept(opt_dir, prompts, offload):
     path, _ = opt_dir
     ids, mask = prompts

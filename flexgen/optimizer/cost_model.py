@@ -288,7 +288,7 @@ class BlockModel:
                  num_gpu_batches: int, hw: HardwareProfile, *, compress_weight: bool = False,
                  compress_cache: bool = False, cpu_cache_compute: bool = False, overlap: bool = True,
                  pin_weight: bool = True, engine: EngineConstants = DEFAULT_ENGINE,
-                 span: Optional[tuple] = None):
+                 span: Optional[tuple] = None, merge_mlp: bool = True):
         if prompt_len < 1 or gen_len < 1:
             raise ValueError("prompt_len and gen_len must be >= 1")
         self.args, self.hw, self.engine = args, hw, engine
@@ -296,6 +296,9 @@ class BlockModel:
         self.b, self.nb = gpu_batch_size, num_gpu_batches
         self.compress_weight, self.compress_cache = compress_weight, compress_cache
         self.cpu_cache_compute, self.overlap, self.pin_weight = cpu_cache_compute, overlap, pin_weight
+        # Decode computes an MLP layer once for all gpu batches (scheduler.Scheduler.run);
+        # a pipeline stage computes it per batch.
+        self.merge_mlp = merge_mlp and num_gpu_batches > 1
         self.dt = hw.dtype_bytes
         self.fig = cost_figures(args)   # the family's widths: attention, K/V per token (GQA), temporaries
         (self.layers, self.weight_bytes, self.max_slot, self.dequant_numel,
@@ -351,11 +354,17 @@ class BlockModel:
             io["gpu->cpu"] += nb * hid * (V("hc") + V("hd"))
             io["cpu->disk"] += nb * hid * V("hd")
 
-        # Matmuls: every gpu batch multiplies by the whole layer, reading it from device memory.
+        # Matmuls: every gpu batch multiplies by the whole layer, reading it from device
+        # memory; a merged decode MLP multiplies all of them at once, after concatenating
+        # their inputs.
         rows = b if layer.kind == "output" else b * s_cur
+        calls = nb
+        if self.merge_mlp and not prefill and layer.kind == "mlp":
+            calls, rows = 1, nb * b
+            gpu += 2 * nb * b * h * dt / hw.gpu_mem_bw
         if layer.matmul_params:
-            gpu += nb * hw.matmul_time(rows, layer.matmul_params)
-        gpu += nb * hw.layer_overhead
+            gpu += calls * hw.matmul_time(rows, layer.matmul_params)
+        gpu += calls * hw.layer_overhead
 
         if layer.kind == "attention":
             tok = self.cache_bytes_per_token()
@@ -428,14 +437,17 @@ class BlockModel:
                   of its rows lives there (activations.HiddenSlot keeps a view); host and
                   disk rows go through one host buffer per gpu batch sized for the prompt;
                   while not resident, a loaded input, a prefetched one and one being
-                  stored are in flight on the device.
+                  stored are in flight on the device (before a merged decode MLP, every
+                  batch's input and the next one).
         pinned    on CUDA, the host memory that is page-locked: host weights (pin_weight),
                   the weight and cache staging buffers, the hidden buffers and host
                   attention's staging (never the host KV cache); counted once more by
                   `pinned_headroom`.
         compute   the largest peak of one layer beyond its input, its output included: the
-                  family's `CostFigures` (measured against the engine); the input layer's
-                  two embeddings and their sum; the head's logits. Plus `working_headroom`.
+                  family's `CostFigures` (measured against the engine), for every row of
+                  the block at once in a merged decode MLP, with its concatenated input; the
+                  input layer's two embeddings and their sum; the head's logits. Plus
+                  `working_headroom`.
         """
         a, e = self.args, self.engine
         b, nb, dt, h = self.b, self.nb, self.dt, a.hidden_size
@@ -464,7 +476,8 @@ class BlockModel:
             # Sized for the prompt in decode too: each slot keeps its prefill output until
             # the first decode step replaces it.
             "hidden": Switched("hg>0", nb * b * self.s * h * dt, V("hg")),
-            "hidden buffers": Switched("hg<1", 3 * hid, 1 - V("hg")),
+            "hidden buffers": Switched("hg<1", (3 if prefill or not self.merge_mlp else max(3, nb + 1)) * hid,
+                                       1 - V("hg")),
             "weight slots": Switched("wg<1", e.weight_slots * self.max_slot, 1 - V("wg")),
         }
         cpu: dict[str, Lin | Switched] = {
@@ -528,10 +541,17 @@ class BlockModel:
                 cpu["cache staging"] = V("cd") * (b * row_cache)
             score = b * t_max * (nh * e.attn_score_bytes + e.mask_bytes * fig.query_groups + nb)
             attn = b * fig.attn_temp_width * dt + score
-            mlp = b * fig.mlp_temp_width * dt
+            # A merged MLP: the concatenated input and the temporaries of every row.
+            mlp = B * (fig.mlp_temp_width + h) * dt if self.merge_mlp else b * fig.mlp_temp_width * dt
             inp = 3 * b * h * dt
         out = b * vocab * (dt + 4 + 8)               # logits, their fp32 copy, sampling
         gpu["compute"] = Lin(max(attn, mlp, out, inp))
+        if not prefill:
+            # The prompt-sized hidden states are replaced by one-token ones at the first
+            # decode step's input layer: only that layer's temporaries meet them, so the
+            # peak is max(prompt-sized + input layer, one-token + the largest other layer).
+            relief = min(max(max(attn, mlp, out) - inp, 0), nb * b * (self.s - 1) * h * dt)
+            gpu["hidden"] = Switched("hg>0", nb * b * self.s * h * dt - relief, V("hg"))
         gpu["compute headroom"] = gpu["compute"] * e.working_headroom
         pinned = {}
         if cuda:
