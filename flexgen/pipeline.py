@@ -219,38 +219,9 @@ class StageScheduler(Scheduler):
             self._issue_weight(pending, 0)
             self._issue_loads(pending, i, 0, first_k)
         layer_weights = None
-        for step in zigzag_order(L, batches):
-            j, k = step.layer, step.batch
-            nxt = None if step.next is None else (step.next[0], *step.next[1])   # (layer, batch): no merged layers here
-            if overlap:
-                if step.first:
-                    self._issue_weight(pending, step.next_weight)
-                if nxt is not None:
-                    self._issue_loads(pending, i, *nxt, hidden=nxt[1] != k)
-            else:
-                if step.first:
-                    self._issue_weight(pending, j)
-                self._issue_loads(pending, i, j, k)
-            if step.first:
-                layer_weights = self._wait_weights(pending, j, i)
-            kv = self._wait(pending.cache.pop((j, k), None), i, "cache")
-            if j == 0 and not self.first:
-                s = b.prompt_len if i == 0 else 1
-                x = self._recv((self.policy.gpu_batch_size, s, self.args.hidden_size), self.weights.dtype,
-                               self.stage - 1)
-            else:
-                x = self._wait(pending.hidden.pop((j, k), None), i, "hidden")
-            c0 = self.device.clock()
-            x = self._compute(i, j, k, layer_weights, inputs[k], x, kv)
-            self._clocks.append((c0, self.device.clock()))
-            if j == L - 1 and not self.last:
-                self._send(x, self.stage + 1)
-            stores = self._issue_stores(i, j, k, x, kv)
-            if not overlap:
-                for f in stores:
-                    f.result()
-            elif nxt is not None and nxt[1] == k:
-                self._issue_loads(pending, i, *nxt, cache=False)
+        # Decode merges the group's batches in MLP layers, as Scheduler.run does the block's.
+        for step in zigzag_order(L, batches, merged=self.merged_in_decode if i > 0 else frozenset()):
+            layer_weights = self._run_step(pending, i, step, inputs, layer_weights, self._clocks)
         if not self.last:
             b.attention_mask[rows, b.prompt_len + i] = True
             return
@@ -258,6 +229,20 @@ class StageScheduler(Scheduler):
             self._check_sequences(rows, i)
         if i + 1 < b.max_new_tokens:
             self._send(torch.stack([b.output[rows, i], b.stopper.done[rows].long()]), 0)
+
+    def _layer_input(self, pending: _Pending, i: int, j: int, k: int):
+        if j == 0 and not self.first:
+            s = self._block.prompt_len if i == 0 else 1
+            return self._recv((self.policy.gpu_batch_size, s, self.args.hidden_size), self.weights.dtype,
+                              self.stage - 1)
+        return super()._layer_input(pending, i, j, k)
+
+    def _layer_output(self, j: int, x) -> None:
+        if j == self.num_layers - 1 and not self.last:
+            self._send(x, self.stage + 1)
+
+    def _prefetch_cache(self, pending: _Pending, i: int, step, steps: int) -> None:
+        """Not in a stage: its groups' steps interleave with the other stages' hand-offs."""
 
     def _issue_weight(self, pending: _Pending, j: int) -> None:
         # Consecutive loads alternate between the two working buffers: a stage may hold an

@@ -101,9 +101,7 @@ def zigzag_order(num_layers: int, batches: range, merged: frozenset = frozenset(
     """The order of one token step: layer by layer, and within a layer every gpu batch,
     so a layer's weights are loaded once for the whole block rather than once per batch.
     A layer in `merged` computes every batch in one step. The positions ahead of the last
-    steps run on into the next token step, which must start the same way (layer 0 is
-    never merged)."""
-    assert 0 not in merged
+    steps run on into the next token step, taken to start the same way."""
     positions = []
     for j in range(num_layers):
         if j in merged and len(batches) > 1:
@@ -125,7 +123,7 @@ class Scheduler:
         self.specs = [lay.spec for lay in weights.layouts]
         self.num_layers = len(self.specs)
         self.attn_index = {j: s.block for j, s in enumerate(self.specs) if s.kind == "attention"}
-        self.merged_in_decode = frozenset(j for j, s in enumerate(self.specs) if s.kind == "mlp")
+        self.merged_in_decode = frozenset(j for j, s in enumerate(self.specs) if s.kind in ("attention", "mlp"))
         # Host seconds the I/O threads spent in each kind of load / store since the last
         # step ended (added from several threads: under a lock).
         self._io_busy: dict[str, float] = defaultdict(float)
@@ -150,9 +148,12 @@ class Scheduler:
         self._unpadded = [not windowed and bool(prompt[k * gbs:(k + 1) * gbs].all()) for k in range(ngb)]
         pending = _Pending()
         overlap = self.policy.overlap
-        # Decode computes each MLP layer once for the whole block: its input is one token
-        # per row (gbs x ngb rows are a few MB) and it has no cache, while a matmul of
-        # 4 x 128 rows took 1.5x the time of one of 512 here (benchmarks/RESULTS.md).
+        # Decode runs each decoder layer's matmuls once for the whole block: their input is
+        # one token per row (gbs x ngb rows are a few MB), while a matmul of 4 x 128 rows
+        # took 1.5x the time of one of 512 here (benchmarks/RESULTS.md). Attention itself
+        # stays per gpu batch, over that batch's cache (_attention_merged).
+        # Both orders start with layer 0 (the input embedding, never merged) batch by batch,
+        # so the prefill's last steps may look ahead into the decode's first.
         orders = (zigzag_order(self.num_layers, range(ngb)),
                   zigzag_order(self.num_layers, range(ngb), merged=self.merged_in_decode))
         try:
@@ -165,39 +166,7 @@ class Scheduler:
                     self._issue_weight(pending, 0)
                     self._issue_loads(pending, i, 0, 0)
                 for step in orders[i > 0]:
-                    j, ks, nxt = step.layer, step.batches, step.next
-                    if overlap:
-                        if step.first:
-                            self._issue_weight(pending, step.next_weight)
-                        # A hidden input this step writes (with ngb == 1, or around a merged
-                        # layer) is loaded after its store; the rest, and the cache, now.
-                        if nxt is not None:
-                            for k in nxt[1]:
-                                self._issue_loads(pending, i, nxt[0], k, hidden=k not in ks)
-                        self._prefetch_cache(pending, i, step, block.max_new_tokens)
-                    else:
-                        if step.first:
-                            self._issue_weight(pending, j)
-                        for k in ks:
-                            self._issue_loads(pending, i, j, k)
-                    if step.first:
-                        layer_weights = self._wait_weights(pending, j, i)
-                    kv = self._wait(pending.cache.pop((j, ks[0]), None), i, "cache") if len(ks) == 1 else None
-                    xs = [self._wait(pending.hidden.pop((j, k), None), i, "hidden") for k in ks]
-                    c0 = self.device.clock()
-                    if len(ks) == 1:
-                        xs = [self._compute(i, j, ks[0], layer_weights, inputs[ks[0]], xs[0], kv)]
-                    else:
-                        xs = self.family.mlp(layer_weights, torch.cat(xs), self.args).split(self.policy.gpu_batch_size)
-                    clocks.append((c0, self.device.clock()))
-                    stores = [f for k, x in zip(ks, xs) for f in self._issue_stores(i, j, k, x, kv)]
-                    if not overlap:
-                        for f in stores:
-                            f.result()
-                    elif nxt is not None:
-                        for k in nxt[1]:
-                            if k in ks:
-                                self._issue_loads(pending, i, nxt[0], k, cache=False)
+                    layer_weights = self._run_step(pending, i, step, inputs, layer_weights, clocks)
                 block.steps_done = i + 1
                 if i + 1 < block.max_new_tokens and not stopper.all_done and overlap:
                     self._issue_loads(pending, i + 1, 0, 0)
@@ -207,6 +176,94 @@ class Scheduler:
         finally:
             self._finish(pending, cache, hidden)
         return _trim(block)
+
+    def _run_step(self, pending: _Pending, i: int, step: ZigzagStep, inputs, layer_weights, clocks: list):
+        """One step of the zig-zag order: request what comes next, wait for this step's
+        inputs, compute, store. Returns the layer's weights (taken at its first step)."""
+        j, ks, nxt = step.layer, step.batches, step.next
+        overlap = self.policy.overlap
+        merged_attention = len(ks) > 1 and self.specs[j].kind == "attention"
+        # Of a merged step's caches only the first is loaded ahead: the step loads the
+        # others one gpu batch ahead itself (_attention_merged).
+        if overlap:
+            if step.first:
+                self._issue_weight(pending, step.next_weight)
+            # A hidden input this step writes (with one gpu batch, or around a merged layer)
+            # is loaded after its store; the rest, and the cache, now.
+            if nxt is not None:
+                for n, k in enumerate(nxt[1]):
+                    self._issue_loads(pending, i, nxt[0], k, cache=n == 0, hidden=k not in ks)
+            if not merged_attention:
+                self._prefetch_cache(pending, i, step, self._block.max_new_tokens)
+        else:
+            if step.first:
+                self._issue_weight(pending, j)
+            for n, k in enumerate(ks):
+                self._issue_loads(pending, i, j, k, cache=n == 0)
+        if step.first:
+            layer_weights = self._wait_weights(pending, j, i)
+        kv = self._wait(pending.cache.pop((j, ks[0]), None), i, "cache") if len(ks) == 1 else None
+        xs = [self._layer_input(pending, i, j, k) for k in ks]
+        c0 = self.device.clock()
+        if len(ks) == 1:
+            xs = [self._compute(i, j, ks[0], layer_weights, inputs[ks[0]], xs[0], kv)]
+        elif merged_attention:
+            xs = self._attention_merged(pending, i, step, layer_weights, inputs, torch.cat(xs), c0, clocks)
+            c0 = None
+        else:
+            xs = self.family.mlp(layer_weights, torch.cat(xs), self.args).split(self.policy.gpu_batch_size)
+        if c0 is not None:
+            clocks.append((c0, self.device.clock()))
+        for x in xs:
+            self._layer_output(j, x)
+        stores = [f for k, x in zip(ks, xs) for f in self._issue_stores(i, j, k, x, kv)]
+        if not overlap:
+            for f in stores:
+                f.result()
+        elif nxt is not None:
+            for k in nxt[1]:
+                if k in ks:
+                    self._issue_loads(pending, i, nxt[0], k, cache=False)
+        return layer_weights
+
+    def _attention_merged(self, pending: _Pending, i: int, step: ZigzagStep, w, inputs, x, c0, clocks: list):
+        """A decode attention layer over every gpu batch of the step: the projections once
+        for all rows; attention gpu batch by gpu batch over its KV cache, loaded one batch
+        ahead and stored when done, as in unmerged steps; the output projection once.
+        Returns each gpu batch's output."""
+        j, ks = step.layer, step.batches
+        gbs, overlap = self.policy.gpu_batch_size, self.policy.overlap
+        positions = torch.cat([inputs[k].positions for k in ks])
+        q, key, value = self.family.attention_in(w, x, positions, self.args)
+        attn = torch.empty_like(q)
+        for n, k in enumerate(ks):
+            clocks.append((c0, self.device.clock()))
+            if not overlap:
+                if n > 0:
+                    self._issue_loads(pending, i, j, k, hidden=False)
+            elif n + 1 < len(ks):
+                self._issue_loads(pending, i, j, ks[n + 1], hidden=False)
+            else:   # as an unmerged step of the layer's last batch would
+                self._prefetch_cache(pending, i, step, self._block.max_new_tokens)
+            kv = self._wait(pending.cache.pop((j, k)), i, "cache")
+            c0 = self.device.clock()
+            rows = slice(n * gbs, (n + 1) * gbs)
+            attn[rows] = self.family.attention_core(q[rows], key[rows], value[rows], inputs[k].mask, kv, self.args)
+            stores = self._issue_stores(i, j, k, None, kv, hidden=False)
+            if not overlap:
+                for f in stores:
+                    f.result()
+        out = self.family.attention_out(w, x, attn, self.args)
+        clocks.append((c0, self.device.clock()))
+        return out.split(gbs)
+
+    def _layer_input(self, pending: _Pending, i: int, j: int, k: int):
+        """The hidden input of layer j for gpu batch k (None for the input layer)."""
+        return self._wait(pending.hidden.pop((j, k), None), i, "hidden")
+
+    def _layer_output(self, j: int, x) -> None:
+        """Called with each gpu batch's output of layer j, in batch order (a pipeline stage
+        hands its last layer's on)."""
 
     def _step_done(self, i: int, t0: float, clocks: list) -> None:
         """End of a token step: one sync, then its wall and compute time to the hook."""
@@ -311,15 +368,14 @@ class Scheduler:
         if i + d1 >= steps or self.specs[j1].kind == "attention":
             return
         if i + d2 < steps and self.specs[j2].kind == "attention":
-            for k in ks2:
-                self._issue_loads(pending, i + d2, j2, k, hidden=False)
+            self._issue_loads(pending, i + d2, j2, ks2[0], hidden=False)   # a merged step loads the rest
 
-    def _issue_stores(self, i: int, j: int, k: int, x, kv) -> list:
+    def _issue_stores(self, i: int, j: int, k: int, x, kv, hidden: bool = True) -> list:
         stores = []
         if kv is not None:
             slot = self._cache.slot(self.attn_index[j], k)
             stores.append((slot, "store_cache", slot.end, kv))
-        if j < self.num_layers - 1:
+        if hidden and j < self.num_layers - 1:
             slot = self._hidden[k]
             stores.append((slot, "store_hidden", slot.store, x))
         after = None if all(s.resident for s, _, _, _ in stores) else self.device.mark()

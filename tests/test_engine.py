@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -288,28 +290,40 @@ def test_cache_and_hidden_reads_go_ahead_of_weight_reads(opt_dir, prompts, offlo
 
 
 @pytest.mark.parametrize("policy", [P(num_gpu_batches=3), P(0, 50, 0, 50, 50, 25, num_gpu_batches=3),
-                                    P(0, 0, 0, 0, 0, 0, num_gpu_batches=3, overlap=False)],
-                         ids=["in-memory", "hidden-on-three-tiers", "disk-sequential"])
-def test_decode_computes_an_mlp_layer_once_for_the_block(opt_dir, prompts, offload, monkeypatch, policy):
-    """Prefill computes an MLP layer per gpu batch; decode once over every row of the block
-    (scheduler.Scheduler.run), with hidden states resident, split across tiers or read back
-    from disk after their store, and the tokens and logits of transformers."""
+                                    P(0, 0, 0, 0, 0, 0, num_gpu_batches=3, overlap=False),
+                                    P(50, 50, 0, 50, 100, 0, num_gpu_batches=3, cpu_cache_compute=True,
+                                      compress_cache=True)],
+                         ids=["in-memory", "on-three-tiers", "disk-sequential", "host-attention-4bit"])
+def test_decode_runs_a_decoder_layers_matmuls_once_for_the_block(opt_dir, prompts, offload, monkeypatch, policy):
+    """Prefill runs each layer per gpu batch. Decode runs an MLP layer and an attention
+    layer's projections once over every row of the block, and attention per gpu batch
+    over its cache (scheduler.Scheduler._attention_merged); with hidden states and caches
+    resident, split across tiers or read back from disk after their store, and host
+    attention over a 4-bit cache. Tokens and logits: those of transformers (4-bit: of
+    the same policy unmerged, one gpu batch at a time)."""
     from flexgen.models import opt
 
     path, model = opt_dir
     ids, mask = prompts
-    rows, orig = [], opt.mlp
-
-    def mlp(w, x, args):
-        rows.append(tuple(x.shape[:2]))
-        return orig(w, x, args)
-
-    monkeypatch.setattr(opt, "mlp", mlp)
+    rows = {"mlp": [], "attention_in": [], "attention_core": []}
+    for name in rows:
+        def recorder(*a, name=name, orig=getattr(opt, name)):
+            x = a[0] if name == "attention_core" else a[1]
+            rows[name].append(tuple(x.shape[:2]))
+            return orig(*a)
+        monkeypatch.setattr(opt, name, recorder)
     seq, logits = run(path, policy, ids, mask, offload)
     layers = model.config.num_hidden_layers
-    gbs, ngb = policy.gpu_batch_size, policy.num_gpu_batches
-    assert rows == [(gbs, ids.shape[1])] * (ngb * layers) + [(gbs * ngb, 1)] * (layers * (GEN - 1))
-    ref_seq, ref_logits = hf_reference(model, ids, mask)
+    gbs, ngb, P_, steps = policy.gpu_batch_size, policy.num_gpu_batches, ids.shape[1], GEN - 1
+    merged = [(gbs, P_)] * (ngb * layers) + [(gbs * ngb, 1)] * (layers * steps)
+    assert rows["mlp"] == merged and rows["attention_in"] == merged
+    assert rows["attention_core"] == [(gbs, P_)] * (ngb * layers) + [(gbs, 1)] * (ngb * layers * steps)
+    if policy.compress_cache:
+        monkeypatch.undo()
+        ref_seq, ref_logits = run(path, dataclasses.replace(policy, num_gpu_batches=1, gpu_batch_size=gbs * ngb),
+                                  ids, mask, offload)
+    else:
+        ref_seq, ref_logits = hf_reference(model, ids, mask)
     assert torch.equal(seq, ref_seq)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
 

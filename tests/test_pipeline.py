@@ -245,23 +245,21 @@ def test_llm_api_under_torchrun(opt_dir, tmp_path):
 
 
 def test_pipeline_cost_model():
-    """One stage is the single-process estimate with per-batch MLP layers; compute-bound stages with their weights
-    resident scale with the number of stages; each stage holds its share of the weights."""
+    """One stage is the single-process estimate; stages with their weights resident scale
+    with the number of stages (less than linearly: the prefill fills and drains the pipe,
+    and in decode a stage runs its matmuls over one group of gpu batches, not the block:
+    1.35x for two stages here); each stage holds its share of the weights."""
     from flexgen.models.registry import args_from_name
-    from flexgen.optimizer.cost_model import BlockModel, estimate, evaluate, fractions_of
+    from flexgen.optimizer.cost_model import estimate
     from flexgen.optimizer.hardware import load_hardware
     from flexgen.optimizer.pipeline import estimate_pipeline
 
     args, hw = args_from_name("opt-1.3b"), load_hardware("t4")
     pol = Policy(gpu_batch_size=8, num_gpu_batches=4)
     one = estimate_pipeline(args, [pol], 128, 16, hw, 1)
-    # A stage computes its MLP layers per gpu batch; the single-process engine merges them
-    # in decode (faster: one 32-row matmul instead of four of 8 rows).
-    per_batch = evaluate(BlockModel(args, 128, 16, 8, 4, hw, merge_mlp=False), fractions_of(pol), pol)
-    assert one.throughput == pytest.approx(per_batch.throughput, rel=1e-9)
-    assert estimate(args, pol, 128, 16, hw).throughput > per_batch.throughput
+    assert one.throughput == pytest.approx(estimate(args, pol, 128, 16, hw).throughput, rel=1e-9)
     two = estimate_pipeline(args, [pol], 128, 16, hw, 2, link_latency=0)
-    assert 1.5 < two.throughput / one.throughput <= 2.05 and two.bubble < 0.1
+    assert 1.3 < two.throughput / one.throughput <= 2.05 and two.bubble < 0.1
     assert two.stages[0].memory["gpu"] < 0.7 * one.stages[0].memory["gpu"]
     three = estimate_pipeline(args, [Policy(gpu_batch_size=8, num_gpu_batches=1)], 128, 16, hw, 3)
     assert three.groups == 1 and three.bubble > 0.6    # one group: the stages take turns

@@ -11,7 +11,11 @@ A family module (opt.py, llama.py, ...) provides, by these names:
     MODEL_TYPES    the config.json model_type values it loads
     layer_specs(args) -> list[LayerSpec]          streamed layers with HF weight names
     input_embed(w, input_ids, position_ids, args) -> (b, s, h)
-    self_attention(w, x, mask, position_ids, kv, args) -> (b, s, h)
+    self_attention(w, x, mask, position_ids, kv, args) -> (b, s, h), which is
+      attention_out(w, x, attention_core(*attention_in(w, x, position_ids, args), mask, kv, args), args):
+      attention_in (norm, projections: q, k, v) and attention_out (projection, residual)
+      are row-wise, so decode runs them once over every gpu batch of the block and
+      attention_core per gpu batch over its KV cache (scheduler.Scheduler._attention_merged)
     mlp(w, x, args) -> (b, s, h)
     output_embed(w, x, args) -> (b, vocab) float32
     cost_figures(args) -> CostFigures

@@ -309,9 +309,15 @@ def self_attention(w: AttentionWeights, x: torch.Tensor, mask: torch.Tensor, pos
                    kv: KVAccess, args: ModelArgs) -> torch.Tensor:
     """x (b, s, h); mask bool (b, s, t) over all cache slots attended to; position_ids (b, s)
     0-based positions of real tokens (padding's are unused). Returns (b, s, h)."""
+    q, k, v = attention_in(w, x, position_ids, args)
+    return attention_out(w, x, attention_core(q, k, v, mask, kv, args), args)
+
+
+def attention_in(w: AttentionWeights, x: torch.Tensor, position_ids: torch.Tensor, args: ModelArgs):
+    """The projections before attention, rotated: q (b, s, nh * d), k and v (b, s, nkv * d).
+    Row-wise, so one call may cover several gpu batches."""
     b, s, _ = x.shape
     nh, nkv, d = args.num_attention_heads, args.num_key_value_heads, args.head_dim
-    residual = x
     x = rms_norm(x, w.input_layernorm_weight, args.rms_norm_eps)
     q = F.linear(x, w.q_proj_weight, w.q_proj_bias).view(b, s, nh, d)     # (b, s, nh, d)
     k = F.linear(x, w.k_proj_weight, w.k_proj_bias).view(b, s, nkv, d)    # (b, s, nkv, d)
@@ -319,8 +325,12 @@ def self_attention(w: AttentionWeights, x: torch.Tensor, mask: torch.Tensor, pos
     angles = position_ids[..., None].float() * inv_freq(args, x.device)   # (b, s, d / 2), fp32
     angles = torch.cat((angles, angles), dim=-1)[:, :, None]              # (b, s, 1, d)
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    q = _rotate(q, cos, sin).reshape(b, s, nh * d)
-    k = _rotate(k, cos, sin).reshape(b, s, nkv * d)
+    return _rotate(q, cos, sin).reshape(b, s, nh * d), _rotate(k, cos, sin).reshape(b, s, nkv * d), v
+
+
+def attention_core(q, k, v, mask, kv: KVAccess, args: ModelArgs) -> torch.Tensor:
+    """Attention of one gpu batch over its KV cache (k, v of this step appended)."""
+    s, d = q.shape[1], args.head_dim
     if args.sliding_window and mask.shape[-1] > args.sliding_window:
         # Mistral: a query at cache slot p sees slots (p - window, p], as transformers counts them.
         t = mask.shape[-1]
@@ -328,8 +338,13 @@ def self_attention(w: AttentionWeights, x: torch.Tensor, mask: torch.Tensor, pos
         mask = mask & (torch.arange(t, device=mask.device) > q_slot - args.sliding_window)
     # The kernel scales the scores, as transformers does: scaling q first rounds differently
     # in bf16, and greedy tokens of a random model then part ways.
-    attn = attend_groups(q, kv.update(k, v), mask, nh, nkv, scale=d ** -0.5)
-    return residual + F.linear(attn, w.o_proj_weight, w.o_proj_bias)
+    return attend_groups(q, kv.update(k, v), mask, args.num_attention_heads, args.num_key_value_heads,
+                         scale=d ** -0.5)
+
+
+def attention_out(w: AttentionWeights, x: torch.Tensor, attn: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+    """The output projection and the residual (x: the layer's input). Row-wise."""
+    return x + F.linear(attn, w.o_proj_weight, w.o_proj_bias)
 
 
 def mlp(w: MLPWeights, x: torch.Tensor, args: ModelArgs) -> torch.Tensor:

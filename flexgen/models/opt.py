@@ -277,14 +277,27 @@ def self_attention(w: AttentionWeights, x: torch.Tensor, mask: torch.Tensor, pos
     Prefill (s = prompt length) and decode (s = 1) share this code; `kv` decides where
     keys and values live and which device attends for which rows (cpu_cache_compute).
     """
-    residual = x
+    q, k, v = attention_in(w, x, position_ids, args)
+    return attention_out(w, x, attention_core(q, k, v, mask, kv, args), args)
+
+
+def attention_in(w: AttentionWeights, x: torch.Tensor, position_ids: torch.Tensor, args: ModelArgs):
+    """The projections before attention: q (scaled), k, v, each (b, s, width). Row-wise,
+    so one call may cover several gpu batches."""
     if args.do_layer_norm_before:
         x = _layer_norm(x, w.self_attn_layer_norm_weight, w.self_attn_layer_norm_bias)
     q = F.linear(x, w.q_proj_weight, w.q_proj_bias) * (args.head_dim ** -0.5)
-    k = F.linear(x, w.k_proj_weight, w.k_proj_bias)
-    v = F.linear(x, w.v_proj_weight, w.v_proj_bias)
-    attn = attend_groups(q, kv.update(k, v), mask, args.num_attention_heads)
-    x = residual + F.linear(attn, w.out_proj_weight, w.out_proj_bias)
+    return q, F.linear(x, w.k_proj_weight, w.k_proj_bias), F.linear(x, w.v_proj_weight, w.v_proj_bias)
+
+
+def attention_core(q, k, v, mask, kv: KVAccess, args: ModelArgs) -> torch.Tensor:
+    """Attention of one gpu batch over its KV cache (k, v of this step appended)."""
+    return attend_groups(q, kv.update(k, v), mask, args.num_attention_heads)
+
+
+def attention_out(w: AttentionWeights, x: torch.Tensor, attn: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+    """The output projection and the residual (x: the layer's input). Row-wise."""
+    x = x + F.linear(attn, w.out_proj_weight, w.out_proj_bias)
     if not args.do_layer_norm_before:
         x = _layer_norm(x, w.self_attn_layer_norm_weight, w.self_attn_layer_norm_bias)
     return x

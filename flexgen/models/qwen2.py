@@ -8,7 +8,8 @@ from typing import ClassVar
 
 from flexgen.errors import FlexGenError
 from flexgen.models import llama
-from flexgen.models.llama import cost_figures, input_embed, layer_specs, mlp, output_embed, self_attention  # noqa: F401
+from flexgen.models.llama import (attention_core, attention_in, attention_out, cost_figures,  # noqa: F401
+                                  input_embed, layer_specs, mlp, output_embed, self_attention)
 
 MODEL_TYPES = ("qwen2",)
 

@@ -288,7 +288,7 @@ class BlockModel:
                  num_gpu_batches: int, hw: HardwareProfile, *, compress_weight: bool = False,
                  compress_cache: bool = False, cpu_cache_compute: bool = False, overlap: bool = True,
                  pin_weight: bool = True, engine: EngineConstants = DEFAULT_ENGINE,
-                 span: Optional[tuple] = None, merge_mlp: bool = True):
+                 span: Optional[tuple] = None):
         if prompt_len < 1 or gen_len < 1:
             raise ValueError("prompt_len and gen_len must be >= 1")
         self.args, self.hw, self.engine = args, hw, engine
@@ -296,9 +296,8 @@ class BlockModel:
         self.b, self.nb = gpu_batch_size, num_gpu_batches
         self.compress_weight, self.compress_cache = compress_weight, compress_cache
         self.cpu_cache_compute, self.overlap, self.pin_weight = cpu_cache_compute, overlap, pin_weight
-        # Decode computes an MLP layer once for all gpu batches (scheduler.Scheduler.run);
-        # a pipeline stage computes it per batch.
-        self.merge_mlp = merge_mlp and num_gpu_batches > 1
+        # Decode runs a decoder layer's matmuls once for all gpu batches (scheduler.Scheduler.run).
+        self.merge_decode = num_gpu_batches > 1
         self.dt = hw.dtype_bytes
         self.fig = cost_figures(args)   # the family's widths: attention, K/V per token (GQA), temporaries
         (self.layers, self.weight_bytes, self.max_slot, self.dequant_numel,
@@ -355,11 +354,11 @@ class BlockModel:
             io["cpu->disk"] += nb * hid * V("hd")
 
         # Matmuls: every gpu batch multiplies by the whole layer, reading it from device
-        # memory; a merged decode MLP multiplies all of them at once, after concatenating
-        # their inputs.
+        # memory; a decoder layer in decode multiplies all of them at once, after
+        # concatenating their inputs (attention itself stays per gpu batch, below).
         rows = b if layer.kind == "output" else b * s_cur
         calls = nb
-        if self.merge_mlp and not prefill and layer.kind == "mlp":
+        if self.merge_decode and not prefill and layer.kind in ("attention", "mlp"):
             calls, rows = 1, nb * b
             gpu += 2 * nb * b * h * dt / hw.gpu_mem_bw
         if layer.matmul_params:
@@ -437,7 +436,7 @@ class BlockModel:
                   of its rows lives there (activations.HiddenSlot keeps a view); host and
                   disk rows go through one host buffer per gpu batch sized for the prompt;
                   while not resident, a loaded input, a prefetched one and one being
-                  stored are in flight on the device (before a merged decode MLP, every
+                  stored are in flight on the device (before a merged decode layer, every
                   batch's input and the next one).
         pinned    on CUDA, the host memory that is page-locked: host weights (pin_weight),
                   the weight and cache staging buffers, the hidden buffers and host
@@ -445,7 +444,7 @@ class BlockModel:
                   `pinned_headroom`.
         compute   the largest peak of one layer beyond its input, its output included: the
                   family's `CostFigures` (measured against the engine), for every row of
-                  the block at once in a merged decode MLP, with its concatenated input; the
+                  the block at once in a merged decode layer, with its concatenated input; the
                   input layer's two embeddings and their sum; the head's logits. Plus
                   `working_headroom`.
         """
@@ -476,7 +475,7 @@ class BlockModel:
             # Sized for the prompt in decode too: each slot keeps its prefill output until
             # the first decode step replaces it.
             "hidden": Switched("hg>0", nb * b * self.s * h * dt, V("hg")),
-            "hidden buffers": Switched("hg<1", (3 if prefill or not self.merge_mlp else max(3, nb + 1)) * hid,
+            "hidden buffers": Switched("hg<1", (3 if prefill or not self.merge_decode else max(3, nb + 1)) * hid,
                                        1 - V("hg")),
             "weight slots": Switched("wg<1", e.weight_slots * self.max_slot, 1 - V("wg")),
         }
@@ -540,9 +539,12 @@ class BlockModel:
                 # kvcache.PinnedStaging: one K or V array per load thread.
                 cpu["cache staging"] = V("cd") * (b * row_cache)
             score = b * t_max * (nh * e.attn_score_bytes + e.mask_bytes * fig.query_groups + nb)
-            attn = b * fig.attn_temp_width * dt + score
-            # A merged MLP: the concatenated input and the temporaries of every row.
-            mlp = B * (fig.mlp_temp_width + h) * dt if self.merge_mlp else b * fig.mlp_temp_width * dt
+            # Merged layers: the concatenated input and the temporaries of every row (the
+            # scores stay one gpu batch's).
+            rows = B if self.merge_decode else b
+            extra = h if self.merge_decode else 0
+            attn = rows * (fig.attn_temp_width + extra) * dt + score
+            mlp = rows * (fig.mlp_temp_width + extra) * dt
             inp = 3 * b * h * dt
         out = b * vocab * (dt + 4 + 8)               # logits, their fp32 copy, sampling
         gpu["compute"] = Lin(max(attn, mlp, out, inp))

@@ -108,8 +108,7 @@ def estimate_pipeline(args: ModelArgs, policies: Sequence[Policy], prompt_len: i
     stages = []
     for s, (span, pol) in enumerate(zip(spans, pols)):
         kw = dict(compress_weight=pol.compress_weight, compress_cache=pol.compress_cache,
-                  cpu_cache_compute=pol.cpu_cache_compute, overlap=pol.overlap, span=(span.start, span.stop),
-                  merge_mlp=False)   # a stage computes its MLP layers per gpu batch
+                  cpu_cache_compute=pol.cpu_cache_compute, overlap=pol.overlap, span=(span.start, span.stop))
         group_pol = dataclasses.replace(pol, num_gpu_batches=nb_g)
         est = evaluate(BlockModel(args, prompt_len, gen_len, pol.gpu_batch_size, nb_g, hw, **kw),
                        fractions_of(group_pol), group_pol)
@@ -184,8 +183,7 @@ class PipelinePlan:
 
 def _stage_models(args, prompt_len, gen_len, hw, gbs, ngb, nb_g, flags, span, engine):
     kw = dict(compress_weight=flags.compress_weight, compress_cache=flags.compress_cache,
-              cpu_cache_compute=flags.cpu_cache_compute, overlap=flags.overlap, engine=engine, span=span,
-              merge_mlp=False)
+              cpu_cache_compute=flags.cpu_cache_compute, overlap=flags.overlap, engine=engine, span=span)
     group = BlockModel(args, prompt_len, gen_len, gbs, nb_g, hw, **kw)
     full = group if nb_g == ngb else BlockModel(args, prompt_len, gen_len, gbs, ngb, hw, **kw)
     return group, full
