@@ -361,6 +361,12 @@ class BlockModel:
         if self.merge_decode and not prefill and layer.kind in ("attention", "mlp"):
             calls, rows = 1, nb * b
             gpu += 2 * nb * b * h * dt / hw.gpu_mem_bw
+            # The next merged layer needs every batch's output, so hidden states off the gpu
+            # tier go out and back between the two with no other batch's compute to hide
+            # behind: one round trip per layer on the critical path (on unified memory the
+            # copies are in the compute already, below).
+            trip = 0 if hw.unified_memory else 1 / hw.gpu_to_cpu_bw + 1 / hw.cpu_to_gpu_bw
+            gpu += nb * hid * ((V("hc") + V("hd")) * trip + V("hd") * (1 / hw.disk_write_bw + 1 / hw.disk_read_bw))
         if layer.matmul_params:
             gpu += calls * hw.matmul_time(rows, layer.matmul_params)
         gpu += calls * hw.layer_overhead
