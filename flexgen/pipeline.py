@@ -211,16 +211,13 @@ class StageScheduler(Scheduler):
 
     def _run_group(self, i: int, batches: range, rows: slice, pending: _Pending) -> None:
         b = self._block
-        L = self.num_layers
-        first_k = batches[0]
         inputs = {k: self._step_inputs(i, k) for k in batches}
-        overlap = self.policy.overlap
-        if overlap:
+        if self.policy.overlap:
             self._issue_weight(pending, 0)
-            self._issue_loads(pending, i, 0, first_k)
+            self._issue_loads(pending, i, 0, batches[0])
         layer_weights = None
-        # Decode merges the group's batches in MLP layers, as Scheduler.run does the block's.
-        for step in zigzag_order(L, batches, merged=self.merged_in_decode if i > 0 else frozenset()):
+        # Decode merges the group's batches in decoder layers, as Scheduler.run does the block's.
+        for step in zigzag_order(self.num_layers, batches, merged=self.merged_in_decode if i > 0 else frozenset()):
             layer_weights = self._run_step(pending, i, step, inputs, layer_weights, self._clocks)
         if not self.last:
             b.attention_mask[rows, b.prompt_len + i] = True

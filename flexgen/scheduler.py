@@ -85,12 +85,6 @@ class ZigzagStep:
     ahead: tuple[tuple[int, int, tuple[int, ...]], ...]   # the next two (token steps on, layer, batches)
 
     @property
-    def batch(self) -> int:
-        """The gpu batch of a step that computes one."""
-        (k,) = self.batches
-        return k
-
-    @property
     def next(self) -> Optional[tuple[int, tuple[int, ...]]]:
         """The (layer, batches) computed after this one in the same token step, if any."""
         steps, j, ks = self.ahead[0]
@@ -204,15 +198,14 @@ class Scheduler:
             layer_weights = self._wait_weights(pending, j, i)
         kv = self._wait(pending.cache.pop((j, ks[0]), None), i, "cache") if len(ks) == 1 else None
         xs = [self._layer_input(pending, i, j, k) for k in ks]
-        c0 = self.device.clock()
-        if len(ks) == 1:
-            xs = [self._compute(i, j, ks[0], layer_weights, inputs[ks[0]], xs[0], kv)]
-        elif merged_attention:
-            xs = self._attention_merged(pending, i, step, layer_weights, inputs, torch.cat(xs), c0, clocks)
-            c0 = None
+        if merged_attention:   # it waits for caches in between: it clocks its compute itself
+            xs = self._attention_merged(pending, i, step, layer_weights, inputs, xs, clocks)
         else:
-            xs = self.family.mlp(layer_weights, torch.cat(xs), self.args).split(self.policy.gpu_batch_size)
-        if c0 is not None:
+            c0 = self.device.clock()
+            if len(ks) == 1:
+                xs = [self._compute(i, j, ks[0], layer_weights, inputs[ks[0]], xs[0], kv)]
+            else:
+                xs = self.family.mlp(layer_weights, torch.cat(xs), self.args).split(self.policy.gpu_batch_size)
             clocks.append((c0, self.device.clock()))
         for x in xs:
             self._layer_output(j, x)
@@ -226,13 +219,15 @@ class Scheduler:
                     self._issue_loads(pending, i, nxt[0], k, cache=False)
         return layer_weights
 
-    def _attention_merged(self, pending: _Pending, i: int, step: ZigzagStep, w, inputs, x, c0, clocks: list):
+    def _attention_merged(self, pending: _Pending, i: int, step: ZigzagStep, w, inputs, xs, clocks: list):
         """A decode attention layer over every gpu batch of the step: the projections once
         for all rows; attention gpu batch by gpu batch over its KV cache, loaded one batch
         ahead and stored when done, as in unmerged steps; the output projection once.
         Returns each gpu batch's output."""
         j, ks = step.layer, step.batches
         gbs, overlap = self.policy.gpu_batch_size, self.policy.overlap
+        c0 = self.device.clock()
+        x = torch.cat(xs)
         positions = torch.cat([inputs[k].positions for k in ks])
         q, key, value = self.family.attention_in(w, x, positions, self.args)
         attn = torch.empty_like(q)

@@ -12,9 +12,9 @@ SHAPES = [(1, range(1)), (4, range(1)), (5, range(3)), (3, range(2, 4))]   # (la
 @pytest.mark.parametrize("num_layers,batches", SHAPES)
 def test_layer_major_and_every_batch_visits_every_layer_in_order(num_layers, batches):
     order = zigzag_order(num_layers, batches)
-    assert [(s.layer, s.batch) for s in order] == [(j, k) for j in range(num_layers) for k in batches]
+    assert [(s.layer, s.batches) for s in order] == [(j, (k,)) for j in range(num_layers) for k in batches]
     for k in batches:
-        assert [s.layer for s in order if s.batch == k] == list(range(num_layers))
+        assert [s.layer for s in order if s.batches == (k,)] == list(range(num_layers))
 
 
 @pytest.mark.parametrize("num_layers,batches", SHAPES)
@@ -23,7 +23,7 @@ def test_each_layers_weights_are_loaded_once_per_token_step(num_layers, batches)
     firsts = [s for s in order if s.first]
     # Sequential: a layer's weights are requested (and taken) at its first batch only.
     assert [s.layer for s in firsts] == list(range(num_layers))
-    assert all(s.batch == batches[0] for s in firsts)
+    assert all(s.batches == (batches[0],) for s in firsts)
     # Overlapped: layer 0 is requested before the step, each first batch requests the
     # next layer: every layer once, layer 0 again for the next token step.
     requested = [0] + [s.next_weight for s in firsts]
