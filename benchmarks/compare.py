@@ -508,7 +508,7 @@ def run_flexgen(args: list, a, w, ckpt: Path, scratch: Path) -> dict:
         r["bound_now"] = phase_bounds(str(ckpt), Policy.from_dict(r["policy"]), w.prompt_len, w.gen_len, hw)
         r["rates_now"] = {"matmul_by_rows": [list(x) for x in hw.gpu_matmul_by_rows],
                           "disk_read_bw": hw.disk_read_bw, "dequant_rate": hw.gpu_dequant_rate,
-                          "quant_rate": hw.gpu_quant_rate}
+                          "quant_rate": hw.gpu_quant_rate, "packed_attn_rate": hw.cpu_packed_attn_rate}
     return r
 
 

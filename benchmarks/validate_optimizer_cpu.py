@@ -32,7 +32,8 @@ TRACKED = {
     "cpu": ("weights", "weight staging", "kv cache", "hidden", "hidden staging"),
     "disk": ("weights", "kv cache", "hidden"),
 }
-TRACKED_DECODE = {"gpu": ("cache buffers",), "cpu": ("cache buffers",), "disk": ()}
+TRACKED_DECODE = {"gpu": ("cache buffers", "attention tiles"), "cpu": ("cache buffers", "attention tiles"),
+                  "disk": ()}
 
 CASES = [
     ("opt-125m", (100, 0, 100, 0, 100, 0), 8, 2, {}),

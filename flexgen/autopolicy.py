@@ -46,18 +46,24 @@ def hardware_profile(hardware, offload_dir: Path, log: Callable[[str], None]) ->
     if hardware is not None:
         return load_hardware(hardware)
     if default_profile_path().is_file():
-        hw = load_hardware(None)
-        if hw.disk_probe >= DISK_PROBE:
-            return hw
-        # An older probe's disk figures read too fast: measure the disk again (seconds),
-        # keeping the rest of the profile (it may hold an engine calibration).
-        from flexgen.calibrate import disk_bandwidth
-        log(f"re-measuring the disk for {default_profile_path()}: its figures came from an older probe ...")
-        read, write, _ = disk_bandwidth(offload_dir)
+        # A profile cached by an older version is completed, not measured again whole
+        # (seconds, keeping the rest: it may hold an engine calibration).
+        hw = original = load_hardware(None)
         when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        hw = hw.replace(disk_read_bw=read, disk_write_bw=write, disk_probe=DISK_PROBE,
-                        notes=f"{hw.notes}; disk re-measured {when} (newer probe)".lstrip("; "))
-        hw.save(default_profile_path())
+        if hw.disk_probe < DISK_PROBE:
+            # An older probe's disk figures read too fast: measure the disk again.
+            from flexgen.calibrate import disk_bandwidth
+            log(f"re-measuring the disk for {default_profile_path()}: its figures came from an older probe ...")
+            read, write, _ = disk_bandwidth(offload_dir)
+            hw = hw.replace(disk_read_bw=read, disk_write_bw=write, disk_probe=DISK_PROBE,
+                            notes=f"{hw.notes}; disk re-measured {when} (newer probe)".lstrip("; "))
+        if not hw.cpu_packed_attn_rate:
+            from flexgen.calibrate import profile_packed_attention_rate
+            log(f"measuring attention over a 4-bit host cache for {default_profile_path()} ...")
+            hw = hw.replace(cpu_packed_attn_rate=profile_packed_attention_rate(hw),
+                            notes=f"{hw.notes}; 4-bit host attention measured {when}".lstrip("; "))
+        if hw is not original:
+            hw.save(default_profile_path())
         return hw
     from flexgen.calibrate import measure_hardware
     log(f"measuring this machine once (saved to {default_profile_path()}; "

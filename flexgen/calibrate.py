@@ -187,6 +187,35 @@ def attention_flops(device, dtype, rows: int, heads: int, head_dim: int, s: int,
     return 4 * rows * s * t * heads * head_dim / tm
 
 
+def packed_attention_rate(dtype, rows: int, heads: int, head_dim: int, t: int) -> float:
+    """Cache values per second (K and V: 2 * rows * t * hidden) of the engine's attention
+    over a 4-bit cache in host memory (kvcache.PackedAttention: fp32 tiles dequantized and
+    attended, one query per row, as in decode); q in the compute dtype. A second or two."""
+    from flexgen.kvcache import PackedAttention
+    from flexgen.memory import MemoryTracker, Tier
+    from flexgen.models.base import attend
+    from flexgen.quant import CACHE_QUANT, quantize
+    h = heads * head_dim
+    k, v = (quantize(torch.randn(t - 1, rows, h), CACHE_QUANT) for _ in range(2))
+    nk, nv = torch.randn(1, rows, h), torch.randn(1, rows, h)
+    q = torch.randn(rows, 1, h).to(dtype)
+    packed = PackedAttention(MemoryTracker(), t, rows, h)
+    try:
+        tm = _best_time(lambda: packed.attend(Tier.CPU, q, (k, v), nk, nv, None,
+                                              lambda q, k, v, m: attend(q, k, v, m, heads)), torch.device("cpu"))
+    finally:
+        packed.close()
+    return 2 * rows * t * h / tm
+
+
+def profile_packed_attention_rate(hw: HardwareProfile) -> float:
+    """`packed_attention_rate` at the decode shape `measure_hardware` uses, for `hw`'s
+    compute device and dtype: to complete a profile measured before the figure existed."""
+    k = kernel_sizes(hw.compute_device, quick=False)
+    rows, t = k["decode"]
+    return packed_attention_rate(DTYPES[hw.compute_dtype], rows, *k["heads"], t)
+
+
 def dequant_rate(device, dtype, numel: int, group: int = 64) -> float:
     """4-bit values dequantized per second: with the engine's own `flexgen.quant` when it
     is there, else a stand-in (unpack two values per byte, scale and shift per group).
@@ -456,6 +485,8 @@ def measure_hardware(offload_dir: str | Path, quick: bool = False, device: str |
         from flexgen.kvcache import HOST_ATTN_DTYPE   # what kvcache.HostAttention attends in
         cpu_attn = attention_flops(host, HOST_ATTN_DTYPE, rows_d, heads, hd, 1, t_d)
         cpu_dq = dequant_rate(host, torch.float32, (1 << 20) if quick else (8 << 20))
+    log("attention over a 4-bit host cache")
+    cpu_packed = packed_attention_rate(dtype, rows_d, heads, hd, t_d)
     log("host <-> device transfers")
     c2g, g2c = transfer_bandwidth(dev, big)
     log("disk")
@@ -485,6 +516,7 @@ def measure_hardware(offload_dir: str | Path, quick: bool = False, device: str |
         cpu_to_gpu_bw=c2g, gpu_to_cpu_bw=g2c, disk_read_bw=d_read, disk_write_bw=d_write, disk_probe=DISK_PROBE,
         gpu_matmul_flops=mm, gpu_mem_bw=mem_bw, gpu_attn_flops_prefill=attn_p, gpu_attn_flops_decode=attn_d,
         gpu_dequant_rate=dq, gpu_quant_rate=qr, cpu_matmul_flops=cpu_mm, cpu_attn_flops=cpu_attn, cpu_dequant_rate=cpu_dq,
+        cpu_packed_attn_rate=cpu_packed,
         layer_overhead=overhead, gpu_matmul_by_rows=by_rows, notes="; ".join(notes),
     )
     if engine and not quick:
@@ -540,7 +572,8 @@ def format_profile(hw: HardwareProfile) -> str:
         ("device dequant", f"{hw.gpu_dequant_rate / 1e9:.2f} G values/s, cache quantize "
                            + (f"{hw.gpu_quant_rate / 1e9:.2f} G values/s" if hw.gpu_quant_rate else "not measured")),
         ("host", f"matmul {hw.cpu_matmul_flops / 1e12:.3f}, attention {hw.cpu_attn_flops / 1e12:.4f} TFLOP/s, "
-                 f"dequant {hw.cpu_dequant_rate / 1e9:.2f} G values/s"),
+                 f"dequant {hw.cpu_dequant_rate / 1e9:.2f} G values/s, attention over a 4-bit cache "
+                 + (f"{hw.cpu_packed_attn_rate / 1e9:.2f} G values/s" if hw.cpu_packed_attn_rate else "not measured")),
         ("per-layer overhead", f"{hw.layer_overhead * 1e6:.0f} us"),
         ("pipeline link", f"{hw.link_bw / 1e9:.2f} GB/s, {hw.link_latency * 1e6:.0f} us per message"),
         ("measured", hw.date),

@@ -260,7 +260,7 @@ def _walk_handoff(fake: FakeCuda, value, where: str):
     elif isinstance(value, KVWork):
         for g in value.groups:
             on_host = value.slot.cpu_cache_compute and any(p.tier is not Tier.GPU for p in g.parts)
-            if g.live or on_host:
+            if g.live or on_host or g.packed is not None:   # packed: no working K/V (PackedAttention)
                 continue
             fake.check_handoff(f"{where} kv working K", g.k)
             fake.check_handoff(f"{where} kv working V", g.v)

@@ -148,17 +148,22 @@ def test_compressed_cache_bytes(ckpt, prompts, tmp_path):
 
 
 @pytest.mark.parametrize("ccc", [False, True], ids=["device", "host-attention"])
-def test_cpu_cache_read_stays_packed_until_compute(tmp_path, ccc):
+@pytest.mark.parametrize("tile", [1 << 22, 128 * 8], ids=["one-tile", "row-tiles"])
+def test_cpu_cache_read_stays_packed_until_compute(tmp_path, monkeypatch, ccc, tile):
     """On a CPU device a 4-bit cache read (I/O thread) only reads: the compute thread's
-    `update` dequantizes (the I/O thread goes on to its next read). What attention sees is
-    exactly the dequantized stored cache, with this step's k/v appended."""
+    attention dequantizes, a tile of rows at a time (the I/O thread goes on to its next
+    read). What attention sees is exactly the dequantized stored cache, in fp32, with this
+    step's k/v appended, and its output is the attention over all of it."""
+    from flexgen import kvcache
     from flexgen.device import ComputeDevice
     from flexgen.kvcache import KVCache
     from flexgen.memory import MemoryTracker
+    from flexgen.models.base import attend, attend_groups
     from flexgen.placement import RowSplit
     from flexgen.quant import CACHE_QUANT, fake_quantize
+    monkeypatch.setattr(kvcache, "PACKED_TILE_ELEMS", tile)   # row-tiles: one row of 8 positions
     g = torch.Generator().manual_seed(3)
-    rows, hidden, t = 4, 128, 7
+    rows, hidden, t, heads = 4, 128, 7, 2
     tracker = MemoryTracker()
     cache = KVCache(1, 1, RowSplit(0, 1, 3), t + 2, hidden, torch.float32, ComputeDevice("cpu"),
                     tracker, tmp_path, compress=True, cpu_cache_compute=ccc)
@@ -170,6 +175,7 @@ def test_cpu_cache_read_stays_packed_until_compute(tmp_path, ccc):
         slot.end(work)
         work = slot.begin(t, 1)
         assert [grp.packed is not None for grp in work.groups] == [True, True]   # cpu part, disk part
+        assert all(grp.k is None and grp.v is None for grp in work.groups)     # no working copies
         # The host part is dequantized from its own storage, not from a copy of it.
         host_part, disk_part = (grp.parts[0] for grp in work.groups)
         for grp, part in zip(work.groups, (host_part, disk_part)):
@@ -177,23 +183,37 @@ def test_cpu_cache_read_stays_packed_until_compute(tmp_path, ccc):
                 own = part.tier.name != "DISK" and all(
                     getattr(packed, n).data_ptr() == arr.parts[n].data.data_ptr() for n in ("data", "scale", "mn"))
                 assert own == (part is host_part)
+        disk_packed = sorted(getattr(p, n).data_ptr() for p in work.groups[1].packed for n in ("data", "scale", "mn"))
         nk, nv = torch.randn(rows, 1, hidden, generator=g), torch.randn(rows, 1, hidden, generator=g)
+        q = torch.randn(rows, 1, hidden, generator=g)
         groups = work.update(nk, nv)
-        keys = torch.cat([grp.keys[:, :] for grp in groups], dim=1)        # (t + 1, rows, h)
-        values = torch.cat([grp.values[:, :] for grp in groups], dim=1)
+        seen = []
+
+        def fn(q, keys, values, mask):
+            seen.append((keys.clone(), values.clone()))
+            assert keys.dtype == values.dtype == torch.float32 and keys.shape[:2] == (t + 1, q.shape[0])
+            return attend(q, keys, values, mask, heads)
+        got = torch.empty_like(q)
+        for grp in groups:
+            got[grp.rows] = grp.attend(q[grp.rows], None, fn)
+        assert len(seen) == (rows if tile < 1 << 22 else 2)
+        keys = torch.cat([kk for kk, _ in seen], dim=1)        # (t + 1, rows, h)
+        values = torch.cat([vv for _, vv in seen], dim=1)
         want_k = torch.cat([fake_quantize(k.transpose(0, 1), CACHE_QUANT), nk.transpose(0, 1)])
         want_v = torch.cat([fake_quantize(v.transpose(0, 1), CACHE_QUANT), nv.transpose(0, 1)])
         assert torch.equal(keys, want_k) and torch.equal(values, want_v)
+        assert torch.allclose(got, attend(q, want_k, want_v, None, heads), atol=1e-6)
         slot.end(work)
-        # The next step's working buffers are the same memory (no fresh pages to fault in).
+        # The next step reads into the same memory (no fresh pages to fault in).
         held = dict(tracker.current)
         again = slot.begin(t + 1, 1)
-        def ptrs(w):
-            return sorted(x.data_ptr() for grp in w.groups for x in (grp.k, grp.v))
-        assert ptrs(again) == ptrs(work)
+        assert sorted(getattr(p, n).data_ptr() for p in again.groups[1].packed
+                      for n in ("data", "scale", "mn")) == disk_packed
         assert tracker.current == held
-        again.update(nk, nv)
+        out = attend_groups(q, again.update(nk, nv), None, heads)
+        assert out.shape == q.shape and torch.isfinite(out).all()
         slot.end(again)
+        assert tracker.current == held   # the workspace is kept, not grown
     finally:
         cache.close()
     assert not list(tmp_path.glob("kv_layer_*"))

@@ -56,7 +56,8 @@ def test_policy_cli_on_llama_3_70b(capsys):
 TRACKED = {"gpu": ("weights", "weight slots", "kv cache", "dequantized weights"),
            "cpu": ("weights", "weight staging", "kv cache", "hidden", "hidden staging"),
            "disk": ("weights", "kv cache", "hidden")}
-TRACKED_DECODE = {"gpu": ("cache buffers",), "cpu": ("cache buffers",), "disk": ()}
+TRACKED_DECODE = {"gpu": ("cache buffers", "attention tiles"), "cpu": ("cache buffers", "attention tiles"),
+                  "disk": ()}
 
 
 def _tracked(est, tier):
@@ -103,12 +104,14 @@ def test_predicted_memory_matches_the_engine(tmp_path, pct, flags):
 @pytest.mark.parametrize("flags", [dict(compress_cache=True), dict(compress_cache=True, cpu_cache_compute=True)],
                          ids=["device", "host-attention"])
 def test_predicted_packed_cache_buffers_match_the_engine(tmp_path, flags):
-    """A compressed cache part read into host memory also holds its packed bytes there
-    (kvcache.HostBuffers): 3.5 MiB at this width and length, which the model must count.
-    How many (layer, batch) working sets are in flight at once depends on when the store
-    worker finishes: the model counts the most measured (4); runs have held 2 to 4
-    (a set is 7 MiB here: 4 rows x (K+V working copy 1.5 MiB + packed 0.2 MiB))."""
+    """A compressed cache part on disk is read, still packed, into a host buffer of its
+    stored bytes (kvcache.HostBuffers), and rows attend over it a tile at a time from one
+    fp32 workspace per tier (kvcache.PackedAttention: 3.2 MiB here), which the model must
+    count; no working K/V copies are made. How many (layer, batch) packed sets are in
+    flight at once depends on when the store worker finishes: the model counts the most
+    measured (4); runs have held 2 to 4 (a set is 0.43 MiB here: 2 disk rows x (K+V)
+    196 positions x 1152 bytes)."""
     _check_tracked(tmp_path, dict(
         model_type="opt", hidden_size=1024, num_hidden_layers=2, num_attention_heads=16, ffn_dim=4096,
         vocab_size=2048, max_position_embeddings=256, word_embed_proj_dim=1024),
-        (0, 100, 0, 50, 100, 0), flags, s=192, n=4, under=2 * 4 * (2 * 196 * 1024 * 4 + 196 * 1152))
+        (0, 100, 0, 50, 100, 0), flags, s=192, n=4, under=2 * 2 * 196 * 1152)

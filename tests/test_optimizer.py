@@ -105,24 +105,31 @@ def test_default_profile_path_and_missing_default(tmp_path, monkeypatch):
 
 def test_cached_profile_from_an_older_disk_probe_gets_its_disk_remeasured(tmp_path, monkeypatch):
     """The automatic policy's cached profile: disk figures from the older probe (which
-    read too fast) are measured again and saved, the rest of the profile kept; a profile
-    from the current probe is used as it is."""
+    read too fast) are measured again, and a missing 4-bit host attention rate measured,
+    and saved, the rest of the profile kept; a complete profile is used as it is."""
     from flexgen import autopolicy, calibrate
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     calls = []
     monkeypatch.setattr(calibrate, "disk_bandwidth",
                         lambda d, *a, **kw: calls.append(d) or (0.7e9, 0.6e9, "disk: O_DIRECT"))
-    old = toy_hw(layer_overhead=3e-5)          # disk_probe 0: a file from before the field
+    monkeypatch.setattr(calibrate, "profile_packed_attention_rate", lambda hw: calls.append(hw.name) or 1.5e9)
+    old = toy_hw(layer_overhead=3e-5)          # disk_probe 0, no packed rate: a file from before the fields
     old.save(default_profile_path())
     logged = []
     hw = autopolicy.hardware_profile(None, tmp_path / "off", logged.append)
     assert (hw.disk_read_bw, hw.disk_write_bw, hw.disk_probe) == (0.7e9, 0.6e9, DISK_PROBE)
-    assert "disk re-measured" in hw.notes
+    assert hw.cpu_packed_attn_rate == 1.5e9
+    assert "disk re-measured" in hw.notes and "4-bit host attention measured" in hw.notes
     assert hw.replace(disk_read_bw=old.disk_read_bw, disk_write_bw=old.disk_write_bw, disk_probe=0,
-                      notes=old.notes) == old
-    assert load_hardware(None) == hw and calls == [tmp_path / "off"] and "re-measuring the disk" in logged[0]
+                      cpu_packed_attn_rate=0, notes=old.notes) == old
+    assert load_hardware(None) == hw and calls == [tmp_path / "off", "toy"]
+    assert "re-measuring the disk" in logged[0] and "4-bit host cache" in logged[1]
     assert autopolicy.hardware_profile(None, tmp_path / "off", logged.append) == hw
-    assert len(calls) == 1 and len(logged) == 1
+    assert len(calls) == 2 and len(logged) == 2
+    # Only the rate missing: only it is measured.
+    old.replace(disk_probe=DISK_PROBE).save(default_profile_path())
+    hw = autopolicy.hardware_profile(None, tmp_path / "off", logged.append)
+    assert hw.cpu_packed_attn_rate == 1.5e9 and hw.disk_read_bw == old.disk_read_bw and calls[2:] == ["toy"]
 
 
 def test_bundled_t4_profile():
@@ -269,6 +276,44 @@ def test_cache_stores_are_priced_at_the_quantize_rate():
     plain = policy((100, 0, 100, 0, 100, 0), gbs=gbs, ngb=ngb)
     assert estimate(a, plain, s, n, toy_hw(gpu_quant_rate=rate / 4)).total_time == \
         estimate(a, plain, s, n, toy_hw()).total_time
+
+
+def test_host_attention_over_a_4bit_cache_is_priced_at_its_measured_rate():
+    """Rows of a 4-bit cache that attend on the host (every row on a CPU device; the
+    non-gpu rows with cpu_cache_compute on CUDA) are priced at cpu_packed_attn_rate, the
+    attention and its dequantization together (kvcache.PackedAttention), when the profile
+    has it; else at the separate attention and dequant rates. Rows dequantized on a GPU,
+    and an uncompressed cache, never use it."""
+    s, n, gbs, ngb = 64, 9, 8, 2
+    a = OPT_1_3B
+    t_att = s + n / 2
+    values = 2 * gbs * ngb * t_att * a.hidden_size * a.num_hidden_layers   # K and V, every decode step
+    rate = 1e9
+
+    def decode_busy(pct, hw, **kw):
+        est = estimate(a, policy(pct, gbs=gbs, ngb=ngb, **kw), s, n, hw)
+        return est.busy_time["decode"], est.busy_time["prefill"]
+
+    cpu = dict(compute_device="cpu", compute_dtype="bfloat16", unified_memory=True)
+    for flags in (dict(compress_cache=True), dict(compress_cache=True, cpu_cache_compute=True)):
+        (d1, p1), (d2, p2) = (decode_busy((0, 100, 0, 50, 100, 0), toy_hw(cpu_packed_attn_rate=r, **cpu), **flags)
+                              for r in (rate, rate / 2))
+        assert d2["compute (gpu)"] - d1["compute (gpu)"] == pytest.approx((n - 1) * values / rate)
+        assert p2 == p1
+    # CUDA with host attention: the half of the rows off the gpu tier, on the host's stream.
+    (d1, _), (d2, _) = (decode_busy((100, 0, 50, 50, 100, 0), toy_hw(cpu_packed_attn_rate=r),
+                                    compress_cache=True, cpu_cache_compute=True) for r in (rate, rate / 2))
+    assert d2["compute (host)"] - d1["compute (host)"] == pytest.approx((n - 1) * values / 2 / rate)
+    assert d2["compute (gpu)"] == d1["compute (gpu)"]
+    # Never used: 4-bit rows dequantized on a GPU; an uncompressed cache.
+    for hw_kw, pct, flags in ((dict(), (100, 0, 50, 50, 100, 0), dict(compress_cache=True)),
+                              (cpu, (0, 100, 0, 50, 100, 0), dict())):
+        assert decode_busy(pct, toy_hw(cpu_packed_attn_rate=rate, **hw_kw), **flags) == \
+            decode_busy(pct, toy_hw(cpu_packed_attn_rate=rate / 2, **hw_kw), **flags)
+    # A profile without the rate (0) prices the cache's dequantization and attention apart.
+    (d0, _), (d1, _) = (decode_busy((0, 100, 0, 50, 100, 0), toy_hw(cpu_dequant_rate=r, gpu_dequant_rate=r, gpu_quant_rate=rate, **cpu),
+                                    compress_cache=True) for r in (rate, rate / 2))
+    assert d1["compute (gpu)"] - d0["compute (gpu)"] == pytest.approx((n - 1) * values / rate)
 
 
 def test_overlap_and_bottleneck():
@@ -516,6 +561,7 @@ def test_profile_quick(tmp_path, capsys):
     assert hw.compute_dtype in ("bfloat16", "float32") and hw.date
     assert hw.disk_read_bw > 1e6 and hw.gpu_matmul_flops > 1e8
     assert hw.gpu_quant_rate > 1e5 and hw.cache_quant_rate == hw.gpu_quant_rate
+    assert hw.cpu_packed_attn_rate > 1e5
     assert hw.disk_probe == DISK_PROBE
     assert not list((tmp_path / "off").iterdir())   # the probe file is gone
     assert "wrote" in capsys.readouterr().out

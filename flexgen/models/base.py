@@ -134,13 +134,13 @@ class AttendGroup:
     """Rows of a gpu batch and the keys/values they attend over, on one device.
 
     keys/values are time-major (t, r, kv_width). `rows` indexes the batch. `attend`, when
-    set, attends for these rows itself (the cache's host attention: staging, dtype,
-    workspace): attend(q_rows, mask_rows, fn) with fn(q, keys, values, mask) the layer's
-    attention.
+    set, attends for these rows itself (the cache's host attention or packed cache:
+    staging, dtype, workspace; keys/values are then None): attend(q_rows, mask_rows, fn)
+    with fn(q, keys, values, mask) the layer's attention.
     """
     rows: slice
-    keys: torch.Tensor
-    values: torch.Tensor
+    keys: Optional[torch.Tensor]
+    values: Optional[torch.Tensor]
     attend: Optional[Callable] = None
 
 

@@ -39,6 +39,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
+from flexgen.kvcache import packed_workspace_numel
 from flexgen.models.base import ModelArgs
 from flexgen.models.registry import cost_figures, layer_specs
 from flexgen.optimizer.budgets import TIER_NAMES, check_budgets
@@ -385,24 +386,34 @@ class BlockModel:
             else:
                 io["cpu->disk"] += nb * disk_rows * tok           # the new token's K, V
                 io["disk->cpu"] += nb * disk_rows * t_load * tok
+                # A 4-bit cache attended on the host is dequantized and attended a tile at a
+                # time (kvcache.PackedAttention), at its own measured rate when there is one.
+                packed = hw.cpu_packed_attn_rate if self.compress_cache else 0
                 if self.cpu_cache_compute:
                     # Non-gpu rows attend on the host: q, k, v of those rows go down and
                     # the attention output comes back; cache rows stay where they are.
                     io["gpu->cpu"] += nb * non_gpu * (qw + 2 * kv) * dt
                     io["cpu->gpu"] += nb * non_gpu * qw * dt
                     dev_rows = b * V("cg")
-                    host += nb * 4 * non_gpu * t_att * qw / hw.cpu_attn_flops
-                    if self.compress_cache:
-                        host += nb * 2 * non_gpu * t_att * kv / hw.cpu_dequant_rate
+                    if packed:
+                        host += nb * 2 * non_gpu * t_att * kv / packed
+                    else:
+                        host += nb * 4 * non_gpu * t_att * qw / hw.cpu_attn_flops
+                        if self.compress_cache:
+                            host += nb * 2 * non_gpu * t_att * kv / hw.cpu_dequant_rate
                 else:
                     # (On unified memory disk rows are read into the working buffer directly.)
                     copied = b * V("cc") if hw.unified_memory else non_gpu
                     io["cpu->gpu"] += nb * copied * t_load * tok
                     io["gpu->cpu"] += nb * non_gpu * tok
                     dev_rows = Lin(b)
-                gpu += nb * 4 * dev_rows * t_att * qw / hw.gpu_attn_flops_decode
-                if self.compress_cache:   # the cache dequantized, the new position quantized
-                    gpu += nb * 2 * dev_rows * t_att * kv / hw.gpu_dequant_rate
+                if packed and hw.compute_device == "cpu":   # every row attends on the host
+                    gpu += nb * 2 * dev_rows * t_att * kv / packed
+                else:
+                    gpu += nb * 4 * dev_rows * t_att * qw / hw.gpu_attn_flops_decode
+                    if self.compress_cache:   # the cache dequantized
+                        gpu += nb * 2 * dev_rows * t_att * kv / hw.gpu_dequant_rate
+                if self.compress_cache:   # the new position quantized
                     gpu += nb * 2 * b * kv / hw.cache_quant_rate
 
         copy_in, copy_out = io["cpu->gpu"] / hw.cpu_to_gpu_bw, io["gpu->cpu"] / hw.gpu_to_cpu_bw
@@ -519,25 +530,36 @@ class BlockModel:
             # One working buffer per cache part that is not used in place (kvcache.KVSlot.begin):
             # every part when compressed; else the parts away from where their rows attend.
             work = in_flight * b * row_work
-            # A compressed part computed from host memory is first read, still packed, into a
-            # host buffer of its stored bytes, counted with its working buffer
-            # (kvcache.HostBuffers); on CUDA the device's packed copies are not tracked.
-            packed = in_flight * b * row_cache if self.compress_cache else 0
-            dev_packed = 0 if cuda else packed
-            if self.cpu_cache_compute:
-                if self.compress_cache:
-                    gpu["cache buffers"] = V("cg") * (work + dev_packed)
-                    cpu["cache buffers"] = (V("cc") + V("cd")) * (work + packed)
+            # Rows of a compressed cache that attend on the host (all of them on a CPU device,
+            # the non-gpu ones with cpu_cache_compute on CUDA) have no working K/V: disk rows
+            # are read, still packed, into a host buffer of their stored bytes
+            # (kvcache.HostBuffers), others are used in place, and each tier they attend
+            # from keeps one workspace of fp32 tiles (kvcache.PackedAttention).
+            packed = in_flight * b * row_cache
+            tiles = 4 * packed_workspace_numel(t_max, b, kv)
+            if self.compress_cache and not cuda:
+                if self.cpu_cache_compute:   # gpu-tier rows attend from the gpu tier
+                    cpu["cache buffers"] = V("cd") * packed
+                    gpu["attention tiles"] = Switched("cg>0", tiles, V("cg"))
+                    cpu["attention tiles"] = Switched("cg<1", tiles, 1 - V("cg"))
                 else:
-                    cpu["cache buffers"] = V("cd") * work
+                    gpu["cache buffers"] = V("cd") * packed
+                    gpu["attention tiles"] = Lin(tiles)
+            elif self.cpu_cache_compute:
+                if self.compress_cache:   # gpu-tier rows are dequantized on the device
+                    gpu["cache buffers"] = V("cg") * work
+                cpu["cache buffers"] = V("cd") * (packed if self.compress_cache else work)
             else:
-                gpu["cache buffers"] = (Lin(work + dev_packed) if self.compress_cache
-                                        else (V("cc") + V("cd")) * work)
+                # On CUDA a compressed part is dequantized into its working buffer on the
+                # device (its packed copies there are not tracked).
+                gpu["cache buffers"] = Lin(work) if self.compress_cache else (V("cc") + V("cd")) * work
             if cuda and self.cpu_cache_compute:
                 # kvcache.HostAttention: an fp32 copy of one group's K/V (when the dtype is
-                # narrower) and page-locked q, k, v, output and mask of one gpu batch; the
-                # buffers that grow with the sequence double, so up to twice their size.
-                cpu["host attention"] = (1 - V("cg")) * (2 * 2 * t_max * b * h * 4 * (dt < 4))
+                # narrower; a compressed cache's fp32 tiles instead) and page-locked q, k, v,
+                # output and mask of one gpu batch; the buffers that grow with the sequence
+                # double, so up to twice their size.
+                cpu["host attention"] = (Switched("cg<1", tiles, 1 - V("cg")) if self.compress_cache
+                                         else (1 - V("cg")) * (2 * 2 * t_max * b * h * 4 * (dt < 4)))
                 cpu["host attention staging"] = Lin(4 * b * h * dt + 2 * b * t_max)
             # Disk rows land in their working buffer (or packed buffer) directly when it is in
             # host memory; bound for a CUDA device, they pass through pinned host memory.

@@ -31,7 +31,8 @@ _POSITIVE = (
     "gpu_matmul_flops", "gpu_mem_bw", "gpu_attn_flops_prefill", "gpu_attn_flops_decode",
     "gpu_dequant_rate", "cpu_matmul_flops", "cpu_attn_flops", "cpu_dequant_rate", "link_bw",
 )
-_NON_NEGATIVE = ("gpu_reserved", "cpu_reserved", "layer_overhead", "link_latency", "gpu_quant_rate", "disk_probe")
+_NON_NEGATIVE = ("gpu_reserved", "cpu_reserved", "layer_overhead", "link_latency", "gpu_quant_rate", "disk_probe",
+                 "cpu_packed_attn_rate")
 
 # The disk probe of `flexgen profile` (calibrate.disk_bandwidth): 1 reads as the engine does,
 # into working buffers. Profiles with 0 were measured by reading every block into one small
@@ -83,6 +84,12 @@ class HardwareProfile:
     cpu_matmul_flops: float = 1e12
     cpu_attn_flops: float = 0.01e12        # attention over the cache on the host (cpu_cache_compute)
     cpu_dequant_rate: float = 1e9
+    # KV-cache values (K and V: one per row, position and channel) per second of attention
+    # over a 4-bit cache in host memory, dequantization included (kvcache.PackedAttention):
+    # every compressed row that attends on the host, which on a CPU compute device is all
+    # of them. 0: not measured (profiles from before it was): the dequant and attention
+    # rates stand in.
+    cpu_packed_attn_rate: float = 0.0
 
     layer_overhead: float = 0.0            # fixed seconds per (layer, gpu batch) step: launches, Python
 
