@@ -268,12 +268,12 @@ class KVWork:
         out = []
         host = self.slot.host_attention
         for g in self.groups:
-            if g.packed is not None and host is None:   # on a CPU compute device
-                out.append(AttendGroup(g.rows, None, None,
-                                       self.slot.packed_attention.bind(g, kt[:, g.rows], vt[:, g.rows])))
-                continue
             if host is not None and g.host:
                 out.append(AttendGroup(g.rows, g.k, g.v, host.prepare(g, self.t, kt[:, g.rows], vt[:, g.rows])))
+                continue
+            if g.packed is not None:   # packed in host memory, attended there (a CPU compute device)
+                out.append(AttendGroup(g.rows, None, None,
+                                       self.slot.packed_attention.bind(g, kt[:, g.rows], vt[:, g.rows])))
                 continue
             g.k[self.t:self.t + s].copy_(kt[:, g.rows])
             g.v[self.t:self.t + s].copy_(vt[:, g.rows])

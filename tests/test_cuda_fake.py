@@ -26,6 +26,8 @@ POLICIES = {
     "cpu-cache-compute-disk": P(0, 0, 0, 50, cpu_cache_compute=True, num_gpu_batches=2),
     "compressed-mixed": P(30, 30, 30, 30, 30, 30, compress_weight=True, compress_cache=True, num_gpu_batches=2),
     "compressed-cpu-cache-compute": P(0, 50, 0, 50, 50, 50, compress_cache=True, cpu_cache_compute=True),
+    "compressed-cpu-cache-compute-mixed": P(50, 50, 25, 50, 100, 0, gpu_batch_size=4, compress_cache=True,
+                                            cpu_cache_compute=True, num_gpu_batches=2),
 }
 
 
