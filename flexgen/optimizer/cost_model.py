@@ -446,9 +446,11 @@ class BlockModel:
         kv cache  resident rows, allocated for prompt + generation (kvcache.KVCache);
                   decode working K/V of (t+1, rows, kv width) for each (layer, batch) in flight,
                   one per cache part not used in place: the non-gpu rows on the device
-                  (every row when compressed); with cpu_cache_compute the disk rows (every
-                  host row when compressed) on the host; a compressed part read into host
-                  memory also holds its packed bytes there (kvcache.HostBuffers).
+                  (compressed: every row attending on CUDA); with cpu_cache_compute the disk rows
+                  on the host. Compressed rows that attend on the host (every row on a CPU
+                  device) have none: their disk rows are read, still packed, into host
+                  buffers (kvcache.HostBuffers), and each tier they attend from holds one
+                  fp32 tile workspace (kvcache.PackedAttention).
         hidden    per gpu batch, the whole (gbs, s, h) output stays on the device while any
                   of its rows lives there (activations.HiddenSlot keeps a view); host and
                   disk rows go through one host buffer per gpu batch sized for the prompt;
@@ -528,7 +530,7 @@ class BlockModel:
             inp = 3 * b * self.s * h * dt
         else:
             # One working buffer per cache part that is not used in place (kvcache.KVSlot.begin):
-            # every part when compressed; else the parts away from where their rows attend.
+            # the parts away from where their rows attend, and every compressed part attended on CUDA.
             work = in_flight * b * row_work
             # Rows of a compressed cache that attend on the host (all of them on a CPU device,
             # the non-gpu ones with cpu_cache_compute on CUDA) have no working K/V: disk rows
