@@ -106,7 +106,7 @@ def test_predicted_memory_matches_the_engine(tmp_path, pct, flags):
 def test_predicted_packed_cache_buffers_match_the_engine(tmp_path, flags):
     """A compressed cache part on disk is read, still packed, into a host buffer of its
     stored bytes (kvcache.HostBuffers), and rows attend over it a tile at a time from one
-    fp32 workspace per tier (kvcache.PackedAttention: 3.2 MiB here), which the model must
+    fp32 workspace per tier (kvcache.PackedAttention: 6.1 MiB here), which the model must
     count; no working K/V copies are made. How many (layer, batch) packed sets are in
     flight at once depends on when the store worker finishes: the model counts the most
     measured (4); runs have held 2 to 4 (a set is 0.43 MiB here: 2 disk rows x (K+V)
