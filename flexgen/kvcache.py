@@ -111,6 +111,11 @@ def _buffer(shape, dtype: torch.dtype, device: ComputeDevice, host: bool) -> tor
     return device.empty(shape, dtype)
 
 
+def _stays_packed(p: "_Part", device: torch.device) -> bool:
+    """Whether a part's rows attend over its 4-bit cache still packed (on the host)."""
+    return p.k.compress and device.type == "cpu"
+
+
 def _nbytes(shape, dtype) -> int:
     return int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
 
@@ -478,7 +483,7 @@ class KVSlot:
             else:
                 shape = (t + s, p.stop - p.start, self.hidden)
                 # Packed rows attending on the host need no working K/V (PackedAttention).
-                packed = p.k.compress and device.type == "cpu"
+                packed = _stays_packed(p, device)
                 take = None
                 if device.type == "cpu" and self.buffers is not None:
                     def take(shape, capacity, dtype, home=home):
@@ -504,7 +509,7 @@ class KVSlot:
     @staticmethod
     def _read_part(p: _Part, g: _Group, t: int, on_host: bool, device: torch.device, take) -> None:
         """Fill a group's working buffers (or packed arrays) from its part."""
-        if p.k.compress and device.type == "cpu":
+        if _stays_packed(p, device):
             # Dequantized on the compute thread (PackedAttention): here it would hold
             # this I/O thread off the disk while it runs, and on a CPU it takes the
             # same cores either way. Packed rows already in host memory are
