@@ -241,14 +241,11 @@ class StageScheduler(Scheduler):
     def _prefetch_cache(self, pending: _Pending, i: int, step, steps: int) -> None:
         """Not in a stage: its groups' steps interleave with the other stages' hand-offs."""
 
-    def _issue_weight(self, pending: _Pending, j: int) -> None:
+    def _weight_slot(self, j: int) -> int:
         # Consecutive loads alternate between the two working buffers: a stage may hold an
         # odd number of layers, so the layer index's parity would not.
-        if j not in pending.weights:
-            inline = self.weights.resident(j)
-            after = None if inline else self.device.mark()
-            self._flip ^= 1
-            pending.weights[j] = self._submit(inline, "load_weights", self.weights.load, j, self._flip, after=after)
+        self._flip ^= 1
+        return self._flip
 
     def _check_sequences(self, rows: slice, i: int) -> None:
         """StopCriteria.check_sequences for one group's rows (the others have not reached step i)."""

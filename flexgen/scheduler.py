@@ -339,7 +339,14 @@ class Scheduler:
         if j not in pending.weights:
             inline = self.weights.resident(j)
             after = None if inline else self.device.mark()
-            pending.weights[j] = self._submit(inline, "load_weights", self.weights.load, j, j % 2, after=after)
+            turn = self.weights.read_turn(j)   # disk reads go in the order loads are issued
+            f = self._submit(inline, "load_weights", self.weights.load, j, self._weight_slot(j), turn, after=after)
+            f.add_done_callback(lambda _: self.weights.release_turn(turn))   # also if it failed
+            pending.weights[j] = f
+
+    def _weight_slot(self, j: int) -> int:
+        """Which of the two working buffers layer j's load fills (consecutive layers differ)."""
+        return j % 2
 
     def _issue_loads(self, pending: _Pending, i: int, j: int, k: int, cache: bool = True,
                      hidden: bool = True) -> None:

@@ -11,6 +11,7 @@ of the resident bytes and are never copied.
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -24,6 +25,43 @@ from flexgen.memory import MemoryTracker, Tier
 from flexgen.models.base import build_weights
 from flexgen.placement import Segments
 from flexgen.weightstore import WeightStore, dummy_layer_bytes
+
+
+class ReadOrder:
+    """Turns for disk reads in the order their loads were issued, one read at a time.
+
+    Two weight threads with a plain lock raced for it: on a loaded host the load issued
+    second sometimes read first (layer 2 before layer 1, which compute needed first). A
+    turn is taken when a load is issued; a read waits until its turn is the oldest one
+    still held; a turn is given back after its read, or by whoever learns that its load
+    ended without reading (failed, cancelled), so no read waits on it forever.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._next = 0
+        self._held: set[int] = set()
+
+    def take(self) -> int:
+        with self._cond:
+            turn, self._next = self._next, self._next + 1
+            self._held.add(turn)
+            return turn
+
+    def release(self, turn: int) -> None:
+        with self._cond:
+            self._held.discard(turn)
+            self._cond.notify_all()
+
+    @contextmanager
+    def turn(self, turn: int):
+        with self._cond:
+            while min(self._held) != turn:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            self.release(turn)
 
 
 @dataclass
@@ -87,7 +125,7 @@ class PlacedWeights:
         # left the disk idle while compute ran (OPT-1.3B, 80 % of weights on disk, 9
         # alternating pairs: decode median 11.7 s with one read at a time, 13.9 s with
         # two; one at a time faster in 7 pairs).
-        self._read_lock = threading.Lock()
+        self._reads = ReadOrder()
 
     def resident(self, idx: int) -> bool:
         """Wholly on the gpu tier and stored uncompressed: loading it costs nothing."""
@@ -154,18 +192,30 @@ class PlacedWeights:
             return self.device.empty((self.slot_bytes,), torch.uint8)
         return aligned_empty(self.slot_bytes)   # host memory: aligned so disk reads land in it directly
 
-    def load(self, idx: int, slot: int) -> LoadedLayer:
+    def read_turn(self, idx: int) -> Optional[int]:
+        """Layer `idx`'s place in the disk read order, taken when its load is issued (None:
+        it reads nothing from disk). Pass it to `load`, and `release_turn` it once the load
+        is done, failed or cancelled."""
+        seg = self.segments[idx]
+        return self._reads.take() if seg.cpu_end < seg.total else None
+
+    def release_turn(self, turn: Optional[int]) -> None:
+        if turn is not None:
+            self._reads.release(turn)
+
+    def load(self, idx: int, slot: int, turn: Optional[int] = None) -> LoadedLayer:
         """Bring layer `idx` to the compute device, dequantized (runs on an I/O thread).
+        `turn`: from `read_turn` (without one the disk read takes its place when it starts).
 
         On CUDA it runs on the I/O thread's side stream, which first waits for the mark
         after which the slot is free to overwrite (ComputeDevice.io_task).
         """
-        loaded = self._load_bytes(idx, slot)
+        loaded = self._load_bytes(idx, slot, turn)
         if not self.layouts[idx].compressed:
             return loaded
         return LoadedLayer(idx, loaded.arrays, self._build(loaded, slot))
 
-    def _load_bytes(self, idx: int, slot: int) -> LoadedLayer:
+    def _load_bytes(self, idx: int, slot: int, turn: Optional[int]) -> LoadedLayer:
         lay, seg = self.layouts[idx], self.segments[idx]
         gpu = self.gpu_parts[idx]
         if seg.gpu_end == seg.total:
@@ -179,13 +229,13 @@ class PlacedWeights:
                 if self._staging_done[slot] is not None:
                     self._staging_done[slot].synchronize()   # the copy two layers ago, long done
                 staging = self._staging[slot][: lay.file_bytes - start]
-                self._read_disk_part(idx, start, staging)
+                self._read_disk_part(idx, start, staging, turn)
                 flat[seg.cpu_end:seg.total].copy_(staging[seg.cpu_end - start: seg.total - start],
                                                   non_blocking=True)
                 self._staging_done[slot] = torch.cuda.Event()
                 self._staging_done[slot].record(torch.cuda.current_stream(self.device.device))
             else:
-                self._read_disk_part(idx, start, flat[start:lay.file_bytes])
+                self._read_disk_part(idx, start, flat[start:lay.file_bytes], turn)
         # After the disk read: its aligned start may have covered the cpu part's tail.
         if seg.cpu_end > seg.gpu_end:
             flat[seg.gpu_end:seg.cpu_end].copy_(self.cpu_parts[idx], non_blocking=True)
@@ -195,9 +245,9 @@ class PlacedWeights:
         arrays = {(a.field, a.part): _view(gpu if a.end <= seg.gpu_end else flat, a) for a in lay.arrays}
         return LoadedLayer(idx, arrays)
 
-    def _read_disk_part(self, idx: int, start: int, host: torch.Tensor) -> None:
+    def _read_disk_part(self, idx: int, start: int, host: torch.Tensor, turn: Optional[int]) -> None:
         """Read layer `idx`'s bytes from `start` into `host`, one layer's read at a time."""
-        with self._read_lock:
+        with self._reads.turn(self._reads.take() if turn is None else turn):
             self.disk_files[idx].read(start, host, yield_to=self.read_priority)
         self._check_once(idx, host, start)
 

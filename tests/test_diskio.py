@@ -237,3 +237,30 @@ def test_a_background_read_waits_between_pieces_while_an_urgent_read_runs(tmp_pa
     finally:
         release.set()
         f.unlink()
+
+
+def test_weight_reads_take_turns_in_issue_order():
+    """weights.ReadOrder: reads start in the order their turns were taken, whichever thread
+    gets there first, and a turn given back without reading (a failed or cancelled load)
+    holds no one up."""
+    import threading
+    import time
+
+    from flexgen.weights import ReadOrder
+    order = ReadOrder()
+    turns = [order.take() for _ in range(4)]
+    order.release(turns[1])                       # its load failed before reading
+    started = []
+
+    def read(turn):
+        with order.turn(turn):
+            started.append(turn)
+            time.sleep(0.01)
+    threads = [threading.Thread(target=read, args=(t,)) for t in (turns[3], turns[2], turns[0])]
+    for th in threads:
+        th.start()
+        time.sleep(0.02)                          # later turns are waiting before the first arrives
+    for th in threads:
+        th.join(timeout=10)
+    assert started == [turns[0], turns[2], turns[3]]
+    assert order.take() == turns[3] + 1 and not any(th.is_alive() for th in threads)

@@ -235,7 +235,7 @@ def test_weight_disk_reads_one_at_a_time_in_layer_order(opt_dir, prompts, offloa
     order, layers = state["order"], len(set(state["order"]))
     assert state["most"] == 1
     # Layer after layer; a block's last step also prefetches the next step's layer 0.
-    assert all(b in ((a + 1) % layers, 0) for a, b in zip(order, order[1:])), order
+    assert all(b in ((a + 1) % layers, 0) for a, b in zip(order, order[1:])), [(n, a, b) for n, (a, b) in enumerate(zip(order, order[1:])) if b not in ((a + 1) % layers, 0)]
     assert order.count(layers - 1) == GEN * -(-ids.shape[0] // 4)
     monkeypatch.setattr(diskio.DiskFile, "read", orig_read)
     ref, ref_logits = run(path, P(), ids, mask, offload)
